@@ -28,7 +28,7 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
+        if not self.training or self.p in (0, 1) or x.device.type != "cpu":
             return super().forward(x)
         n = x.numel()
         bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-(2**63), 2**63 - 1)

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader", default=r["loader"], choices=["fast", "torchvision"],
                    help="fast: data and augmentation on the device; torchvision: the "
                         "original per-sample pipeline")
+    p.add_argument("--compile", action="store_true",
+                   help="train through torch.compile (needs a C++ compiler on the CPU)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--refetch", action="store_true",
                    help="replace MNIST files that fail their checks")
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"checkpoint written after every epoch (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--no-save", action="store_true", help="write no checkpoint")
     p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
-    p.add_argument("--evaluate", metavar="PATH", help="score a checkpoint on the test set, then exit")
+    p.add_argument("--evaluate", metavar="PATH",
+                   help="score a checkpoint on the test set, then exit")
     p.add_argument("--metrics", metavar="PATH", help="write the run's history and facts as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -111,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, torch
 def recipe_from(args: argparse.Namespace) -> dict:
     """The settings that define a run; a checkpoint carries them so a resume repeats them."""
     keys = ("batch_size", "test_batch_size", "lr", "momentum", "step_size", "gamma", "seed",
-            "loader", "limit_train", "limit_test")
+            "loader", "compile", "limit_train", "limit_test")
     recipe = {k: getattr(args, k) for k in keys}
     recipe["epochs"] = args.epochs if args.epochs is not None else utils.RECIPE["epochs"]
     return recipe

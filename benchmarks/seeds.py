@@ -54,8 +54,9 @@ def report(out: Path, loader: str, seeds: list[int]) -> str:
              "|---|---|---|---|", *rows]
     if finals:
         sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
-        lines.append(f"final-epoch accuracy over {len(finals)} seeds: mean {statistics.mean(finals):.3f}"
-                     f"%, std {sd:.3f}, min {min(finals):.2f}%, max {max(finals):.2f}%")
+        mean = statistics.mean(finals)
+        lines.append(f"final-epoch accuracy over {len(finals)} seeds: mean {mean:.3f}%, "
+                     f"std {sd:.3f}, min {min(finals):.2f}%, max {max(finals):.2f}%")
     return "\n".join(lines)
 
 
@@ -64,7 +65,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--loader", default="fast", choices=["fast", "torchvision"])
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
-    p.add_argument("--threads", type=int, default=None, help="threads per run (default: cores/jobs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per run (default: cores/jobs)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--force", action="store_true", help="re-run seeds that already have results")
     p.add_argument("--report", action="store_true", help="only print the table")

@@ -1,0 +1,238 @@
+"""Checkpoints: atomic saves, refusals on load, and a resumed run equal to an unbroken one."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import model
+import utils
+
+CPU = torch.device("cpu")
+# A few batches of real MNIST: never a full epoch.
+TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
+
+
+def tiny_recipe(loader: str, epochs: int) -> dict:
+    return {**utils.RECIPE, **TINY, "loader": loader, "epochs": epochs}
+
+
+def valid_state() -> dict:
+    torch.manual_seed(0)
+    net = model.Net()
+    opt, sched = utils.make_optimizer(net, 0.01, 0.9, 15, 0.1)
+    return {"model": net.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "history": utils.new_history(),
+            "recipe": dict(utils.RECIPE), "rng": {"torch": torch.get_rng_state()}}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [name for name in os.listdir(folder) if name.endswith(".partial")]
+
+
+# ---------------------------------------------------------------------------------------------
+# save_checkpoint
+# ---------------------------------------------------------------------------------------------
+def test_save_and_load_round_trip(tmp_path):
+    state = valid_state()
+    path = tmp_path / "sub" / "last.pt"  # the folder is created
+    utils.save_checkpoint(state, path)
+    loaded = utils.load_checkpoint(path)
+    assert set(loaded) == set(state)
+    for k, v in state["model"].items():
+        assert torch.equal(loaded["model"][k], v)
+    assert leftovers(path.parent) == []
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, exc):
+    path = tmp_path / "last.pt"
+    state = valid_state()
+    utils.save_checkpoint(state, path)
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise exc
+
+    monkeypatch.setattr(utils.torch, "save", broken_save)
+    new_state = {**state, "history": {**utils.new_history(), "epoch": [1]}}
+    with pytest.raises(type(exc)):
+        utils.save_checkpoint(new_state, path)
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before
+    loaded = utils.load_checkpoint(path)
+    assert loaded["history"]["epoch"] == []
+    assert leftovers(tmp_path) == []
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# load_checkpoint refusals: each a CheckpointError naming the file, nothing of it run
+# ---------------------------------------------------------------------------------------------
+def assert_refused(path: Path) -> utils.CheckpointError:
+    with pytest.raises(utils.CheckpointError) as err:
+        utils.load_checkpoint(path)
+    assert str(path) in str(err.value)
+    return err.value
+
+
+def test_refuses_random_bytes(tmp_path):
+    path = tmp_path / "random.pt"
+    path.write_bytes(os.urandom(4096))
+    assert_refused(path)
+
+
+def test_refuses_an_empty_file(tmp_path):
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    assert_refused(path)
+
+
+def test_refuses_a_missing_file(tmp_path):
+    err = assert_refused(tmp_path / "nope.pt")
+    assert "no such file" in str(err)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("kind", ["system", "eval"])
+@pytest.mark.parametrize("writer", ["pickle", "torch"])
+def test_refuses_a_pickle_that_runs_code(tmp_path, evil, writer, kind):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {**valid_state(), "history": evil(kind, marker)}
+    if writer == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    else:
+        torch.save(payload, path)
+    assert_refused(path)
+    assert not marker.exists()
+    # The payload is live: an unguarded load would have run it.
+    if writer == "pickle":
+        with open(path, "rb") as f:
+            pickle.load(f)
+    else:
+        torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_refuses_a_model_of_another_shape(tmp_path):
+    state = valid_state()
+    state["model"] = model.Net(channels=(8, 16, 12, 24, 32, 16, 16, 10)).state_dict()
+    path = tmp_path / "other.pt"
+    torch.save(state, path)
+    assert_refused(path)
+
+
+def test_refusal_of_another_shape_says_what_does_not_fit(tmp_path):
+    state = valid_state()
+    state["model"] = model.Net(channels=(8, 16, 12, 24, 32, 16, 16, 10)).state_dict()
+    path = tmp_path / "other.pt"
+    torch.save(state, path)
+    err = assert_refused(path)
+    assert "size mismatch" in str(err)
+    assert "features.conv5" in str(err)
+
+
+def test_refuses_a_model_with_missing_weights(tmp_path):
+    state = valid_state()
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("features.conv6")}
+    path = tmp_path / "partial-model.pt"
+    torch.save(state, path)
+    assert_refused(path)
+
+
+@pytest.mark.parametrize("missing", utils.CHECKPOINT_KEYS)
+def test_refuses_a_dict_missing_a_key(tmp_path, missing):
+    state = valid_state()
+    del state[missing]
+    path = tmp_path / "incomplete.pt"
+    torch.save(state, path)
+    err = assert_refused(path)
+    assert missing in str(err)
+
+
+@pytest.mark.parametrize("payload", [["model"], torch.zeros(3), "a string"],
+                         ids=["list", "tensor", "str"])
+def test_refuses_something_else(tmp_path, payload):
+    path = tmp_path / "other.pt"
+    torch.save(payload, path)
+    assert_refused(path)
+
+
+def test_refuses_a_bare_state_dict(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(model.Net().state_dict(), path)
+    assert_refused(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: 1 epoch + save + load + 1 epoch == 2 epochs straight, bit for bit.
+# ---------------------------------------------------------------------------------------------
+def without_seconds(history: dict) -> dict:
+    return {k: v for k, v in history.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("loader", ["fast", "torchvision"])
+def test_resumed_run_equals_an_unbroken_run(tmp_path, mnist_dir, loader):
+    straight = utils.Run(tiny_recipe(loader, 2), CPU, mnist_dir)
+    straight.fit(progress=False, log=False)
+    assert straight.history["epoch"] == [1, 2]
+
+    first = utils.Run(tiny_recipe(loader, 1), CPU, mnist_dir)
+    first.fit(progress=False, log=False)
+    path = tmp_path / "epoch1.pt"
+    first.save(path)
+    del first
+
+    # Something else uses the global RNG in between: the checkpoint must carry its own state.
+    torch.manual_seed(12345)
+    torch.rand(1000)
+
+    resumed = utils.Run(tiny_recipe(loader, 1), CPU, mnist_dir)
+    resumed.restore(utils.load_checkpoint(path))
+    resumed.recipe["epochs"] = 2
+    resumed.fit(progress=False, log=False)
+
+    assert without_seconds(resumed.history) == without_seconds(straight.history)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The optimiser's momentum buffers too.
+    for sa, sb in zip(straight.optimizer.state_dict()["state"].values(),
+                      resumed.optimizer.state_dict()["state"].values(), strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert straight.scheduler.state_dict() == resumed.scheduler.state_dict()
+
+
+def test_checkpoint_carries_the_run(tmp_path, mnist_dir):
+    recipe = {**tiny_recipe("fast", 1), "limit_train": 64}
+    run = utils.Run(recipe, CPU, mnist_dir)
+    run.fit(progress=False, log=False)
+    path = tmp_path / "run.pt"
+    run.save(path)
+    loaded = utils.load_checkpoint(path)
+    assert loaded["recipe"] == run.recipe
+    assert loaded["history"]["epoch"] == [1]
+    # The saved weights score exactly what the run scored.
+    net = model.Net()
+    net.load_state_dict(loaded["model"])
+    loss, acc = utils.evaluate(net, run.test_loader, CPU)
+    assert loss == pytest.approx(run.history["test_loss"][-1], rel=1e-5)
+    assert acc == run.history["test_acc"][-1]
+
+
+def test_run_fit_can_be_silent(mnist_dir, capsys):
+    recipe = {**tiny_recipe("fast", 1), "limit_train": 64, "limit_test": 64}
+    run = utils.Run(recipe, CPU, mnist_dir)
+    run.fit(progress=False, log=False)
+    assert run.history["epoch"] == [1]
+    captured = capsys.readouterr()
+    assert "epoch" not in captured.out + captured.err

@@ -1,0 +1,252 @@
+"""train.py end to end, as a user runs it: in a subprocess, on the CPU, with tiny data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import utils
+
+ROOT = Path(__file__).resolve().parent.parent
+# Every training here is a few batches; none writes to the repository's checkpoints/.
+TINY = ["--device", "cpu", "--quiet", "--limit-train", "256", "--limit-test", "200",
+        "--batch-size", "64", "--test-batch-size", "200"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_no_traceback(done: subprocess.CompletedProcess | str) -> None:
+    text = done if isinstance(done, str) else done.stdout + done.stderr
+    assert "Traceback" not in text, text
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mnist(mnist_dir):
+    """train.py reads the repository's data/ folder; make sure it holds MNIST first."""
+    return mnist_dir
+
+
+def test_dry_run(tmp_path):
+    done = train("--dry-run", "--no-save", "--device", "cpu", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "final test accuracy" in done.stdout
+    assert "after 1 epochs" in done.stdout
+    assert_no_traceback(done)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad arguments: a usage error (exit 2), before any training, never a traceback.
+# ---------------------------------------------------------------------------------------------
+def _readonly_dir(tmp: Path) -> Path:
+    ro = tmp / "readonly"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    if os.access(ro, os.W_OK):  # root ignores permission bits
+        ro.chmod(stat.S_IRWXU)
+        pytest.skip("cannot make a read-only folder as this user (root?)")
+    return ro
+
+
+def _regular_file(tmp: Path) -> Path:
+    f = tmp / "file.txt"
+    f.write_text("not a folder\n")
+    return f
+
+
+BAD_ARGS = {
+    "epochs-0": lambda tmp: ["--epochs", "0"],
+    "epochs-negative": lambda tmp: ["--epochs", "-1"],
+    "batch-size-0": lambda tmp: ["--batch-size", "0"],
+    "lr-negative": lambda tmp: ["--lr", "-1"],
+    "lr-nan": lambda tmp: ["--lr", "nan"],
+    "lr-inf": lambda tmp: ["--lr", "inf"],
+    "device-tpu": lambda tmp: ["--device", "tpu"],
+    "device-cuda-unavailable": lambda tmp: ["--device", "cuda"],
+    "data-dir-read-only": lambda tmp: ["--data-dir", str(_readonly_dir(tmp) / "data")],
+    "data-dir-under-a-file": lambda tmp: ["--data-dir", str(_regular_file(tmp) / "sub")],
+    "save-model-under-a-file": lambda tmp: ["--save-model",
+                                            str(_regular_file(tmp) / "sub" / "last.pt")],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_bad_arguments_are_usage_errors(tmp_path, case):
+    if case == "device-cuda-unavailable" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    args = BAD_ARGS[case](tmp_path)
+    if case != "save-model-under-a-file":
+        args.append("--no-save")
+    done = train(*args, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "usage" in done.stderr
+    assert "error" in done.stderr
+    assert_no_traceback(done)
+    assert "final test accuracy" not in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny run with --metrics and a checkpoint; then --evaluate on it.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    checkpoint, metrics = tmp / "ck" / "last.pt", tmp / "out" / "metrics.json"
+    done = train(*TINY, "--epochs", "1", "--save-model", str(checkpoint),
+                 "--metrics", str(metrics))
+    return {"done": done, "checkpoint": checkpoint, "metrics": metrics}
+
+
+def test_tiny_run_succeeds(tiny_run):
+    done = tiny_run["done"]
+    assert done.returncode == 0, done.stderr
+    assert "final test accuracy" in done.stdout
+    assert_no_traceback(done)
+
+
+def test_metrics_json(tiny_run):
+    metrics = json.loads(tiny_run["metrics"].read_text())
+    for key in ("history", "parameters", "device", "recipe", "torch"):
+        assert key in metrics
+    assert metrics["parameters"] == 19144
+    assert metrics["device"] == "cpu"
+    assert metrics["torch"] == torch.__version__
+    assert metrics["history"]["epoch"] == [1]
+    assert metrics["recipe"]["limit_train"] == 256
+    assert metrics["recipe"]["batch_size"] == 64
+    assert metrics["recipe"]["epochs"] == 1
+    assert metrics["final_test_acc"] == metrics["history"]["test_acc"][-1]
+    assert f"final test accuracy: {metrics['final_test_acc']:.2f}%" in tiny_run["done"].stdout
+
+
+def test_checkpoint_of_tiny_run_loads(tiny_run):
+    checkpoint = utils.load_checkpoint(tiny_run["checkpoint"])
+    assert checkpoint["history"]["epoch"] == [1]
+    assert checkpoint["recipe"]["limit_train"] == 256
+    assert [p.name for p in tiny_run["checkpoint"].parent.iterdir()] == ["last.pt"]
+
+
+def test_evaluate_checkpoint(tiny_run):
+    done = train("--evaluate", str(tiny_run["checkpoint"]), "--no-save", "--device", "cpu",
+                 "--quiet", "--limit-test", "200", "--test-batch-size", "200")
+    assert done.returncode == 0, done.stderr
+    assert_no_traceback(done)
+    found = re.search(r"accuracy ([\d.]+)% on 200 images", done.stdout)
+    assert found, done.stdout
+    # The same weights on the same 200 images score what the run itself reported.
+    metrics = json.loads(tiny_run["metrics"].read_text())
+    assert found.group(1) == f"{metrics['history']['test_acc'][-1]:.2f}"
+
+
+def test_evaluate_refuses_random_bytes(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(os.urandom(2048))
+    done = train("--evaluate", str(path), "--no-save", "--device", "cpu", "--quiet")
+    assert done.returncode != 0
+    assert_no_traceback(done)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error:")
+    assert str(path) in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# A diverging run stops with a clear message.
+# ---------------------------------------------------------------------------------------------
+def test_nan_loss_stops_the_run(tmp_path):
+    path = tmp_path / "nan.pt"
+    done = train(*TINY, "--lr", "1e12", "--momentum", "0.99", "--epochs", "3",
+                 "--save-model", str(path))
+    assert done.returncode != 0
+    assert_no_traceback(done)
+    assert "final test accuracy" not in done.stdout
+    found = re.search(r"epoch (\d+), batch (\d+)", done.stderr)
+    assert found, done.stderr
+    assert "NaN" in done.stderr
+    if found.group(1) == "1":
+        assert not path.exists()
+        assert "no good epoch was saved" in done.stderr
+
+
+def test_diverged_epoch_is_not_saved_as_good(tmp_path):
+    path = tmp_path / "nan.pt"
+    # One batch per epoch: the step after the only (finite) loss of epoch 1 diverges.
+    done = train(*TINY, "--limit-train", "64", "--lr", "1e20", "--epochs", "3",
+                 "--save-model", str(path))
+    assert done.returncode != 0
+    assert_no_traceback(done)
+    if path.exists():
+        checkpoint = utils.load_checkpoint(path)
+        assert all(math.isfinite(v) for v in checkpoint["history"]["test_loss"])
+        for name, tensor in checkpoint["model"].items():
+            if tensor.is_floating_point():
+                assert torch.isfinite(tensor).all(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C keeps the last complete epoch, and --resume continues from it.
+# ---------------------------------------------------------------------------------------------
+def test_sigint_then_resume(tmp_path):
+    path = tmp_path / "run" / "last.pt"
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    args = ["--device", "cpu", "--quiet", "--limit-train", "2048", "--limit-test", "200",
+            "--batch-size", "32", "--epochs", "50", "--save-model", str(path)]
+    with open(out, "w") as fout, open(err, "w") as ferr:
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", *args], cwd=ROOT, env=env(), stdout=fout, stderr=ferr,
+            # A child of a background shell may inherit SIGINT ignored; Python then never
+            # turns it into KeyboardInterrupt. Start it with the default disposition.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 120
+            while not path.exists():
+                assert proc.poll() is None, f"train.py exited early: {err.read_text()}"
+                assert time.monotonic() < deadline, "no checkpoint within 120 s"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = err.read_text()
+    assert rc != 0
+    assert "resume" in stderr
+    assert_no_traceback(stderr + out.read_text())
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no .partial left
+
+    saved = utils.load_checkpoint(path)
+    epochs = len(saved["history"]["epoch"])
+    assert epochs >= 1
+    assert saved["history"]["epoch"] == list(range(1, epochs + 1))
+
+    done = train("--resume", str(path), "--epochs", str(epochs + 1), "--device", "cpu",
+                 "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert_no_traceback(done)
+    assert f"after epoch {epochs} of {epochs + 1}" in done.stdout
+    assert f"after {epochs + 1} epochs" in done.stdout
+    resumed = utils.load_checkpoint(path)
+    assert resumed["history"]["epoch"] == list(range(1, epochs + 2))
+    # The finished epochs are kept as they were; the recipe is the interrupted run's.
+    for key in ("train_loss", "test_loss", "test_acc", "lr"):
+        assert resumed["history"][key][:epochs] == saved["history"][key]
+    assert resumed["recipe"]["limit_train"] == 2048
+    assert resumed["recipe"]["batch_size"] == 32

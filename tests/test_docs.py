@@ -1,0 +1,57 @@
+"""What the README and the notebook say must match what the code computes."""
+
+from __future__ import annotations
+
+import re
+
+import jupytext
+import pytest
+
+from model import Net, count_parameters, format_layer_table, layer_table
+
+
+@pytest.fixture(scope="module")
+def readme(repo_root) -> str:
+    return (repo_root / "README.md").read_text()
+
+
+def between(text: str, marker: str) -> str:
+    match = re.search(rf"<!-- {marker} -->\n(.*?)\n<!-- /{marker} -->", text, re.S)
+    assert match, f"README lacks the <!-- {marker} --> block"
+    return match.group(1).strip()
+
+
+def test_readme_architecture_table_is_the_computed_one(readme):
+    assert between(readme, "layer-table") == format_layer_table(layer_table(Net()))
+
+
+def test_readme_states_the_parameter_count(readme):
+    assert f"{count_parameters(Net()):,} parameters" in readme
+
+
+def without_header(text: str) -> str:
+    """Drop jupytext's YAML header, which records tool versions rather than content."""
+    return re.sub(r"\A# ---\n.*?\n# ---\n", "", text, flags=re.S).strip()
+
+
+def test_notebook_and_its_percent_script_are_in_sync(repo_root):
+    nb = jupytext.read(repo_root / "Session_6_Solution.ipynb")
+    as_text = jupytext.writes(nb, fmt="py:percent")
+    paired = (repo_root / "Session_6_Solution.py").read_text()
+    assert without_header(as_text) == without_header(paired), (
+        "run `jupytext --sync Session_6_Solution.ipynb` after editing either file")
+
+
+def test_colab_badges_point_at_the_notebooks_repo(repo_root, readme):
+    notebook = (repo_root / "Session_6_Solution.py").read_text()
+    repo = re.search(r'^REPO = "([^"]+)"', notebook, re.M).group(1)
+    for text in (readme, notebook):
+        links = re.findall(r"colab\.research\.google\.com/github/([^/]+/[^/]+)/", text)
+        assert links and set(links) == {repo}
+
+
+def test_ci_runs_the_readme_test_command(repo_root, readme):
+    command = between(readme, "test-command").strip("`\n").removeprefix("bash\n").strip()
+    ci = (repo_root / ".ci" / "run").read_text()
+    assert "test-command" in ci  # CI extracts and runs that very block
+    assert "pytest" in command
