@@ -31,10 +31,6 @@ import utils  # noqa: E402
 # OMP_NUM_THREADS=1 from test_cli.py.)
 torch.set_num_threads(1)
 
-# The notebook, run by nbval in a kernel that inherits this environment, trains 1 epoch on a
-# small subset unless a full run is asked for explicitly (S6_SMOKE=0).
-os.environ.setdefault("S6_SMOKE", "1")
-
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
