@@ -43,15 +43,13 @@ def report(out: Path, loader: str, seeds: list[int]) -> str:
     for seed in seeds:
         path = metrics_path(out, loader, seed)
         if not path.exists():
-            rows.append(f"| {seed} | missing | | |")
+            rows.append(f"| {seed} | missing | |")
             continue
         m = json.loads(path.read_text())
         finals.append(m["final_test_acc"])
-        seconds = sum(m["history"]["seconds"])
-        rows.append(f"| {seed} | {m['final_test_acc']:.2f} | {m['best_test_acc']:.2f} "
-                    f"| {seconds / 60:.1f} |")
-    lines = [f"loader: {loader}", "| seed | final test acc % | best test acc % | minutes |",
-             "|---|---|---|---|", *rows]
+        rows.append(f"| {seed} | {m['final_test_acc']:.2f} | {m['best_test_acc']:.2f} |")
+    lines = [f"loader: {loader}", "| seed | final test acc % | best test acc % |",
+             "|---|---|---|", *rows]
     if finals:
         sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
         mean = statistics.mean(finals)
