@@ -1,4 +1,4 @@
-"""The network's shape, size and its CPU dropout."""
+"""The network's shape, size and its fused CPU ReLU + dropout."""
 
 from __future__ import annotations
 
@@ -80,8 +80,10 @@ def test_fast_and_original_dropout_have_the_same_weights():
     a, b = fast.state_dict(), original.state_dict()
     assert list(a) == list(b)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
-    assert any(isinstance(m, model.Dropout) for m in fast.modules())
-    assert not any(isinstance(m, model.Dropout) for m in original.modules())
+    assert sum(isinstance(m, model.ReLUDropout) for m in fast.modules()) == 5
+    assert not any(isinstance(m, (nn.ReLU, nn.Dropout)) for m in fast.modules())
+    assert not any(isinstance(m, model.ReLUDropout) for m in original.modules())
+    assert sum(isinstance(m, nn.Dropout) for m in original.modules()) == 5
     # Either loads the other's weights.
     original.load_state_dict(a)
     fast.load_state_dict(b)
@@ -108,62 +110,89 @@ def test_format_layer_table(table):
 
 
 # ---------------------------------------------------------------------------------------------
-# model.Dropout: the cheaper CPU mask.
+# model.ReLUDropout: ReLU then dropout, with the cheaper CPU mask.
 # ---------------------------------------------------------------------------------------------
 N = 1_000_000
+KEEP_SCALE = 1 / 0.9
 
 
-def test_dropout_drops_ten_percent_and_scales_the_rest():
+def relu_dropout(x: torch.Tensor, p: float = 0.1) -> torch.Tensor:
+    return model.ReLUDropout(p).train()(x)
+
+
+def test_drops_ten_percent_and_scales_the_rest():
     torch.manual_seed(0)
-    drop = model.Dropout(0.1).train()
-    x = torch.rand(N) + 0.5  # no zeros in the input
-    out = drop(x)
+    x = torch.rand(N) + 0.5  # positive: ReLU leaves it alone, so every zero is a drop
+    out = relu_dropout(x)
     dropped = out == 0
-    assert abs(dropped.float().mean().item() - 0.1) < 0.005
-    torch.testing.assert_close(out[~dropped], x[~dropped] / 0.9)
+    assert abs(dropped.float().mean().item() - 0.1) < 0.002
+    torch.testing.assert_close(out[~dropped], x[~dropped] * KEEP_SCALE)
 
 
-def test_dropout_kept_values_are_exactly_one_over_keep_probability():
+def test_kept_values_are_exactly_those_of_nn_dropout():
     torch.manual_seed(1)
-    out = model.Dropout(0.1).train()(torch.ones(N))
+    out = relu_dropout(torch.ones(N))
     kept = out[out != 0]
-    assert kept.numel() > 0.85 * N
-    torch.testing.assert_close(kept, torch.full_like(kept, 1 / 0.9))
+    assert kept.numel() > 0.89 * N
+    assert torch.equal(kept, torch.full_like(kept, KEEP_SCALE))
 
 
-def test_dropout_mask_has_no_pattern_across_the_tensor():
-    # Two 32-bit draws come from each 64-bit number: neither half, and no region, is biased.
+def test_negative_inputs_come_out_zero_as_after_relu():
     torch.manual_seed(2)
-    out = model.Dropout(0.1).train()(torch.ones(N))
-    dropped = (out == 0).float()
-    assert abs(dropped[0::2].mean().item() - 0.1) < 0.005
-    assert abs(dropped[1::2].mean().item() - 0.1) < 0.005
-    for part in dropped.chunk(4):
-        assert abs(part.mean().item() - 0.1) < 0.01
+    x = torch.randn(N)
+    out = relu_dropout(x)
+    assert torch.equal(out[x <= 0], torch.zeros_like(out[x <= 0]))
+    positive = x > 0
+    kept = positive & (out != 0)
+    assert abs(kept.sum().item() / positive.sum().item() - 0.9) < 0.003
+    torch.testing.assert_close(out[kept], x[kept] * KEEP_SCALE)
 
 
-@pytest.mark.parametrize("p", [0.0, 0.5])
-def test_dropout_other_rates(p):
+def test_mask_has_no_pattern_across_the_tensor():
+    # Four 16-bit uniforms come from each 64-bit draw: no lane, and no region, is biased.
     torch.manual_seed(3)
-    out = model.Dropout(p).train()(torch.ones(N))
+    dropped = (relu_dropout(torch.ones(N)) == 0).float()
+    for lane in range(4):
+        assert abs(dropped[lane::4].mean().item() - 0.1) < 0.003
+    for part in dropped.chunk(4):
+        assert abs(part.mean().item() - 0.1) < 0.003
+    # Neighbours are independent: P(both dropped) = 0.01, not more.
+    assert abs((dropped[:-1] * dropped[1:]).mean().item() - 0.01) < 0.001
+
+
+def test_keep_mask_threshold_is_p_to_within_1e_5():
+    # 2^16 levels: the drop rate is round(p * 65536) / 65536.
+    for p in (0.1, 0.25, 0.5):
+        assert abs(round(p * 2**16) / 2**16 - p) < 1e-5
+    x = torch.empty(4 * 2**16)
+    torch.manual_seed(4)
+    assert abs((~model.keep_mask(x, 0.5)).float().mean().item() - 0.5) < 0.005
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_other_rates_behave_like_relu_then_nn_dropout(p):
+    torch.manual_seed(5)
+    x = torch.rand(N) + 0.5
+    out = relu_dropout(x, p)
     assert abs((out == 0).float().mean().item() - p) < 0.005
     if p == 0:
-        assert torch.equal(out, torch.ones(N))
+        assert torch.equal(out, x)
+    if p == 1:
+        assert torch.equal(out, torch.zeros_like(x))
 
 
-def test_dropout_of_one_zeroes_everything_like_nn_dropout():
-    x = torch.ones(10)
-    assert torch.equal(model.Dropout(1.0).train()(x), nn.Dropout(1.0).train()(x))
+def test_rejects_a_rate_outside_zero_to_one():
+    with pytest.raises(ValueError, match="dropout probability"):
+        model.ReLUDropout(1.5)
 
 
-def test_dropout_is_identity_in_eval_mode():
+def test_eval_mode_is_plain_relu():
     x = torch.randn(1000)
-    drop = model.Dropout(0.1).eval()
-    assert torch.equal(drop(x), x)
+    assert torch.equal(model.ReLUDropout(0.1).eval()(x), torch.relu(x))
 
 
-def test_dropout_is_reproducible_under_manual_seed():
-    drop = model.Dropout(0.1).train()
+def test_is_reproducible_under_manual_seed():
+    drop = model.ReLUDropout(0.1).train()
     x = torch.randn(10_000)
     torch.manual_seed(7)
     a = drop(x)
@@ -176,42 +205,59 @@ def test_dropout_is_reproducible_under_manual_seed():
     assert not torch.equal(a, drop(x))
 
 
-@pytest.mark.parametrize("n", [1, 3, 1001])
-def test_dropout_odd_sizes(n):
+@pytest.mark.parametrize("n", [1, 3, 5, 1001])
+def test_sizes_that_are_not_a_multiple_of_four(n):
     torch.manual_seed(0)
     x = torch.rand(n) + 0.5
-    out = model.Dropout(0.1).train()(x)
+    out = relu_dropout(x)
     assert out.shape == x.shape
     kept = out != 0
-    torch.testing.assert_close(out[kept], x[kept] / 0.9)
+    torch.testing.assert_close(out[kept], x[kept] * KEEP_SCALE)
 
 
-def test_dropout_on_channels_last_tensor():
+def test_keeps_a_channels_last_layout():
     torch.manual_seed(0)
     x = (torch.rand(16, 32, 24, 24) + 0.5).contiguous(memory_format=torch.channels_last)
-    out = model.Dropout(0.1).train()(x)
+    out = relu_dropout(x)
     assert out.shape == x.shape
     assert out.is_contiguous(memory_format=torch.channels_last)
     dropped = out == 0
     assert abs(dropped.float().mean().item() - 0.1) < 0.005
-    torch.testing.assert_close(out[~dropped], x[~dropped] / 0.9)
+    torch.testing.assert_close(out[~dropped], x[~dropped] * KEEP_SCALE)
 
 
-def test_dropout_on_non_contiguous_tensor():
+def test_non_contiguous_input():
     torch.manual_seed(0)
     x = (torch.rand(64, 64, 64) + 0.5).transpose(0, 2)[::2]
     assert not x.is_contiguous()
-    out = model.Dropout(0.1).train()(x)
+    out = relu_dropout(x)
     assert out.shape == x.shape
     dropped = out == 0
     assert abs(dropped.float().mean().item() - 0.1) < 0.01
-    torch.testing.assert_close(out[~dropped], x[~dropped] / 0.9)
+    torch.testing.assert_close(out[~dropped], x[~dropped] * KEEP_SCALE)
 
 
-def test_dropout_gradient_uses_the_same_mask():
+def test_gradient_is_relus_times_the_same_mask():
     torch.manual_seed(0)
-    x = (torch.rand(10_000) + 0.5).requires_grad_()
-    out = model.Dropout(0.1).train()(x)
-    out.sum().backward()
-    expected = torch.where(out == 0, 0.0, 1 / 0.9)
+    x = torch.randn(10_000, requires_grad=True)
+    out = relu_dropout(x)
+    (out * torch.arange(10_000.0)).sum().backward()
+    # Gradient flows exactly where the output is non-zero (input positive and kept).
+    expected = torch.where(out != 0, KEEP_SCALE * torch.arange(10_000.0), 0.0)
     torch.testing.assert_close(x.grad, expected)
+    assert ((x.detach() <= 0) <= (x.grad == 0)).all()
+
+
+def test_gradient_matches_relu_then_nn_dropout_under_the_same_mask():
+    # Rebuild nn.Dropout's computation with the mask ReLUDropout drew: same output and grad.
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    out = relu_dropout(x)
+    out.pow(2).sum().backward()
+    mask = ((out != 0) | (x <= 0)).float()  # kept, as far as the output can tell
+    y = x.detach().clone().requires_grad_()
+    ref = torch.relu(y) * mask * KEEP_SCALE
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, y.grad)
+
