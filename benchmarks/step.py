@@ -1,6 +1,6 @@
 """What each part of the fast path buys: one training step of the model in each form.
 
-    python benchmarks/step.py                  # batch 128, 8 rounds of 15 timed steps each
+    python benchmarks/step.py                  # batch 128, 4 rounds of 25 timed steps each
 
 Random input, no data loading, SGD step included. The forms, each adding to the one before:
 

@@ -260,4 +260,3 @@ def test_gradient_matches_relu_then_nn_dropout_under_the_same_mask():
     ref.pow(2).sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, y.grad)
-
