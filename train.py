@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import utils
-from model import Net, count_parameters
+from model import CHANNELS, DROPOUT_PLANS, Net, count_parameters
 
 DEFAULT_CHECKPOINT = "checkpoints/last.pt"
 
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader", default=r["loader"], choices=["fast", "torchvision"],
                    help="fast: data and augmentation on the device; torchvision: the "
                         "original per-sample pipeline")
+    p.add_argument("--dropout-plan", default=r["dropout_plan"], choices=list(DROPOUT_PLANS),
+                   help="blocks followed by dropout: table = conv1 and conv2, as the original's "
+                        "table; every = every 3x3 block; none")
     p.add_argument("--compile", action="store_true",
                    help="train through torch.compile (needs a C++ compiler on the CPU)")
     p.add_argument("--data-dir", default="data")
@@ -114,16 +117,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, torch
 def recipe_from(args: argparse.Namespace) -> dict:
     """The settings that define a run; a checkpoint carries them so a resume repeats them."""
     keys = ("batch_size", "test_batch_size", "lr", "momentum", "step_size", "gamma", "seed",
-            "loader", "compile", "limit_train", "limit_test")
+            "loader", "dropout_plan", "compile", "limit_train", "limit_test")
     recipe = {k: getattr(args, k) for k in keys}
     recipe["epochs"] = args.epochs if args.epochs is not None else utils.RECIPE["epochs"]
     return recipe
 
 
-def run_facts(device: torch.device, model: torch.nn.Module) -> dict:
+def git_commit() -> str | None:
+    """The code a result came from (with -dirty if the tree had changes), when run from git."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict) -> dict:
     import torchvision
 
-    return {"parameters": count_parameters(model), "device": str(device),
+    return {"model": {"channels": list(CHANNELS), "dropout_plan": recipe["dropout_plan"],
+                      "augmentation": "pil-exact"},
+            "commit": git_commit(),
+            "parameters": count_parameters(model), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -195,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_metrics(path: str, run: utils.Run, recipe: dict, device: torch.device) -> None:
-    out = {"recipe": recipe, **run_facts(device, run.model), "history": run.history,
+    out = {"recipe": recipe, **run_facts(device, run.model, recipe), "history": run.history,
            "final_test_acc": run.history["test_acc"][-1],
            "best_test_acc": max(run.history["test_acc"])}
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -21,34 +21,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def metrics_path(out: Path, loader: str, seed: int) -> Path:
-    return out / f"{loader}_seed{seed}.json"
+def run_name(loader: str, dropout_plan: str) -> str:
+    """fast, torchvision, or e.g. fast-dropout-every for a model other than the table's."""
+    return loader if dropout_plan == "table" else f"{loader}-dropout-{dropout_plan}"
+
+
+def metrics_path(out: Path, name: str, seed: int) -> Path:
+    return out / f"{name}_seed{seed}.json"
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> tuple[int, int]:
-    path = metrics_path(args.out, args.loader, seed)
+    path = metrics_path(args.out, args.name, seed)
     cmd = [sys.executable, str(ROOT / "train.py"), "--seed", str(seed), "--loader", args.loader,
-           "--metrics", str(path), "--no-save", "--quiet", *args.train_args]
+           "--dropout-plan", args.dropout_plan, "--metrics", str(path), "--no-save", "--quiet",
+           *args.train_args]
     # Several runs share the cores: give each its own threads rather than let them fight.
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    log = args.out / f"{args.loader}_seed{seed}.log"
+    log = args.out / f"{args.name}_seed{seed}.log"
     with open(log, "w") as f:
         done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     print(f"seed {seed}: exit {done.returncode}, log in {log}", flush=True)
     return seed, done.returncode
 
 
-def report(out: Path, loader: str, seeds: list[int]) -> str:
+def report(out: Path, name: str, seeds: list[int]) -> str:
     rows, finals = [], []
     for seed in seeds:
-        path = metrics_path(out, loader, seed)
+        path = metrics_path(out, name, seed)
         if not path.exists():
             rows.append(f"| {seed} | missing | |")
             continue
         m = json.loads(path.read_text())
         finals.append(m["final_test_acc"])
         rows.append(f"| {seed} | {m['final_test_acc']:.2f} | {m['best_test_acc']:.2f} |")
-    lines = [f"loader: {loader}", "| seed | final test acc % | best test acc % |",
+    lines = [f"runs: {name}", "| seed | final test acc % | best test acc % |",
              "|---|---|---|", *rows]
     if finals:
         sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
@@ -62,6 +68,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--loader", default="fast", choices=["fast", "torchvision"])
+    p.add_argument("--dropout-plan", default="table", choices=["table", "every", "none"])
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--threads", type=int, default=None,
                    help="threads per run (default: cores/jobs)")
@@ -72,13 +79,14 @@ def main() -> int:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args.name = run_name(args.loader, args.dropout_plan)
     todo = [s for s in args.seeds
-            if args.force or not metrics_path(args.out, args.loader, s).exists()]
+            if args.force or not metrics_path(args.out, args.name, s).exists()]
     failed = []
     if todo and not args.report:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             failed = [s for s, rc in pool.map(lambda s: run_seed(s, args), todo) if rc != 0]
-    print(report(args.out, args.loader, args.seeds))
+    print(report(args.out, args.name, args.seeds))
     return 1 if failed else 0
 
 
