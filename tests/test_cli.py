@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import model
 import utils
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +126,9 @@ def test_metrics_json(tiny_run):
     metrics = json.loads(tiny_run["metrics"].read_text())
     for key in ("history", "parameters", "device", "recipe", "torch"):
         assert key in metrics
-    assert metrics["parameters"] == 19144
+    assert metrics["parameters"] == 19200
+    assert metrics["model"]["dropout_plan"] == "table"
+    assert metrics["model"]["channels"] == list(model.CHANNELS)
     assert metrics["device"] == "cpu"
     assert metrics["torch"] == torch.__version__
     assert metrics["history"]["epoch"] == [1]

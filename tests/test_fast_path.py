@@ -8,62 +8,113 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+import mnist_files
 import utils
 
 
 @pytest.fixture(scope="module")
-def digits(mnist_dir) -> torch.Tensor:
-    """64 real training digits as (N, 1, 28, 28) floats in [0, 1]."""
-    images, _ = utils.load_mnist_tensors(mnist_dir, train=True)
-    return images[:64].unsqueeze(1).float() / 255
+def real_images(mnist_dir) -> torch.Tensor:
+    """The first 3,000 real training digits, uint8 (N, 28, 28)."""
+    images, _ = mnist_files.load_mnist_tensors(mnist_dir, train=True)
+    return images[:3000]
+
+
+@pytest.fixture(scope="module")
+def digits(real_images) -> torch.Tensor:
+    """64 real training digits as (N, 1, 28, 28) uint8, as the fast loader holds them."""
+    return real_images[:64].unsqueeze(1)
 
 
 def no_crop(n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.bool)
 
 
+def original(image: torch.Tensor, angle: float, crop: bool) -> torch.Tensor:
+    """What the original pipeline does to one uint8 (28, 28) image, given its random draws:
+    torchvision's functional ops on a PIL image, as train_transforms composes them."""
+    pil = TF.to_pil_image(image)
+    if crop:
+        pil = TF.center_crop(pil, utils.CROP_SIZE)
+    pil = TF.resize(pil, [28, 28])  # bilinear, the default
+    pil = TF.rotate(pil, angle, interpolation=InterpolationMode.NEAREST, fill=0)
+    return torch.from_numpy(np.array(pil))
+
+
 def test_identity_when_angle_zero_and_no_crop(digits):
     out = utils.augment_batch(digits, torch.zeros(len(digits)), no_crop(len(digits)))
-    # grid_sample's identity is exact up to float rounding of the sampling coordinates
-    torch.testing.assert_close(out, digits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(utils.normalize(out), (digits - utils.MEAN) / utils.STD,
-                               atol=5e-5, rtol=0)
+    assert out.dtype == torch.uint8
+    assert torch.equal(out, digits)
 
 
-def test_crop_resize_matches_torchvision_center_crop_then_resize(digits):
-    expected = TF.resize(TF.center_crop(digits, 22), [28, 28],
-                         interpolation=InterpolationMode.BILINEAR, antialias=True)
+def test_crop_resize_is_pils_byte_for_byte(digits):
     out = utils.augment_batch(digits, torch.zeros(len(digits)),
                               torch.ones(len(digits), dtype=torch.bool))
-    diff = (out - expected).abs()
-    assert diff.mean() < 2e-3
-    assert diff.max() < 0.15
+    for i in range(len(digits)):
+        assert torch.equal(out[i, 0], original(digits[i, 0], 0.0, crop=True)), i
 
 
-@pytest.mark.parametrize("mode,interp", [("nearest", InterpolationMode.NEAREST),
-                                         ("bilinear", InterpolationMode.BILINEAR)])
-@pytest.mark.parametrize("angle", [-15.0, -7.5, 4.0, 15.0])
-def test_rotation_matches_torchvision_rotate(digits, angle, mode, interp):
-    expected = TF.rotate(digits, angle, interpolation=interp, fill=0)
-    out = utils.augment_batch(digits, torch.full((len(digits),), angle), no_crop(len(digits)),
-                              mode=mode)
-    assert (out - expected).abs().max() < 1e-4
+@pytest.mark.parametrize("angle", [-15.0, -7.5, -0.01, 4.0, 12.0, 15.0])
+def test_rotation_is_pils_nearest_rotation(digits, angle):
+    out = utils.augment_batch(digits, torch.full((len(digits),), angle), no_crop(len(digits)))
+    for i in range(len(digits)):
+        assert torch.equal(out[i, 0], original(digits[i, 0], angle, crop=False)), (i, angle)
 
 
-def test_rotation_matches_the_original_pil_pipeline(mnist_dir):
-    """The original rotates PIL images with nearest-neighbour: same pixels as the fast path."""
-    images, _ = utils.load_mnist_tensors(mnist_dir, train=True)
-    pil = TF.to_pil_image(images[0])
-    expected = T.ToTensor()(TF.rotate(pil, 12.0, fill=0))
-    out = utils.augment_batch(images[:1].unsqueeze(1).float() / 255, torch.tensor([12.0]),
-                              no_crop(1), mode="nearest")
-    assert (out[0] - expected).abs().max() < 1e-6
+def test_whole_augmentation_matches_the_original_on_3000_real_digits(real_images):
+    """Same random draws in, the same pixels out as torchvision's ops, for every image."""
+    n = len(real_images)
+    angles, crop = utils.sample_augment_params(n, torch.Generator().manual_seed(0))
+    out = utils.augment_batch(real_images.unsqueeze(1), angles, crop)
+    assert 250 < int(crop.sum()) < 350  # both branches well exercised
+    mismatched = [i for i in range(n) if not torch.equal(
+        out[i, 0], original(real_images[i], float(angles[i]), bool(crop[i])))]
+    assert mismatched == []
+
+
+def pixel_statistics(x: torch.Tensor) -> dict[str, float]:
+    """x: pixels in [0, 1]. The statistics issue 10 compared the pipelines by."""
+    return {"std": x.std().item(), "lit": (x > 0).float().mean().item(),
+            "grey": ((x > 0.1) & (x < 0.9)).float().mean().item(),
+            "bright": (x >= 0.9).float().mean().item()}
+
+
+# Seed-to-seed sd of each statistic over 3,000 images, measured for the torchvision pipeline
+# with six seeds: std 0.0005, lit 0.0018, grey 0.0011, bright 0.0002. Two independent draws
+# differ by sd * sqrt(2); the tolerance is 4 of those (rounded up). The old bilinear fast path
+# was off by 0.015, 0.059, 0.043 and 0.021: many times more.
+TOLERANCE = {"std": 0.003, "lit": 0.010, "grey": 0.007, "bright": 0.0015}
+
+
+def test_augmented_pixel_statistics_agree_with_the_original_pipeline(mnist_dir, real_images):
+    from torchvision.datasets import MNIST
+
+    n = len(real_images)
+    torch.manual_seed(0)
+    ds = MNIST(str(mnist_dir), train=True, transform=utils.train_transforms())
+    reference = torch.stack([ds[i][0] for i in range(n)]) * utils.STD + utils.MEAN
+    angles, crop = utils.sample_augment_params(n, torch.Generator().manual_seed(1))
+    fast = utils.augment_batch(real_images.unsqueeze(1), angles, crop).float() / 255
+    ref, got = pixel_statistics(reference), pixel_statistics(fast)
+    raw = pixel_statistics(real_images.float() / 255)
+    for key, tol in TOLERANCE.items():
+        assert abs(got[key] - ref[key]) < tol, (key, got[key], ref[key])
+    # and augmentation did change the images: rotation lights up more pixels
+    assert got["lit"] > raw["lit"] + 0.01
+
+
+def test_fast_loader_yields_the_originals_normalised_values(digits):
+    """uint8 -> /255 -> normalise, as ToTensor then Normalize: the same floats."""
+    loader = utils.DeviceLoader(digits[:, 0], torch.zeros(len(digits), dtype=torch.long),
+                                batch_size=len(digits), device="cpu", train=False)
+    x, _ = next(iter(loader))
+    expected = torch.stack([utils.test_transforms()(TF.to_pil_image(d[0])) for d in digits])
+    assert torch.equal(x, expected)
 
 
 def test_augment_params_are_uniform_angles_and_ten_percent_crops():
@@ -84,7 +135,7 @@ def test_augment_batch_applies_each_images_own_angle(digits):
     batch = utils.augment_batch(digits[:8], angles, crop)
     for i in range(8):
         alone = utils.augment_batch(digits[i:i + 1], angles[i:i + 1], crop[i:i + 1])
-        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-6, rtol=0)
+        assert torch.equal(batch[i:i + 1], alone)
 
 
 def index_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,12 +169,12 @@ def test_device_loader_yields_every_image_once_with_its_label():
 
 def test_torchvision_loader_yields_every_image_once_with_its_label(tmp_path):
     images, labels = index_images(200)
-    raw = utils.raw_dir(tmp_path)
+    raw = mnist_files.raw_dir(tmp_path)
     raw.mkdir(parents=True)
     files = {"train-images-idx3-ubyte": images, "train-labels-idx1-ubyte": labels,
              "t10k-images-idx3-ubyte": images[:50], "t10k-labels-idx1-ubyte": labels[:50]}
     for name, array in files.items():
-        (raw / name).write_bytes(utils.encode_idx(array.numpy()))
+        (raw / name).write_bytes(mnist_files.encode_idx(array.numpy()))
     train, _ = utils.torchvision_loaders(tmp_path, batch_size=32, test_batch_size=50, seed=0,
                                          num_workers=0)
     check_one_epoch(train, 200)

@@ -54,7 +54,7 @@ def test_layer_table_leaves_the_training_mode_alone():
 
 def test_parameter_count():
     n = model.count_parameters(Net())
-    assert n == 19144
+    assert n == 19200
     assert n < 20000
 
 
@@ -75,18 +75,56 @@ def test_forward_gives_log_probabilities():
         torch.testing.assert_close(out.exp().sum(1), torch.ones(4))
 
 
-def test_fast_and_original_dropout_have_the_same_weights():
+def stage(net: Net, name: str) -> nn.Module:
+    return getattr(net.features, name)
+
+
+def test_blocks_follow_the_write_ups_table():
+    """Every conv but the last is Conv-BN-ReLU, the 1x1 reductions too; dropout follows
+    conv1 and conv2 only; conv6 is a bare conv."""
+    for fast in (True, False):
+        net = Net(fast_dropout=fast)
+        for name in ("conv1", "conv2", "trans1", "conv3", "conv4", "trans2", "conv5"):
+            block = stage(net, name)
+            assert isinstance(block[0], nn.Conv2d), name
+            assert isinstance(block[1], nn.BatchNorm2d), name
+            dropped = any(isinstance(m, (nn.Dropout, model.ReLUDropout)) for m in block)
+            assert dropped == (name in ("conv1", "conv2")), name
+            assert isinstance(block[2], nn.ReLU if not dropped or not fast
+                              else model.ReLUDropout), name
+        assert stage(net, "trans1")[0].kernel_size == (1, 1)
+        assert stage(net, "trans2")[0].kernel_size == (1, 1)
+        assert isinstance(stage(net, "conv6"), nn.Conv2d)
+
+
+def test_every_plan_puts_dropout_after_each_3x3_block():
+    net = Net(dropout_plan="every", fast_dropout=False)
+    dropped = [name for name, s in net.features.named_children()
+               if any(isinstance(m, nn.Dropout) for m in s.modules())]
+    assert dropped == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert not any(isinstance(m, (nn.Dropout, model.ReLUDropout))
+                   for m in Net(dropout_plan="none").modules())
+
+
+def test_an_unknown_dropout_plan_is_refused():
+    with pytest.raises(ValueError, match="unknown dropout plan 'all'"):
+        Net(dropout_plan="all")
+
+
+def test_every_form_has_the_same_weights():
+    """Fast or original dropout, any dropout plan: one state_dict, loadable by any other."""
+    nets = [Net(dropout_plan=plan, fast_dropout=fast)
+            for plan in model.DROPOUT_PLANS for fast in (True, False)]
+    shapes = [{k: v.shape for k, v in n.state_dict().items()} for n in nets]
+    assert all(s == shapes[0] for s in shapes)
+    for a in nets:
+        for b in nets:
+            b.load_state_dict(a.state_dict())
     fast, original = Net(), Net(fast_dropout=False)
-    a, b = fast.state_dict(), original.state_dict()
-    assert list(a) == list(b)
-    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
-    assert sum(isinstance(m, model.ReLUDropout) for m in fast.modules()) == 5
-    assert not any(isinstance(m, (nn.ReLU, nn.Dropout)) for m in fast.modules())
+    assert sum(isinstance(m, model.ReLUDropout) for m in fast.modules()) == 2
+    assert not any(isinstance(m, nn.Dropout) for m in fast.modules())
     assert not any(isinstance(m, model.ReLUDropout) for m in original.modules())
-    assert sum(isinstance(m, nn.Dropout) for m in original.modules()) == 5
-    # Either loads the other's weights.
-    original.load_state_dict(a)
-    fast.load_state_dict(b)
+    assert sum(isinstance(m, nn.Dropout) for m in original.modules()) == 2
 
 
 def test_fast_and_original_dropout_agree_in_eval_mode():
@@ -106,7 +144,7 @@ def test_format_layer_table(table):
     assert rows["conv6"][2] == "1x1"  # out size
     assert rows["conv6"][4] == "32"  # receptive field
     assert rows["conv1"][2] == "26x26"
-    assert "19,144" in rows["**total**"][-1]
+    assert "19,200" in rows["**total**"][-1]
 
 
 # ---------------------------------------------------------------------------------------------

