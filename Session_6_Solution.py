@@ -1,7 +1,12 @@
 # ---
 # jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: T4
+#     provenance: []
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator,colab
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -21,6 +26,12 @@
 # This notebook is thin on purpose: the network lives in `model.py`, and the data, the training
 # loops and the plots live in `utils.py`. `python train.py` runs the very same recipe from a
 # terminal.
+#
+# **In Colab**, the badge asks for a GPU runtime; if you got a CPU one (the first code cell
+# says so), switch with Runtime > Change runtime type > T4 GPU. The notebook uses Colab's own
+# torch and installs only `torchsummary`: don't `pip install -r requirements.txt` there, it
+# pins a torch build for a newer CUDA driver than Colab may have, and the notebook would then
+# fall back to the CPU. On a Mac it runs on the GPU through MPS.
 #
 # Set the environment variable `S6_SMOKE=1` to run a 1-epoch check on a small subset (CI does);
 # it then writes no images.
@@ -51,6 +62,7 @@ from utils import (
     RECIPE,
     Run,
     augmented_samples,
+    describe_device,
     device_loader,
     ensure_mnist,
     get_device,
@@ -65,7 +77,8 @@ if SMOKE:
     recipe.update(epochs=1, limit_train=2048, limit_test=1000)
 IMAGES = None if SMOKE else "images"  # a smoke run must not overwrite the committed figures
 device = get_device()
-print(f"device: {device} | torch {torch.__version__} | smoke: {SMOKE}")
+print(describe_device(device))
+print(f"torch {torch.__version__} | smoke: {SMOKE}")
 print("recipe:", recipe)
 
 # %% [markdown]

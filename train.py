@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blocks followed by dropout: table = conv1 and conv2, as the original's "
                         "table; every = every 3x3 block; none")
     p.add_argument("--compile", action="store_true",
-                   help="train through torch.compile (needs a C++ compiler on the CPU)")
+                   help="train through torch.compile (needs a C++ compiler on the CPU; not on "
+                        "MPS)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels and no TF32 on CUDA (slower); the CPU is "
+                        "deterministic for a given thread count anyway")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--refetch", action="store_true",
                    help="replace MNIST files that fail their checks")
@@ -107,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, torch
         device = utils.get_device(args.device)
     except ValueError as err:
         parser.error(str(err))
+    if args.compile and device.type == "mps":
+        parser.error("--compile is not supported on MPS here: train without it")
     check_writable_dir(parser, Path(args.data_dir), "--data-dir")
     if args.no_save:
         args.save_model = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +47,7 @@ RECIPE: dict[str, Any] = {
     "loader": "fast",
     "dropout_plan": "table",
     "compile": False,
+    "deterministic": False,  # ask PyTorch for deterministic kernels (see use_deterministic)
     "limit_train": None,  # use only the first N training images (None: all 60,000)
     "limit_test": None,  # and the first N test images (None: all 10,000)
 }
@@ -315,6 +317,13 @@ class NonFiniteLoss(RuntimeError):
         self.epoch, self.batch = epoch, batch
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a batch to the device; asynchronously only on CUDA, where the torchvision loader
+    pins its memory. On MPS some torch releases corrupted non-blocking copies (the CPU batch
+    was freed before the copy ended), and elsewhere they buy nothing."""
+    return x.to(device, non_blocking=device.type == "cuda")
+
+
 def new_history() -> dict[str, list[float]]:
     keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
     return {k: [] for k in keys}
@@ -338,7 +347,7 @@ def train_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch:>2} train", leave=True, disable=not progress,
                mininterval=1.0)
     for i, (x, y) in enumerate(bar, start=1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device), to_device(y, device)
         optimizer.zero_grad(set_to_none=True)
         out = model(x)
         loss = F.nll_loss(out, y)
@@ -346,8 +355,8 @@ def train_epoch(
         optimizer.step()
         with torch.no_grad():
             loss = loss.detach()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss),
-                                    torch.tensor(i, device=device), first_bad)
+            # `i` goes in as a Python scalar, not a new device tensor: no host-to-device copy
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
             loss_sum += loss * len(y)
             correct += (out.argmax(1) == y).sum()
         seen += len(y)
@@ -372,7 +381,7 @@ def evaluate(
     n = 0
     for x, y in tqdm(loader, desc=f"epoch {epoch:>2} test ", leave=False, disable=not progress,
                      mininterval=1.0):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device), to_device(y, device)
         out = model(x)
         loss_sum += F.nll_loss(out, y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
@@ -385,18 +394,20 @@ def fit(
     scheduler: Any, device: torch.device, epochs: int,
     history: dict[str, list[float]] | None = None,
     on_epoch_end: Callable[[dict[str, list[float]]], None] | None = None,
-    progress: bool = True, log: bool = True,
+    progress: bool = True, log: bool = True, eval_model: nn.Module | None = None,
 ) -> dict[str, list[float]]:
     """Train until `epochs` epochs are in `history` (so a resumed run continues where it was).
 
-    `progress` shows tqdm bars; `log` prints one summary line per epoch.
+    `progress` shows tqdm bars; `log` prints one summary line per epoch. `eval_model` (default:
+    `model`) scores each epoch: a run trained through torch.compile evaluates its plain module.
     """
     history = history if history is not None else new_history()
+    eval_model = eval_model if eval_model is not None else model
     for epoch in range(len(history["epoch"]) + 1, epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_epoch(model, train_loader, optimizer, device, epoch, progress)
-        test_loss, test_acc = evaluate(model, test_loader, device, progress, epoch)
+        test_loss, test_acc = evaluate(eval_model, test_loader, device, progress, epoch)
         if not math.isfinite(test_loss) or not all_finite(model):
             raise NonFiniteLoss(epoch, None)  # a last step that diverged is never saved
         scheduler.step()
@@ -438,6 +449,20 @@ def get_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def describe_device(device: torch.device) -> str:
+    """What the notebook prints first: the device it got, and in Colab on a CPU runtime how
+    to get a GPU (the recipe's 20 epochs take minutes on a GPU, far longer on Colab's CPU)."""
+    if device.type == "cuda":
+        return f"device: cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "mps":
+        return "device: mps (Apple GPU)"
+    line = f"device: cpu ({torch.get_num_threads()} threads)"
+    if "google.colab" in sys.modules:
+        line += ("\nThis Colab runtime has no GPU, so training runs on its CPU (slowly). For a "
+                 "GPU: Runtime > Change runtime type > T4 GPU > Save, then run all cells again.")
+    return line
+
+
 # glibc's mallopt() parameters (malloc.h) and the values the fast path sets.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit
@@ -468,6 +493,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds CUDA and MPS
 
 
+def use_deterministic(on: bool) -> None:
+    """Process-wide: with `on`, PyTorch picks deterministic kernels (cuDNN's default choice
+    varies from run to run) and full-fp32 convolutions instead of TF32 on Ampere and newer
+    GPUs, at some speed cost. The CPU is deterministic for a given thread count either way."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS asks for it
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = not on
+
+
+def compiled(model: nn.Module, device: torch.device) -> nn.Module:
+    """The training module through torch.compile, with static shapes: one graph for the
+    training batch and one for the epoch's last, shorter batch. Evaluation stays eager (a
+    third graph, for eval mode and the test batch, would cost more than it saves). MPS is
+    refused: Inductor's MPS backend is a prototype in the torch releases this project uses."""
+    if device.type == "mps":
+        raise ValueError("compile is not supported on MPS here: train without it")
+    return torch.compile(model, dynamic=False)
+
+
 @dataclass(frozen=True)
 class FastPath:
     """What `--loader fast` switches on besides the data; decided in `fast_path` only."""
@@ -479,12 +526,14 @@ class FastPath:
 
 def fast_path(recipe: dict[str, Any], device: torch.device) -> FastPath:
     """The torchvision loader runs the model as the original did. The fast one also fuses
-    ReLU and dropout, and runs channels-last and with keep_freed_memory on the CPU
-    (README, "Speed")."""
+    ReLU and dropout (a CPU kernel; elsewhere ReLUDropout is plain relu + dropout), and on
+    the CPU only, where both were measured to help (README, "Speed"), runs channels-last and
+    keeps freed memory. On MPS some torch releases ran channels-last convolution backward
+    slowly or wrongly, and on CUDA it was never measured."""
     fast, cpu = recipe["loader"] == "fast", device.type == "cpu"
     return FastPath(
         fused_dropout=fast,
-        memory_format=torch.channels_last if fast else torch.contiguous_format,
+        memory_format=torch.channels_last if fast and cpu else torch.contiguous_format,
         keep_freed_memory=fast and cpu,
     )
 
@@ -535,24 +584,30 @@ class Run:
         self.device = device
         if fast_path(r, device).keep_freed_memory:
             keep_freed_memory()  # process-wide, and harmless to set twice
+        use_deterministic(r["deterministic"])
         seed_everything(r["seed"])
         self.model = build_model(r, device)
         self.optimizer, self.scheduler = make_optimizer(self.model, r)
         self.train_loader, self.test_loader = make_loaders(r, data_dir, device)
         self.history = new_history()
-        self.trained = torch.compile(self.model) if r["compile"] else self.model
+        self.trained = compiled(self.model, device) if r["compile"] else self.model
 
     def fit(self, on_epoch_end: Callable[[dict[str, list[float]]], None] | None = None,
             progress: bool = True, log: bool = True) -> dict[str, list[float]]:
         return fit(self.trained, self.train_loader, self.test_loader, self.optimizer,
                    self.scheduler, self.device, epochs=self.recipe["epochs"],
                    history=self.history, on_epoch_end=on_epoch_end, progress=progress,
-                   log=log)
+                   log=log, eval_model=self.model)
 
     def state(self) -> dict[str, Any]:
+        """Everything a resume needs. The random states: the CPU's, the loader's (on the
+        loader's device), and the training device's own generator, which draws the dropout
+        masks on CUDA and MPS."""
         rng = {"torch": torch.get_rng_state(), "loader": self.train_loader.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        elif self.device.type == "mps":
+            rng["mps"] = torch.mps.get_rng_state()
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "history": self.history,
                 "recipe": self.recipe, "rng": rng}
@@ -565,11 +620,30 @@ class Run:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.history = checkpoint["history"]
-        rng = checkpoint["rng"]
+        self._restore_rng(checkpoint["rng"])
+
+    def _restore_rng(self, rng: dict[str, torch.Tensor]) -> None:
+        """Random states that fit this device are restored; the others cannot carry over (a
+        generator's state has another size on each device: CPU 5,056 bytes, CUDA 16, MPS 44),
+        so they are named in one warning and the run goes on from fresh draws."""
         torch.set_rng_state(rng["torch"])
-        self.train_loader.generator.set_state(rng["loader"])
-        if "cuda" in rng and self.device.type == "cuda":
+        lost = []
+        try:
+            self.train_loader.generator.set_state(rng["loader"])
+        except RuntimeError:
+            lost.append("the loader's shuffling and augmentation")
+        saved_on = next((kind for kind in ("cuda", "mps") if kind in rng), "cpu")
+        here = self.device.type
+        if saved_on == here == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        elif saved_on == here == "mps":
+            torch.mps.set_rng_state(rng["mps"])
+        elif saved_on != here:
+            lost.append("the dropout masks")
+        if lost:
+            print(f"warning: this checkpoint was saved on {saved_on} and resumes on {here}: "
+                  f"{' and '.join(lost)} start from fresh random draws, so the run will not "
+                  f"repeat an uninterrupted one draw for draw", file=sys.stderr)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:

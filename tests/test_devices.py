@@ -1,0 +1,198 @@
+"""The CUDA and MPS paths, pinned on the CPU: what a GPU run would do differently, and a
+checkpoint that moves between devices."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import utils
+
+CPU = torch.device("cpu")
+TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
+
+
+def tiny_run(mnist_dir, epochs: int = 1, loader: str = "fast") -> utils.Run:
+    return utils.Run({**TINY, "loader": loader, "epochs": epochs}, CPU, mnist_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint saved on one device resumes on another.
+# ---------------------------------------------------------------------------------------------
+# Generator states of other devices: CUDA's Philox state is 16 bytes, MPS's 44.
+FOREIGN = {"cuda": 16, "mps": 44}
+
+
+@pytest.mark.parametrize("saved_on", ["cuda", "mps"])
+def test_checkpoint_from_another_device_resumes_with_a_warning(tmp_path, mnist_dir, capsys,
+                                                               saved_on):
+    run = tiny_run(mnist_dir)
+    run.fit(progress=False, log=False)
+    state = run.state()
+    size = FOREIGN[saved_on]
+    state["rng"]["loader"] = torch.arange(size, dtype=torch.uint8)  # the fast loader's, there
+    state["rng"][saved_on] = torch.arange(size, dtype=torch.uint8)
+    path = tmp_path / "gpu.pt"
+    utils.save_checkpoint(state, path)
+
+    resumed = tiny_run(mnist_dir)
+    resumed.restore(utils.load_checkpoint(path))
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert f"saved on {saved_on} and resumes on cpu" in warnings[0]
+    assert "shuffling and augmentation" in warnings[0] and "dropout masks" in warnings[0]
+    resumed.recipe["epochs"] = 2
+    resumed.fit(progress=False, log=False)  # and the run goes on
+    assert resumed.history["epoch"] == [1, 2]
+
+
+def test_checkpoint_from_the_same_device_resumes_without_a_warning(tmp_path, mnist_dir,
+                                                                   capsys):
+    run = tiny_run(mnist_dir)
+    run.fit(progress=False, log=False)
+    run.save(tmp_path / "cpu.pt")
+    tiny_run(mnist_dir).restore(utils.load_checkpoint(tmp_path / "cpu.pt"))
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_the_training_devices_generator_is_saved(mnist_dir, monkeypatch, kind):
+    """On CUDA and MPS the dropout masks come from the device's own generator: keep it."""
+    state = torch.arange(FOREIGN[kind], dtype=torch.uint8)
+    backend = torch.cuda if kind == "cuda" else torch.mps
+    monkeypatch.setattr(backend, "get_rng_state", lambda *args, **kwargs: state)
+    run = tiny_run(mnist_dir)
+    run.device = torch.device(kind)  # as built there; nothing below touches the device
+    assert torch.equal(run.state()["rng"][kind], state)
+
+
+def test_the_mps_generator_is_restored_on_mps(mnist_dir, monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
+    run = tiny_run(mnist_dir)
+    checkpoint = run.state()
+    checkpoint["rng"]["mps"] = torch.arange(44, dtype=torch.uint8)
+    run.device = torch.device("mps")
+    run.restore(checkpoint)
+    assert len(restored) == 1 and torch.equal(restored[0], checkpoint["rng"]["mps"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop reads the device back only every `refresh_every` batches.
+# ---------------------------------------------------------------------------------------------
+class Counter:
+    def __init__(self) -> None:
+        self.reads = 0
+        self.created = 0
+
+
+def count_syncs(monkeypatch) -> Counter:
+    """Count host reads of tensors and tensors made from host values (a host-to-device copy
+    on a GPU), wherever they happen."""
+    counter = Counter()
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, _original=original, **kwargs):
+            counter.reads += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    for name in ("tensor", "as_tensor", "scalar_tensor"):
+        original = getattr(torch, name)
+
+        def create(*args, _original=original, **kwargs):
+            counter.created += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, create)
+    return counter
+
+
+def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 4, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+            for _ in range(n)]
+
+
+def syncs_of_an_epoch(monkeypatch, n_batches: int) -> Counter:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 10), nn.LogSoftmax(dim=1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loader = batches(n_batches)
+    with monkeypatch.context() as patch:
+        counter = count_syncs(patch)
+        utils.train_epoch(model, loader, optimizer, CPU, progress=False, refresh_every=25)
+    return counter
+
+
+def test_train_epoch_reads_the_device_every_refresh_every_batches(monkeypatch):
+    short, long = syncs_of_an_epoch(monkeypatch, 50), syncs_of_an_epoch(monkeypatch, 100)
+    # 50 more steps = 2 more refreshes, each reading its 3 sums, and nothing per step.
+    assert long.reads - short.reads == 2 * 3
+    assert long.created == short.created
+
+
+def test_batches_are_copied_asynchronously_only_to_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: calls.append(kw) or self)
+    x = torch.zeros(2)
+    for kind in ("cuda", "mps", "cpu"):
+        utils.to_device(x, torch.device(kind))
+    assert [c["non_blocking"] for c in calls] == [True, False, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the fast path switches on, per device; determinism; compile.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,channels_last,keeps_memory", [
+    ("cpu", True, True), ("cuda", False, False), ("mps", False, False)])
+def test_channels_last_and_the_allocator_setting_only_on_the_cpu(kind, channels_last,
+                                                                 keeps_memory):
+    fast = utils.fast_path({**utils.RECIPE, "loader": "fast"}, torch.device(kind))
+    assert fast.fused_dropout
+    assert (fast.memory_format == torch.channels_last) == channels_last
+    assert fast.keep_freed_memory == keeps_memory
+    original = utils.fast_path({**utils.RECIPE, "loader": "torchvision"}, torch.device(kind))
+    assert original.memory_format == torch.contiguous_format and not original.fused_dropout
+
+
+def test_deterministic_recipe_sets_pytorchs_switches(mnist_dir):
+    try:
+        utils.Run({**TINY, "deterministic": True}, CPU, mnist_dir)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.allow_tf32
+        utils.Run(TINY, CPU, mnist_dir)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        utils.use_deterministic(False)
+
+
+def test_compile_is_refused_on_mps():
+    with pytest.raises(ValueError, match="not supported on MPS"):
+        utils.compiled(nn.Linear(2, 2), torch.device("mps"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The notebook asks Colab for a GPU, and says so when it did not get one.
+# ---------------------------------------------------------------------------------------------
+def test_notebook_metadata_asks_colab_for_a_gpu(repo_root):
+    metadata = json.loads((repo_root / "Session_6_Solution.ipynb").read_text())["metadata"]
+    assert metadata["accelerator"] == "GPU"
+    assert metadata["colab"]["gpuType"]
+
+
+def test_in_colab_on_a_cpu_the_notebook_says_how_to_get_a_gpu(monkeypatch):
+    assert "Change runtime type" not in utils.describe_device(CPU)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    text = utils.describe_device(CPU)
+    assert text.startswith("device: cpu")
+    assert "Runtime > Change runtime type > T4 GPU" in text
