@@ -1,10 +1,16 @@
 """Run the original recipe for several seeds and report the spread of test accuracy.
 
-Each seed is a plain `python train.py --seed N --metrics results/<loader>_seed<N>.json`, so any
-row of the table can be reproduced on its own. Seeds whose JSON already exists are not re-run
-(delete the file, or pass --force); `--report` only prints the table of what is there.
+Each seed is a plain `python train.py --seed N --loader L --dropout-plan P --metrics
+results/<name>_seed<N>.json`, so any row of the table can be reproduced on its own; <name> is
+the loader, with `-dropout-<plan>` added for a model other than the write-up's table. Seeds whose
+JSON already exists are not re-run (delete the file, or pass --force), so an interrupted batch
+continues where it stopped. `--report` only prints the tables of what is there: one per kind of
+run, then all of them side by side.
 
-    python benchmarks/seeds.py --seeds 1 2 3 4 5 --jobs 2
+    python benchmarks/seeds.py --seeds 1 2 3 4 5 --jobs 2 --threads 1
+    python benchmarks/seeds.py --loader torchvision --seeds 1 2 3 --jobs 2 --threads 1
+    python benchmarks/seeds.py --dropout-plan every --seeds 1 2 3 --jobs 2 --threads 1
+    python benchmarks/seeds.py --report
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -44,24 +51,60 @@ def run_seed(seed: int, args: argparse.Namespace) -> tuple[int, int]:
     return seed, done.returncode
 
 
-def report(out: Path, name: str, seeds: list[int]) -> str:
-    rows, finals = [], []
+def load_runs(out: Path) -> dict[str, dict[int, dict]]:
+    """{name: {seed: metrics}} of every results/<name>_seed<N>.json."""
+    runs: dict[str, dict[int, dict]] = {}
+    for path in sorted(out.glob("*_seed*.json")):
+        match = re.fullmatch(r"(.+)_seed(\d+)\.json", path.name)
+        if match:
+            runs.setdefault(match[1], {})[int(match[2])] = json.loads(path.read_text())
+    return runs
+
+
+def summary(values: list[float]) -> tuple[str, str, str]:
+    """Mean, sd and min, formatted; sd needs two values."""
+    if not values:
+        return "", "", ""
+    sd = f"{statistics.stdev(values):.3f}" if len(values) > 1 else "-"
+    return f"{statistics.mean(values):.3f}", sd, f"{min(values):.2f}"
+
+
+def side_by_side(runs: dict[str, dict[int, dict]], names: list[str]) -> str:
+    """Final and best test accuracy per seed for each kind of run, with mean, sd and min."""
+    seeds = sorted({s for name in names for s in runs.get(name, {})})
+    head = " | ".join(f"{n} final | {n} best" for n in names)
+    lines = [f"| seed | {head} |", "|---" * (1 + 2 * len(names)) + "|"]
     for seed in seeds:
-        path = metrics_path(out, name, seed)
-        if not path.exists():
-            rows.append(f"| {seed} | missing | |")
-            continue
-        m = json.loads(path.read_text())
-        finals.append(m["final_test_acc"])
-        rows.append(f"| {seed} | {m['final_test_acc']:.2f} | {m['best_test_acc']:.2f} |")
-    lines = [f"runs: {name}", "| seed | final test acc % | best test acc % |",
-             "|---|---|---|", *rows]
-    if finals:
-        sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
-        mean = statistics.mean(finals)
-        lines.append(f"final-epoch accuracy over {len(finals)} seeds: mean {mean:.3f}%, "
-                     f"std {sd:.3f}, min {min(finals):.2f}%, max {max(finals):.2f}%")
+        cells = []
+        for name in names:
+            m = runs.get(name, {}).get(seed)
+            cells += ([f"{m['final_test_acc']:.2f}", f"{m['best_test_acc']:.2f}"] if m
+                      else ["", ""])
+        lines.append(f"| {seed} | {' | '.join(cells)} |")
+    for label, index in (("mean", 0), ("sd", 1), ("min", 2)):
+        cells = []
+        for name in names:
+            found = runs.get(name, {}).values()
+            cells += [summary([m["final_test_acc"] for m in found])[index],
+                      summary([m["best_test_acc"] for m in found])[index]]
+        lines.append(f"| **{label}** | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def report(out: Path) -> str:
+    runs = load_runs(out)
+    if not runs:
+        return f"no results in {out}"
+    names = sorted(runs, key=lambda n: (n != "fast", n != "torchvision", n))
+    lines = []
+    for name in names:
+        finals = [m["final_test_acc"] for m in runs[name].values()]
+        mean, sd, low = summary(finals)
+        first = next(iter(runs[name].values()))
+        lines.append(f"{name}: {len(finals)} seeds ({sorted(runs[name])}), model "
+                     f"{first.get('model')}, commit {first.get('commit')}: final test accuracy "
+                     f"mean {mean}%, sd {sd}, min {low}%")
+    return "\n".join(lines) + "\n\n" + side_by_side(runs, names)
 
 
 def main() -> int:
@@ -74,7 +117,7 @@ def main() -> int:
                    help="threads per run (default: cores/jobs)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--force", action="store_true", help="re-run seeds that already have results")
-    p.add_argument("--report", action="store_true", help="only print the table")
+    p.add_argument("--report", action="store_true", help="only print the tables")
     p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +129,7 @@ def main() -> int:
     if todo and not args.report:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             failed = [s for s, rc in pool.map(lambda s: run_seed(s, args), todo) if rc != 0]
-    print(report(args.out, args.name, args.seeds))
+    print(report(args.out))
     return 1 if failed else 0
 
 
