@@ -45,27 +45,45 @@ RECIPE: dict[str, Any] = {
     "seed": 1,
     "loader": "fast",
     "dropout_plan": "table",
+    "batch_norm": True,  # False: no BatchNorm anywhere (the ablation; convs get a bias)
+    "transitions": "bn-relu",  # the 1x1 reductions as Conv-BN-ReLU, or "bare" (ablation)
+    "augmentation": "both",  # crop-resize and rotation; "rotate", "crop" or "none" (ablation)
     "compile": False,
     "limit_train": None,  # use only the first N training images (None: all 60,000)
     "limit_test": None,  # and the first N test images (None: all 10,000)
 }
 MEAN, STD = 0.1307, 0.3081
 CROP_SIZE, CROP_P, MAX_ANGLE = 22, 0.1, 15.0
+# Which of the original's two augmentations a recipe applies, as (crop-resize, rotation).
+AUGMENTATIONS: dict[str, tuple[bool, bool]] = {
+    "both": (True, True),
+    "rotate": (False, True),
+    "crop": (True, False),
+    "none": (False, False),
+}
+
+
+def augmentation_parts(name: str) -> tuple[bool, bool]:
+    """(crop, rotate) of an AUGMENTATIONS name; an unknown name is refused, not ignored."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}: use one of {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[name]
 
 # ---------------------------------------------------------------------------------------------
 # Loaders: the original per-sample torchvision pipeline, and a fast whole-batch one.
 # ---------------------------------------------------------------------------------------------
-def train_transforms() -> Any:
-    """The original S6 train pipeline, one PIL image at a time."""
+def train_transforms(augmentation: str = "both") -> Any:
+    """The original S6 train pipeline, one PIL image at a time; `augmentation` (a key of
+    AUGMENTATIONS) leaves out the crop-resize or the rotation for the ablation."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.RandomApply([T.CenterCrop(CROP_SIZE)], p=CROP_P),
-        T.Resize((28, 28)),
-        T.RandomRotation((-MAX_ANGLE, MAX_ANGLE), fill=0),
-        T.ToTensor(),
-        T.Normalize((MEAN,), (STD,)),
-    ])
+    crop, rotate = augmentation_parts(augmentation)
+    steps: list[Any] = []
+    if crop:
+        steps += [T.RandomApply([T.CenterCrop(CROP_SIZE)], p=CROP_P), T.Resize((28, 28))]
+    if rotate:
+        steps.append(T.RandomRotation((-MAX_ANGLE, MAX_ANGLE), fill=0))
+    return T.Compose([*steps, T.ToTensor(), T.Normalize((MEAN,), (STD,))])
 
 
 def test_transforms() -> Any:
@@ -83,12 +101,14 @@ def torchvision_loaders(
     limit_test: int | None = None,
     num_workers: int | None = None,
     pin_memory: bool = False,
+    augmentation: str = "both",
 ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """DataLoaders over torchvision's MNIST; `loader.generator` holds the shuffling state."""
     from torch.utils.data import DataLoader, Subset
     from torchvision.datasets import MNIST
 
-    train_ds = MNIST(str(data_dir), train=True, download=False, transform=train_transforms())
+    train_ds = MNIST(str(data_dir), train=True, download=False,
+                     transform=train_transforms(augmentation))
     test_ds = MNIST(str(data_dir), train=False, download=False, transform=test_transforms())
     if limit_train:
         train_ds = Subset(train_ds, range(min(limit_train, len(train_ds))))
@@ -233,13 +253,17 @@ class DeviceLoader:
 
     Iterating yields (images, labels) like a DataLoader. All randomness comes from
     `self.generator`, on the loader's device, so a seed fixes the whole sequence of batches.
+    `augmentation` (a key of AUGMENTATIONS) switches the crop-resize or the rotation off; the
+    same numbers are drawn either way, so every variant shuffles the data in the same order.
     """
 
     def __init__(
         self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
         device: torch.device | str, train: bool, seed: int = 0,
         memory_format: torch.memory_format = torch.contiguous_format,
+        augmentation: str = "both",
     ) -> None:
+        self.crop, self.rotate = augmentation_parts(augmentation)
         self.device = torch.device(device)
         self.images = images.to(self.device).unsqueeze(1)  # (N, 1, 28, 28) uint8
         self.labels = labels.to(self.device)
@@ -264,7 +288,9 @@ class DeviceLoader:
             x = self.images[idx]
             if self.train:
                 angles, crop = sample_augment_params(len(idx), self.generator, self.device)
-                x = augment_batch(x, angles, crop)
+                if self.crop or self.rotate:  # a zero angle and no crop leave an image as is
+                    x = augment_batch(x, angles if self.rotate else torch.zeros_like(angles),
+                                      crop if self.crop else torch.zeros_like(crop))
             x = normalize(x.float().div_(255))  # as ToTensor then Normalize
             yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
 
@@ -272,13 +298,13 @@ class DeviceLoader:
 def device_loader(
     data_dir: str | os.PathLike, train: bool, batch_size: int, device: torch.device | str,
     seed: int = 0, limit: int | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
+    memory_format: torch.memory_format = torch.contiguous_format, augmentation: str = "both",
 ) -> DeviceLoader:
     images, labels = load_mnist_tensors(data_dir, train=train)
     if limit:
         images, labels = images[:limit], labels[:limit]
     return DeviceLoader(images, labels, batch_size, device, train=train, seed=seed,
-                        memory_format=memory_format)
+                        memory_format=memory_format, augmentation=augmentation)
 
 
 def make_loaders(recipe: dict[str, Any], data_dir: str | os.PathLike,
@@ -289,13 +315,14 @@ def make_loaders(recipe: dict[str, Any], data_dir: str | os.PathLike,
     if r["loader"] == "fast":
         layout = fast_path(r, device).memory_format
         return (device_loader(data_dir, True, r["batch_size"], device, r["seed"],
-                              r["limit_train"], layout),
+                              r["limit_train"], layout, r["augmentation"]),
                 device_loader(data_dir, False, r["test_batch_size"], device,
                               limit=r["limit_test"], memory_format=layout))
     if r["loader"] == "torchvision":
         return torchvision_loaders(data_dir, r["batch_size"], r["test_batch_size"], r["seed"],
                                    r["limit_train"], r["limit_test"],
-                                   pin_memory=device.type == "cuda")
+                                   pin_memory=device.type == "cuda",
+                                   augmentation=r["augmentation"])
     raise ValueError(f"unknown loader {r['loader']!r}: use 'fast' or 'torchvision'")
 
 
@@ -492,7 +519,8 @@ def fast_path(recipe: dict[str, Any], device: torch.device) -> FastPath:
 def build_model(recipe: dict[str, Any], device: torch.device) -> Net:
     """The recipe's network, on the device, in the form its loader trains it."""
     settings = fast_path(recipe, device)
-    model = Net(dropout_plan=recipe["dropout_plan"], fast_dropout=settings.fused_dropout)
+    model = Net(dropout_plan=recipe["dropout_plan"], fast_dropout=settings.fused_dropout,
+                batch_norm=recipe["batch_norm"], transitions=recipe["transitions"])
     return model.to(device, memory_format=settings.memory_format)
 
 
