@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -275,3 +276,11 @@ def test_script_runs_a_variant_skips_it_when_done_and_reports(tmp_path, mnist_di
     assert reported.returncode == 0, reported.stdout + reported.stderr
     assert fig.exists() and "| no-dropout | no dropout | 19,200 | 1 |" in reported.stdout
     assert reported.stdout.count("missing") == len(ablation.VARIANTS) - 1
+
+
+def test_readme_lists_each_variant_with_the_flags_that_reproduce_it():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## What each part buys", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| ([a-z-]+) \| [^|]+ \|\s*`?([^|`]*?)`?\s*\|$", section, re.M)
+    rows = [row for row in rows if row[0] != "variant"]  # the header
+    assert dict(rows) == {name: " ".join(ablation.train_flags(name)) for name in ablation.VARIANTS}
