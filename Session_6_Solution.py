@@ -129,3 +129,24 @@ loss_fig, accuracy_fig = plot_history(history, save_dir=IMAGES)
 analysis = save_analysis(run.model, run.test_loader, device, save_dir=IMAGES)
 for digit, acc in enumerate(analysis["per_class_accuracy"]):
     print(f"digit {digit}: {acc:.2f}%")
+
+# %% [markdown]
+# ## What each part buys
+# `benchmarks/ablation.py` trains the recipe again with one ingredient changed at a time: no
+# BatchNorm, no dropout, no augmentation, rotation only, crop-resize only, a constant learning
+# rate, bare 1x1 transitions, dropout after every 3x3 block; 20 epochs and several seeds each.
+# This cell retrains none of them: it reads their results from `results/ablation/` (README,
+# "What each part buys").
+
+# %%
+from IPython.display import Markdown, display
+
+from benchmarks.ablation import format_table, load_results, plot_ablation, summarise
+
+ablation = load_results("results/ablation")
+if any(ablation.values()):
+    display(Markdown(format_table(summarise(ablation))))
+    ablation_fig = plot_ablation(ablation, path=f"{IMAGES}/ablation.png" if IMAGES else None)
+else:
+    print("No ablation results in results/ablation/ yet: run "
+          "`python benchmarks/ablation.py --seeds 1 2 3`, then this cell again.")

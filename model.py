@@ -26,6 +26,9 @@ DROPOUT_PLANS: dict[str, tuple[str, ...]] = {
     "every": ("conv1", "conv2", "conv3", "conv4", "conv5"),
     "none": (),
 }
+# What the two 1x1 channel reductions are: "bn-relu" is the table's Conv-BN-ReLU; "bare" is a
+# plain 1x1 conv (a linear mix of channels), for the ablation.
+TRANSITIONS: tuple[str, ...] = ("bn-relu", "bare")
 
 
 class ReLUDropout(nn.Module):
@@ -91,19 +94,22 @@ class _ReLUDropoutFn(torch.autograd.Function):
 
 
 def conv_block(c_in: int, c_out: int, kernel: int = 3, padding: int = 0, dropout: float = 0.0,
-               fast_dropout: bool = True) -> nn.Sequential:
+               fast_dropout: bool = True, batch_norm: bool = True) -> nn.Sequential:
     """Conv-BN-ReLU, then Dropout(p) when p > 0. No conv bias: BatchNorm's shift makes it redundant.
 
     With `fast_dropout` the ReLU and the dropout are one module, ReLUDropout (same function,
     cheaper on the CPU); without, they are nn.ReLU and nn.Dropout, as in the original. Either
     way the weights sit at indices 0 (conv) and 1 (BatchNorm), so both forms share a state_dict.
+    `batch_norm=False` (the ablation) drops the BatchNorm and gives the conv the bias it then
+    needs: Conv-ReLU.
     """
-    conv = nn.Conv2d(c_in, c_out, kernel_size=kernel, padding=padding, bias=False)
+    conv = nn.Conv2d(c_in, c_out, kernel_size=kernel, padding=padding, bias=not batch_norm)
+    layers: list[nn.Module] = [conv, nn.BatchNorm2d(c_out)] if batch_norm else [conv]
     if dropout == 0:
-        return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU())
+        return nn.Sequential(*layers, nn.ReLU())
     if fast_dropout:
-        return nn.Sequential(conv, nn.BatchNorm2d(c_out), ReLUDropout(dropout))
-    return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(), nn.Dropout(dropout))
+        return nn.Sequential(*layers, ReLUDropout(dropout))
+    return nn.Sequential(*layers, nn.ReLU(), nn.Dropout(dropout))
 
 
 class Net(nn.Module):
@@ -112,21 +118,31 @@ class Net(nn.Module):
     `dropout_plan` names the blocks followed by dropout (a key of DROPOUT_PLANS).
     `fast_dropout=False` uses nn.ReLU + nn.Dropout, exactly as the original; both have the same
     weights, and either loads the other's state_dict.
+    Two options exist for the ablation only, to measure what each part buys (the defaults are
+    the table, module for module): `batch_norm=False` removes every BatchNorm and gives each
+    conv a bias; `transitions="bare"` makes the two 1x1 reductions plain convs (no BN-ReLU).
     """
 
     def __init__(self, channels: tuple[int, ...] = CHANNELS, dropout: float = DROPOUT,
-                 dropout_plan: str = "table", fast_dropout: bool = True) -> None:
+                 dropout_plan: str = "table", fast_dropout: bool = True,
+                 batch_norm: bool = True, transitions: str = "bn-relu") -> None:
         super().__init__()
         if dropout_plan not in DROPOUT_PLANS:
             raise ValueError(f"unknown dropout plan {dropout_plan!r}: use one of "
                              f"{', '.join(DROPOUT_PLANS)}")
+        if transitions not in TRANSITIONS:
+            raise ValueError(f"unknown transitions {transitions!r}: use one of "
+                             f"{', '.join(TRANSITIONS)}")
         c1, c2, t1, c3, c4, t2, c5, out = channels
         dropped = DROPOUT_PLANS[dropout_plan]
 
         def block(name: str, c_in: int, c_out: int, kernel: int = 3,
                   padding: int = 0) -> tuple[str, nn.Module]:
+            if name.startswith("trans") and transitions == "bare":
+                # Still a Sequential, so the conv's weights keep their state_dict key.
+                return name, nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=not batch_norm))
             p = dropout if name in dropped else 0.0
-            return name, conv_block(c_in, c_out, kernel, padding, p, fast_dropout)
+            return name, conv_block(c_in, c_out, kernel, padding, p, fast_dropout, batch_norm)
 
         self.features = nn.Sequential()
         stages: list[tuple[str, nn.Module]] = [
@@ -139,7 +155,7 @@ class Net(nn.Module):
             ("pool2", nn.MaxPool2d(2, 2)),  # 10 -> 5
             block("trans2", c4, t2, kernel=1),  # 5 -> 5, channel reduction
             block("conv5", t2, c5),  # 5 -> 3
-            ("conv6", nn.Conv2d(c5, out, kernel_size=3, bias=False)),  # 3 -> 1, no activation
+            ("conv6", nn.Conv2d(c5, out, kernel_size=3, bias=not batch_norm)),  # 3 -> 1
         ]
         for name, module in stages:
             self.features.add_module(name, module)

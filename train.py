@@ -19,7 +19,7 @@ import torch
 
 import mnist_files
 import utils
-from model import CHANNELS, DROPOUT_PLANS, count_parameters
+from model import CHANNELS, DROPOUT_PLANS, TRANSITIONS, count_parameters
 
 DEFAULT_CHECKPOINT = "checkpoints/last.pt"
 
@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout-plan", default=r["dropout_plan"], choices=list(DROPOUT_PLANS),
                    help="blocks followed by dropout: table = conv1 and conv2, as the original's "
                         "table; every = every 3x3 block; none")
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction,
+                   default=r["batch_norm"],
+                   help="BatchNorm after each conv but the last; --no-batch-norm (ablation) "
+                        "removes it and gives every conv a bias")
+    p.add_argument("--transitions", default=r["transitions"], choices=list(TRANSITIONS),
+                   help="the two 1x1 reductions: bn-relu = Conv-BN-ReLU, as the table; "
+                        "bare = a plain 1x1 conv (ablation)")
+    p.add_argument("--augmentation", default=r["augmentation"],
+                   choices=list(utils.AUGMENTATIONS),
+                   help="both = the original's 10%% crop-resize and ±15° rotation; rotate or "
+                        "crop = only one of them; none (ablation)")
     p.add_argument("--compile", action="store_true",
                    help="train through torch.compile (needs a C++ compiler on the CPU; not on "
                         "MPS)")

@@ -79,3 +79,65 @@ def test_image_grid_of_augmented_samples(tmp_path, mnist_dir):
     assert x.shape == (16, 1, 28, 28) and x.min() >= 0 and x.max() <= 1
     utils.image_grid(x, [str(int(v)) for v in y], path=tmp_path / "samples.png")
     assert_png(tmp_path / "samples.png")
+
+
+def history_of(epochs: int) -> dict[str, list[float]]:
+    """A made-up run whose test accuracy crosses 99.4% near the end, as the real one does."""
+    history = utils.new_history()
+    for e in range(1, epochs + 1):
+        row = dict(epoch=e, train_loss=0.5 / e, train_acc=100 - 8 / e - 0.6, test_loss=0.2 / e,
+                   test_acc=100 - 3 / e - 0.45, lr=0.01, seconds=1.0)
+        for k, v in row.items():
+            history[k].append(v)
+    return history
+
+
+def visible_ticks(ax, axis: str) -> list[float]:
+    lo, hi = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    ticks = ax.get_xticks() if axis == "x" else ax.get_yticks()
+    return [t for t in ticks if lo <= t <= hi]
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 20])
+def test_epoch_ticks_are_whole_numbers(epochs):
+    figs = utils.plot_history(history_of(epochs))
+    axes = [ax for fig in figs for ax in fig.axes]
+    assert len(axes) == 3  # loss; accuracy and its zoom
+    for ax in axes:
+        ticks = visible_ticks(ax, "x")
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def dashed_at(ax, y: float) -> bool:
+    return any(line.get_linestyle() == "--" and set(line.get_ydata()) == {y}
+               for line in ax.get_lines())
+
+
+def test_accuracy_plot_has_the_target_line_and_a_panel_from_98_5_up():
+    history = history_of(20)
+    _, acc = utils.plot_history(history)
+    full, zoom = acc.axes
+    assert dashed_at(full, 99.4) and dashed_at(zoom, 99.4)
+    assert zoom.get_ylim()[0] == 98.5 and zoom.get_ylim()[1] > max(history["test_acc"])
+    assert any(list(line.get_ydata()) == history["test_acc"] for line in zoom.get_lines())
+
+
+def test_confusion_matrix_label_fits_and_colour_bar_counts_are_whole(tmp_path):
+    cm = torch.diag(torch.full((10,), 990))
+    cm[7, 0], cm[1, 9], cm[4, 2] = 4, 3, 1
+    fig = utils.plot_confusion_matrix(cm, path=tmp_path / "cm.png")
+    assert_png(tmp_path / "cm.png")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    matrix, bar = fig.axes
+    label = matrix.yaxis.label.get_window_extent(renderer)
+    assert label.x0 >= 0 and label.x1 <= fig.bbox.width  # not cut off at the left edge
+    ticks = visible_ticks(bar, "y")
+    assert ticks == [0, 1, 2, 3, 4]
+    assert [t.get_text() for t in bar.get_yticklabels() if t.get_text()] == ["0", "1", "2", "3",
+                                                                             "4"]
+
+
+def test_confusion_matrix_with_no_mistakes_still_draws(tmp_path):
+    utils.plot_confusion_matrix(torch.diag(torch.full((10,), 1000)), path=tmp_path / "cm.png")
+    assert_png(tmp_path / "cm.png")

@@ -1,0 +1,230 @@
+"""What each part of the recipe buys: train it with one ingredient changed at a time.
+
+Each run is a plain `python train.py --seed N <the variant's flags> --metrics
+results/ablation/<variant>_seed<N>.json --no-save --quiet`, so any row can be reproduced on its
+own. Runs whose JSON already exists are skipped (delete the file, or pass --force), so an
+interrupted batch continues where it stopped. `--report` rebuilds the table and the figure
+from the JSON files alone; the notebook imports `load_results`, `summarise`, `format_table`
+and `plot_ablation` to show the same.
+
+    python benchmarks/ablation.py --seeds 1 2 3 --jobs 2 --threads 1
+    python benchmarks/ablation.py --report
+    python benchmarks/ablation.py --variants no-dropout --seeds 1 -- --epochs 1  # extra flags
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results" / "ablation"
+FIGURE = ROOT / "images" / "ablation.png"
+TARGET = 99.4  # the assignment's test accuracy
+
+
+@dataclass(frozen=True)
+class Variant:
+    """train.py flags that change one ingredient ({flag: value}, None for a bare switch)."""
+
+    flags: dict[str, str | None]
+    change: str  # what differs from the recipe, for the table
+
+
+VARIANTS: dict[str, Variant] = {
+    "recipe": Variant({}, "nothing: the recipe as is"),
+    "no-batchnorm": Variant({"--no-batch-norm": None}, "no BatchNorm (convs get a bias)"),
+    "no-dropout": Variant({"--dropout-plan": "none"}, "no dropout"),
+    "no-augmentation": Variant({"--augmentation": "none"}, "no crop-resize, no rotation"),
+    "rotation-only": Variant({"--augmentation": "rotate"}, "rotation only (no crop-resize)"),
+    "crop-only": Variant({"--augmentation": "crop"}, "crop-resize only (no rotation)"),
+    "constant-lr": Variant({"--gamma": "1.0"}, "constant learning rate (no StepLR drop)"),
+    "bare-transitions": Variant({"--transitions": "bare"}, "1x1 reductions without BN-ReLU"),
+    "dropout-every": Variant({"--dropout-plan": "every"}, "dropout after every 3x3 block"),
+}
+
+
+def train_flags(variant: str) -> list[str]:
+    """The variant's flags as train.py arguments."""
+    flags: list[str] = []
+    for flag, value in VARIANTS[variant].flags.items():
+        flags += [flag] if value is None else [flag, value]
+    return flags
+
+
+def metrics_path(out: Path, variant: str, seed: int) -> Path:
+    return Path(out) / f"{variant}_seed{seed}.json"
+
+
+def run_one(variant: str, seed: int, args: argparse.Namespace) -> int:
+    """One train.py run in its own process, its log next to its JSON; returns the exit code."""
+    path = metrics_path(args.out, variant, seed)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--seed", str(seed), *train_flags(variant),
+           "--metrics", str(path), "--no-save", "--quiet", *args.train_args]
+    # Several runs share the cores: give each its own threads rather than let them fight.
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    log = path.with_suffix(".log")
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    print(f"{variant} seed {seed}: exit {done.returncode}, log in {log}", flush=True)
+    return done.returncode
+
+
+# ---------------------------------------------------------------------------------------------
+# The report, from the JSON files alone.
+# ---------------------------------------------------------------------------------------------
+def load_results(out: str | os.PathLike = RESULTS) -> dict[str, dict[int, dict[str, Any]]]:
+    """{variant: {seed: train.py's metrics}} for every variant; {} where none has run yet."""
+    results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in VARIANTS}
+    for name in VARIANTS:
+        for path in Path(out).glob(f"{name}_seed*.json"):
+            seed = re.fullmatch(rf"{re.escape(name)}_seed(\d+)\.json", path.name)
+            if seed:
+                results[name][int(seed.group(1))] = json.loads(path.read_text())
+    return results
+
+
+@dataclass(frozen=True)
+class Row:
+    variant: str
+    change: str
+    parameters: int | None
+    seeds: list[int]
+    mean_test: float | None
+    sd_test: float | None  # None with fewer than two seeds
+    mean_best_epoch: float | None  # the epoch of each run's best test accuracy, averaged
+    mean_train: float | None  # final train accuracy: its gap to the test one shows overfitting
+
+
+def summarise(results: dict[str, dict[int, dict[str, Any]]]) -> list[Row]:
+    """One row per variant, in VARIANTS order; a variant with no runs has None in its numbers."""
+    rows = []
+    for name, runs in results.items():
+        change = VARIANTS[name].change if name in VARIANTS else ""
+        if not runs:
+            rows.append(Row(name, change, None, [], None, None, None, None))
+            continue
+        ms = [runs[s] for s in sorted(runs)]
+        finals = [m["final_test_acc"] for m in ms]
+        best = [m["history"]["epoch"][_argmax(m["history"]["test_acc"])] for m in ms]
+        rows.append(Row(name, change, ms[0]["parameters"], sorted(runs),
+                        statistics.mean(finals),
+                        statistics.stdev(finals) if len(finals) > 1 else None,
+                        statistics.mean(best),
+                        statistics.mean(m["history"]["train_acc"][-1] for m in ms)))
+    return rows
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)  # the first best, on a tie
+
+
+def format_table(rows: list[Row]) -> str:
+    """The rows as Markdown, the form the README and the notebook show."""
+    lines = ["| variant | what changes | parameters | seeds | final test acc % (mean) | sd "
+             "| best epoch (mean) | final train acc % (mean) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r.seeds:
+            lines.append(f"| {r.variant} | {r.change} | | 0 | missing | | | |")
+            continue
+        sd = f"{r.sd_test:.3f}" if r.sd_test is not None else "–"
+        lines.append(f"| {r.variant} | {r.change} | {r.parameters:,} | {len(r.seeds)} "
+                     f"| {r.mean_test:.2f} | {sd} | {r.mean_best_epoch:.1f} "
+                     f"| {r.mean_train:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_ablation(results: dict[str, dict[int, dict[str, Any]]],
+                  path: str | os.PathLike | None = None) -> Any:
+    """Final test accuracy per variant, each seed a dot and the mean a bar, against 99.4%."""
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    for y, name in enumerate(names):
+        finals = [m["final_test_acc"] for m in results[name].values()]
+        if finals:
+            ax.plot(finals, [y] * len(finals), "o", color="tab:blue", alpha=0.7)
+            ax.plot([statistics.mean(finals)] * 2, [y - 0.3, y + 0.3], "-", color="black")
+        else:
+            ax.annotate("no results yet", (0.02, y), xycoords=("axes fraction", "data"),
+                        va="center", color="grey")
+    ax.axvline(TARGET, color="tab:red", linestyle="--", label=f"target {TARGET}%")
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()  # the recipe on top
+    ax.set(xlabel="final test accuracy (%), each dot a seed, the bar their mean",
+           title="What each part buys: the recipe with one ingredient changed")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def report(out: str | os.PathLike = RESULTS, figure: str | os.PathLike | None = FIGURE) -> str:
+    """The table as Markdown; the figure is written to `figure` (when given) and closed."""
+    import matplotlib.pyplot as plt
+
+    results = load_results(out)
+    plt.close(plot_ablation(results, figure))
+    return format_table(summarise(results))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per run (default: cores/jobs)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON files")
+    p.add_argument("--figure", type=Path, default=FIGURE, help="where the figure is written")
+    p.add_argument("--force", action="store_true", help="re-run runs that already have results")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: rebuild the table and the figure from --out")
+    p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
+    args = p.parse_args(argv)
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # a script: draw into files, never a window
+    args = parse_args(argv)
+    failed = []
+    if not args.report:
+        args.out.mkdir(parents=True, exist_ok=True)
+        todo = []
+        for variant in args.variants:
+            for seed in args.seeds:
+                if args.force or not metrics_path(args.out, variant, seed).exists():
+                    todo.append((variant, seed))
+                else:
+                    print(f"{variant} seed {seed}: skipped, results exist", flush=True)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            codes = list(pool.map(lambda vs: run_one(*vs, args), todo))
+        failed = [vs for vs, rc in zip(todo, codes, strict=True) if rc != 0]
+    print(report(args.out, args.figure))
+    print(f"figure: {args.figure}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
