@@ -8,28 +8,38 @@ and path is checked before any work starts, an existing checkpoint is never repl
 
 from __future__ import annotations
 
+import signal
 import sys
 
-try:  # Ctrl-C while torch loads (seconds) is the user's choice, not a crash.
-    import argparse
-    import json
-    import math
-    import os
-    import platform
-    import shlex
-    import signal
-    import tempfile
-    from dataclasses import dataclass, field
-    from pathlib import Path
+# Ctrl-C while torch loads (seconds) is the user's choice, not a crash. A KeyboardInterrupt
+# raised inside an import can be swallowed by a library's bare `except`, so meanwhile Ctrl-C
+# only takes note, and the program stops once the imports are done.
+_ctrl_c_while_starting: list[int] = []
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, lambda signum, frame: _ctrl_c_while_starting.append(signum))
 
-    import torch
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-    import mnist_files
-    import utils
-    from model import CHANNELS, DROPOUT_PLANS, count_parameters
-except KeyboardInterrupt:
-    print("\ninterrupted while starting; nothing was trained or saved.", file=sys.stderr)
-    sys.exit(130)
+import torch  # noqa: E402
+
+import mnist_files  # noqa: E402
+import utils  # noqa: E402
+from model import CHANNELS, DROPOUT_PLANS, count_parameters  # noqa: E402
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if _ctrl_c_while_starting:
+    print("\ninterrupted (Ctrl-C) while starting; nothing was trained or saved.",
+          file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
 
 DEFAULT_CHECKPOINT = "checkpoints/last.pt"
 DEFAULT_DATA_DIR = "data"
@@ -299,10 +309,16 @@ def stop_on_signals() -> None:
 
 
 def report_interrupt(err: KeyboardInterrupt, status: Status) -> int:
-    signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
-    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-    print(f"\ninterrupted ({name}) while {status.doing}.", file=sys.stderr)
-    print(status.report("no complete epoch was saved."), file=sys.stderr)
+    """Say what stopped the run and which epoch is on disk; a second Ctrl-C while this checks
+    the file would only turn the report into a traceback, so it is ignored meanwhile."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\ninterrupted ({name}) while {status.doing}.", file=sys.stderr)
+        print(status.report("no complete epoch was saved."), file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 128 + signum
 
 

@@ -49,7 +49,7 @@ def checkpoint(one_epoch, tmp_path) -> Path:
 @pytest.fixture
 def signals_restored():
     """train.main installs SIGTERM/SIGHUP handlers; give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
@@ -145,6 +145,7 @@ def test_interrupted_save_reports_what_is_on_disk(tmp_path, mnist_dir, monkeypat
     args = ["--device", "cpu", "--quiet", "--limit-train", "64", "--limit-test", "64",
             "--batch-size", "64", "--epochs", "3", "--save-model", str(path)]
     assert cli.main(args) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
     stderr = capsys.readouterr().err
     assert f"while saving epoch {cut_at}" in stderr
     if cut_at == 1:
