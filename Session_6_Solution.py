@@ -54,6 +54,7 @@ if importlib.util.find_spec("torchsummary") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "torchsummary"], check=True)
 
 # %%
+import matplotlib.pyplot as plt
 import torch
 from torchsummary import summary
 
@@ -76,6 +77,7 @@ recipe = dict(RECIPE)
 if SMOKE:
     recipe.update(epochs=1, limit_train=2048, limit_test=1000)
 IMAGES = None if SMOKE else "images"  # a smoke run must not overwrite the committed figures
+plt.rcParams["figure.dpi"] = 80  # inline figures only (images/ is saved at 120 dpi): a lighter notebook
 device = get_device()
 print(describe_device(device))
 print(f"torch {torch.__version__} | smoke: {SMOKE}")
