@@ -355,8 +355,10 @@ def git_commit() -> str | None:
 def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict) -> dict:
     import torchvision
 
-    return {"model": {"channels": list(CHANNELS), "dropout_plan": recipe["dropout_plan"],
-                      "augmentation": "pil-exact"},
+    return {"model": {"channels": list(CHANNELS), **utils.net_options(recipe)},
+            # the fast loader's pixels are the original's (PIL's arithmetic); older runs
+            # of this project resampled bilinearly
+            "augmentation_pixels": "pil-exact",
             "commit": git_commit(),
             "parameters": count_parameters(model), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
