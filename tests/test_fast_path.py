@@ -225,6 +225,8 @@ def test_keep_freed_memory_stops_the_page_faults_of_reused_blocks(repo_root):
                              capture_output=True, text=True, check=True)
         return int(out.stdout)
 
-    # Per training step at batch 128: thousands of fresh pages by default, next to none after.
-    assert faults("off") > 2_000
+    # Per training step at batch 128: over a thousand fresh pages by default (1,500 to 4,200
+    # measured with the table's two dropout blocks; the model with five had more), next to
+    # none after.
+    assert faults("off") > 1_000
     assert faults("on") < 500

@@ -28,7 +28,10 @@ def readme_command() -> list[str]:
     section = readme.split("## The notebook", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S)
     assert block, "README's notebook section lacks the command"
-    return shlex.split(block.group(1).replace("\\\n", " "))
+    words = shlex.split(block.group(1).replace("\\\n", " "))
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # environment settings, e.g.
+        words.pop(0)  # OMP_NUM_THREADS=1: they change the run's threads, not its outputs
+    return words
 
 
 def execute(notebook: Path, command: list[str]) -> list[dict]:
