@@ -50,6 +50,11 @@ SCRATCH_PREFIX = ".fetch-"  # torchvision's download folder, beside DATA/MNIST/r
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+def strip_colour(text: str) -> str:
+    """Text without terminal colour codes, which some libraries put in their messages."""
+    return ANSI_ESCAPE.sub("", text)
+
+
 class DataFileError(ValueError):
     """A data file exists but fails its checks; the message names the file and the fix."""
 
@@ -150,7 +155,7 @@ def needs_fetch(data_dir: str | os.PathLike, files: dict[str, tuple[int, str]] =
 def error_reason(err: BaseException) -> str:
     """One line saying why `err` happened, without terminal colour codes. A message whose first
     line ends in ':' (torchvision's 'Error downloading X:') gets its last line, the cause."""
-    text = ANSI_ESCAPE.sub("", str(err))
+    text = strip_colour(str(err))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return type(err).__name__

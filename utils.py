@@ -12,7 +12,6 @@ import functools
 import glob
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from mnist_files import (  # noqa: F401 - ensure_mnist and the errors are re-exp
     MnistUnavailable,
     ensure_mnist,
     load_mnist_tensors,
+    strip_colour,
 )
 from model import DROPOUT_PLANS, TRANSITIONS, Net
 
@@ -895,7 +895,6 @@ def check_checkpoint(checkpoint: Any) -> dict[str, Any]:
     return {**checkpoint, "recipe": recipe}
 
 
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 TORCH_ADVICE = ("weights_only", "Weights only load failed", "Check the documentation")
 
 
@@ -903,7 +902,7 @@ def _load_failure(err: BaseException) -> str:
     """Why torch.load failed, in words for a user. torch's own text leads with advice to load
     with weights_only=False, the one thing a user must not do with a file that is refused,
     so only its reason is kept."""
-    text = ANSI_ESCAPE.sub("", str(err))
+    text = strip_colour(str(err))
     lines = [s.strip() for s in text.splitlines() if s.strip()]
     reasons = [s for s in lines if not any(a in s for a in TORCH_ADVICE)]
     reason = reasons[0][:200] if reasons else type(err).__name__
@@ -930,7 +929,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return check_checkpoint(checkpoint)
     except ValueError as err:
-        raise refuse(ANSI_ESCAPE.sub("", str(err))) from None
+        raise refuse(strip_colour(str(err))) from None
 
 
 # ---------------------------------------------------------------------------------------------
