@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         args.out.mkdir(parents=True, exist_ok=True)
         todo = []
-        for variant in args.variants:
-            for seed in args.seeds:
+        # Seed by seed, so that a batch stopped half-way leaves every variant with some seeds.
+        for seed in args.seeds:
+            for variant in args.variants:
                 if args.force or not metrics_path(args.out, variant, seed).exists():
                     todo.append((variant, seed))
                 else:
