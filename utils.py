@@ -485,7 +485,8 @@ def describe_device(device: torch.device) -> str:
         return f"device: cuda ({torch.cuda.get_device_name(device)})"
     if device.type == "mps":
         return "device: mps (Apple GPU)"
-    line = f"device: cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    line = f"device: cpu ({threads} thread{'' if threads == 1 else 's'})"
     if "google.colab" in sys.modules:
         line += ("\nThis Colab runtime has no GPU, so training runs on its CPU (slowly). For a "
                  "GPU: Runtime > Change runtime type > T4 GPU > Save, then run all cells again.")

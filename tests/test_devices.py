@@ -196,3 +196,10 @@ def test_in_colab_on_a_cpu_the_notebook_says_how_to_get_a_gpu(monkeypatch):
     text = utils.describe_device(CPU)
     assert text.startswith("device: cpu")
     assert "Runtime > Change runtime type > T4 GPU" in text
+
+
+@pytest.mark.parametrize("threads, expected", [(1, "device: cpu (1 thread)"),
+                                               (2, "device: cpu (2 threads)")])
+def test_describe_device_counts_cpu_threads_in_words(monkeypatch, threads, expected):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert utils.describe_device(CPU) == expected
