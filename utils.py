@@ -523,16 +523,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds CUDA and MPS
 
 
+_SWITCHES_BEFORE_DETERMINISM: dict[str, bool] | None = None
+
+
 def use_deterministic(on: bool) -> None:
-    """Process-wide: with `on`, PyTorch picks deterministic kernels (cuDNN's default choice
-    varies from run to run) and full-fp32 convolutions instead of TF32 on Ampere and newer
-    GPUs, at some speed cost. The CPU is deterministic for a given thread count either way."""
+    """With `on`, PyTorch picks deterministic kernels (cuDNN's default choice varies from run to
+    run) and full-fp32 convolutions instead of TF32 on Ampere and newer GPUs, at some speed
+    cost. The CPU is deterministic for a given thread count either way. These switches are
+    process-wide, so a run without `on` leaves them as it found them (a notebook user's own
+    cudnn.benchmark or TF32 choice survives), except that it undoes an earlier `on`."""
+    global _SWITCHES_BEFORE_DETERMINISM
+    cudnn = torch.backends.cudnn
     if on:
+        if _SWITCHES_BEFORE_DETERMINISM is None:
+            _SWITCHES_BEFORE_DETERMINISM = {
+                "algorithms": torch.are_deterministic_algorithms_enabled(),
+                "deterministic": cudnn.deterministic, "benchmark": cudnn.benchmark,
+                "allow_tf32": cudnn.allow_tf32}
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS asks for it
-    torch.use_deterministic_algorithms(on, warn_only=True)
-    torch.backends.cudnn.deterministic = on
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.allow_tf32 = not on
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = True, False, False
+    elif _SWITCHES_BEFORE_DETERMINISM is not None:
+        before, _SWITCHES_BEFORE_DETERMINISM = _SWITCHES_BEFORE_DETERMINISM, None
+        torch.use_deterministic_algorithms(before["algorithms"])
+        cudnn.deterministic, cudnn.benchmark = before["deterministic"], before["benchmark"]
+        cudnn.allow_tf32 = before["allow_tf32"]
 
 
 def compiled(model: nn.Module, device: torch.device) -> nn.Module:

@@ -176,6 +176,23 @@ def test_deterministic_recipe_sets_pytorchs_switches(mnist_dir):
         utils.use_deterministic(False)
 
 
+def test_a_run_without_determinism_leaves_the_users_switches_alone(mnist_dir):
+    cudnn = torch.backends.cudnn
+    saved = cudnn.benchmark, cudnn.allow_tf32
+    try:
+        cudnn.benchmark, cudnn.allow_tf32 = True, False  # a notebook user's own choice
+        utils.Run(TINY, CPU, mnist_dir)
+        assert (cudnn.benchmark, cudnn.allow_tf32) == (True, False)
+        utils.Run({**TINY, "deterministic": True}, CPU, mnist_dir)
+        assert (cudnn.benchmark, cudnn.allow_tf32) == (False, False)
+        utils.Run(TINY, CPU, mnist_dir)  # undoes the deterministic run, back to the user's
+        assert (cudnn.benchmark, cudnn.allow_tf32) == (True, False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        utils.use_deterministic(False)
+        cudnn.benchmark, cudnn.allow_tf32 = saved
+
+
 def test_compile_is_refused_on_mps():
     with pytest.raises(ValueError, match="not supported on MPS"):
         utils.compiled(nn.Linear(2, 2), torch.device("mps"))

@@ -55,3 +55,20 @@ def test_ci_runs_the_readme_test_command(repo_root, readme):
     ci = (repo_root / ".ci" / "run").read_text()
     assert "test-command" in ci  # CI extracts and runs that very block
     assert "pytest" in command
+
+
+def test_readme_seed_table_is_the_reported_one(repo_root, readme):
+    from benchmarks import seeds
+
+    runs = seeds.load_runs(repo_root / "results")
+    assert between(readme, "seeds-table") == seeds.side_by_side(runs, seeds.ordered(runs)), (
+        "paste the table of `python benchmarks/seeds.py --report` into the README")
+
+
+def test_readme_ablation_table_is_the_reported_one(repo_root, readme):
+    from benchmarks import ablation
+
+    table = ablation.format_table(ablation.summarise(ablation.load_results(
+        repo_root / "results" / "ablation")))
+    assert between(readme, "ablation-table") == table, (
+        "paste the table of `python benchmarks/ablation.py --report` into the README")
