@@ -154,7 +154,10 @@ def plot_ablation(results: dict[str, dict[int, dict[str, Any]]],
     for y, name in enumerate(names):
         finals = [m["final_test_acc"] for m in results[name].values()]
         if finals:
-            ax.plot(finals, [y] * len(finals), "o", color="tab:blue", alpha=0.7)
+            # Seeds spread a little up and down, so that equal accuracies stay visible as dots.
+            spread = [0.2 * (i / (len(finals) - 1) - 0.5) if len(finals) > 1 else 0.0
+                      for i in range(len(finals))]
+            ax.plot(finals, [y + d for d in spread], "o", color="tab:blue", alpha=0.7)
             ax.plot([statistics.mean(finals)] * 2, [y - 0.3, y + 0.3], "-", color="black")
         else:
             ax.annotate("no results yet", (0.02, y), xycoords=("axes fraction", "data"),

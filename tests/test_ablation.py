@@ -229,6 +229,9 @@ def test_figure_has_a_dot_per_seed_and_the_target_line(tmp_path):
     dots = sorted(x for line in ax.get_lines() if line.get_marker() == "o"
                   for x in line.get_xdata())
     assert dots == [99.2, 99.4, 99.6]
+    recipe_ys = [y for line in ax.get_lines() if line.get_marker() == "o"
+                 for y in line.get_ydata() if abs(y) < 0.5]  # the recipe's row is y = 0
+    assert len(set(recipe_ys)) == 2  # two seeds, two dots even at equal accuracy
     assert any(line.get_linestyle() == "--" and list(line.get_xdata()) == [99.4, 99.4]
                for line in ax.get_lines())
     assert [t.get_text() for t in ax.get_yticklabels()] == list(ablation.VARIANTS)
