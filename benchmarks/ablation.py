@@ -168,7 +168,7 @@ def plot_ablation(results: dict[str, dict[int, dict[str, Any]]],
     ax.set(xlabel="final test accuracy (%), each dot a seed, the bar their mean",
            title="What each part buys: the recipe with one ingredient changed")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")  # where it covers the fewest dots
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
