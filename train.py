@@ -459,8 +459,8 @@ def train(args: argparse.Namespace, device: torch.device, status: Status, recipe
         except OSError as err:
             return error(f"could not write --metrics {args.metrics}: {err.strerror or err}. "
                          f"{status.report('no checkpoint of this run is on disk.')}")
-    final = run.history["test_acc"][-1]
-    print(f"final test accuracy: {final:.2f}% after {len(run.history['epoch'])} epochs")
+    final, epochs = run.history["test_acc"][-1], len(run.history["epoch"])
+    print(f"final test accuracy: {final:.2f}% after {epochs} epoch{'s' * (epochs != 1)}")
     return 0
 
 

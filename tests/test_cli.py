@@ -49,7 +49,7 @@ def test_dry_run(tmp_path):
     done = train("--dry-run", "--no-save", "--device", "cpu", "--quiet")
     assert done.returncode == 0, done.stderr
     assert "final test accuracy" in done.stdout
-    assert "after 1 epochs" in done.stdout
+    assert done.stdout.rstrip().endswith("after 1 epoch")
     assert_no_traceback(done)
 
 
@@ -245,7 +245,7 @@ def test_sigint_then_resume(tmp_path):
     assert done.returncode == 0, done.stderr
     assert_no_traceback(done)
     assert f"after epoch {epochs} of {epochs + 1}" in done.stdout
-    assert f"after {epochs + 1} epochs" in done.stdout
+    assert done.stdout.rstrip().endswith(f"after {epochs + 1} epochs")
     resumed = utils.load_checkpoint(path)
     assert resumed["history"]["epoch"] == list(range(1, epochs + 2))
     # The finished epochs are kept as they were; the recipe is the interrupted run's.
