@@ -48,6 +48,7 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 # With --resume, these flags change the run from the next epoch on; every other recipe flag
 # must match the checkpoint's recipe (README, "Interrupted? Resume").
 HONOURED_ON_RESUME = ("epochs", "lr", "compile")
+HONOURED_ON_EVALUATE = ("test_batch_size", "limit_test")
 
 
 def positive_int(text: str) -> int:
@@ -238,15 +239,21 @@ def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def flags_that_cannot_apply(args: argparse.Namespace, saved: dict,
+                            honoured: tuple[str, ...]) -> str:
+    """Recipe flags given that differ from a checkpoint's recipe and are not `honoured`: they
+    would be ignored without a word, so the caller refuses them ('' when there are none)."""
+    return "; ".join(f"{flag(k)} {getattr(args, k)} (saved: {saved[k]})" for k in utils.RECIPE
+                     if k not in honoured and getattr(args, k, None) is not None
+                     and getattr(args, k) != saved[k])
+
+
 def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
-    """The checkpoint's recipe, with the flags a resume honours; any other recipe flag that
-    differs from it is refused, as it would otherwise be ignored without a word."""
+    """The checkpoint's recipe, with the flags a resume honours."""
     recipe = dict(checkpoint["recipe"])
-    fixed = [f"{flag(k)} {getattr(args, k)} (saved: {recipe[k]})" for k in utils.RECIPE
-             if k not in HONOURED_ON_RESUME and getattr(args, k, None) is not None
-             and getattr(args, k) != recipe[k]]
+    fixed = flags_that_cannot_apply(args, recipe, HONOURED_ON_RESUME)
     if fixed:
-        raise UsageError(f"--resume continues the saved recipe, so {'; '.join(fixed)} cannot "
+        raise UsageError(f"--resume continues the saved recipe, so {fixed} cannot "
                          f"apply: drop them, or start a new run with --save-model NEW.pt "
                          f"(only --epochs, --lr and --compile may change on resume)")
     done = len(checkpoint["history"]["epoch"])
@@ -259,6 +266,19 @@ def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
     if args.compile:
         recipe["compile"] = True
     return recipe
+
+
+def evaluate_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
+    """The checkpoint's own recipe (its model, its loader), with the test set's size and
+    batch size from the flags."""
+    recipe = dict(checkpoint["recipe"])
+    fixed = flags_that_cannot_apply(args, recipe, HONOURED_ON_EVALUATE)
+    if fixed:
+        raise UsageError(f"--evaluate scores the saved model with its own recipe, so {fixed} "
+                         f"cannot apply: drop them (only --test-batch-size and --limit-test "
+                         f"apply to an evaluation)")
+    return {**recipe, "test_batch_size": args.test_batch_size or utils.RECIPE["test_batch_size"],
+            "limit_test": args.limit_test}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +411,13 @@ def execute(args: argparse.Namespace, device: torch.device, status: Status) -> i
             checkpoint = utils.load_checkpoint(args.resume or args.evaluate)
         except utils.CheckpointError as err:
             return error(str(err))
+    try:
+        if args.evaluate:
+            recipe = evaluate_recipe(args, checkpoint)
+        else:
+            recipe = resume_recipe(args, checkpoint) if checkpoint else recipe_from(args)
+    except UsageError as err:
+        build_parser().error(str(err))
     status.doing = "getting MNIST"
     try:
         mnist_files.ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet)
@@ -398,11 +425,7 @@ def execute(args: argparse.Namespace, device: torch.device, status: Status) -> i
         return error(str(err))
     if args.evaluate:
         status.doing = "evaluating"
-        return evaluate_checkpoint(args, device, checkpoint)
-    try:
-        recipe = resume_recipe(args, checkpoint) if checkpoint else recipe_from(args)
-    except UsageError as err:
-        build_parser().error(str(err))
+        return evaluate_checkpoint(args, device, checkpoint["model"], recipe)
     return train(args, device, status, recipe, checkpoint)
 
 
@@ -486,14 +509,11 @@ def write_metrics(path: str, run: utils.Run, recipe: dict, device: torch.device)
     Path(path).write_text(json.dumps(out, indent=2) + "\n")
 
 
-def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, checkpoint: dict) -> int:
-    """Score the checkpoint's weights with its own recipe, on --limit-test images (default:
-    the whole test set) in batches of --test-batch-size."""
-    recipe = {**checkpoint["recipe"],
-              "test_batch_size": args.test_batch_size or utils.RECIPE["test_batch_size"],
-              "limit_test": args.limit_test}
+def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, weights: dict,
+                        recipe: dict) -> int:
+    """Score saved weights on --limit-test images (default: the whole test set)."""
     model = utils.build_model(recipe, device)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(weights)
     _, test_loader = utils.make_loaders(recipe, args.data_dir, device)
     loss, acc = utils.evaluate(model, test_loader, device)
     print(f"{args.evaluate}: test loss {loss:.4f}, accuracy {acc:.2f}% "

@@ -158,6 +158,15 @@ def test_evaluate_checkpoint(tiny_run):
     assert found.group(1) == f"{metrics['history']['test_acc'][-1]:.2f}"
 
 
+def test_evaluate_refuses_model_flags_it_would_ignore(tiny_run):
+    done = train("--evaluate", str(tiny_run["checkpoint"]), "--no-batch-norm",
+                 "--dropout-plan", "every", "--device", "cpu", "--quiet")
+    assert done.returncode == 2
+    assert "--dropout-plan every (saved: table); --batch-norm False (saved: True)" in done.stderr
+    assert "accuracy" not in done.stdout
+    assert_no_traceback(done)
+
+
 def test_evaluate_refuses_random_bytes(tmp_path):
     path = tmp_path / "garbage.pt"
     path.write_bytes(os.urandom(2048))
