@@ -92,7 +92,7 @@ print("recipe:", recipe)
 
 # %%
 ensure_mnist("data")
-samples = device_loader("data", train=True, batch_size=32, device=device, seed=0)
+samples = device_loader("data", train=True, batch_size=24, device=device, seed=0)
 x, y = augmented_samples(samples)
 sample_path = f"{IMAGES}/samples.png" if IMAGES else None
 fig = image_grid(x, [f"label {int(v)}" for v in y], path=sample_path,

@@ -73,6 +73,22 @@ def test_save_analysis_writes_misclassified_grid_and_confusion_matrix(tmp_path, 
     assert len(out["per_class_accuracy"]) == 10
 
 
+def test_misclassified_grid_shows_the_24_most_confident_mistakes_first():
+    labels = torch.arange(100) % 10
+    preds = labels.clone()
+    preds[:30] = (labels[:30] + 1) % 10  # 30 mistakes, more than the grid shows
+    shuffle = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    conf = torch.linspace(0.2, 0.99, 100)[shuffle]
+    fig = utils.plot_misclassified(torch.rand(100, 1, 28, 28), labels, preds, conf)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 24
+    percents = [int(ax.get_title().rsplit("\n", 1)[1].rstrip("%")) for ax in shown]
+    assert percents == sorted(percents, reverse=True)
+    assert percents[0] == round(100 * float(conf[:30].max()))
+    assert all(ax.get_title().startswith("true ") and "pred" in ax.get_title() for ax in shown)
+    assert fig._suptitle.get_text().startswith("30 of 100 test digits misclassified")
+
+
 def test_image_grid_of_augmented_samples(tmp_path, mnist_dir):
     loader = utils.device_loader(mnist_dir, train=True, batch_size=16, device="cpu", limit=64)
     x, y = utils.augmented_samples(loader, n=16)
