@@ -64,3 +64,34 @@ def test_readme_command_keeps_one_finished_bar_and_the_summary_line(bars_noteboo
     bar = "".join(o.text for o in outputs if o.name == "stderr")
     assert bar.count("epoch  1 train") == 1 and "40/40" in bar
     assert [o.text for o in outputs if o.name == "stdout"] == ["epoch  1: done\n"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed notebook, as a reader on GitHub sees it.
+# ---------------------------------------------------------------------------------------------
+NOTEBOOK = ROOT / "Session_6_Solution.ipynb"
+MAX_BYTES = 300_000  # GitHub renders it quickly, and a clone stays light
+
+
+def cell_running(nb: nbformat.NotebookNode, code: str) -> nbformat.NotebookNode:
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and code in c.source]
+    return cell
+
+
+def test_committed_notebook_is_executed_light_and_shows_every_result():
+    assert NOTEBOOK.stat().st_size < MAX_BYTES
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+
+    training = cell_running(nb, "run.fit()")
+    text = "".join(o.get("text", "") for o in training.outputs)
+    epochs = re.findall(r"epoch +(\d+): train loss", text)
+    assert epochs == [str(e) for e in range(1, 21)]  # a full run, not a smoke one
+    assert len(training.outputs) <= 2 * len(epochs) + 1  # a bar and a line per epoch
+
+    ablation = cell_running(nb, "load_results(")
+    shown = "".join(o.get("data", {}).get("text/markdown", "") for o in ablation.outputs)
+    assert "| recipe |" in shown and "| no-batchnorm |" in shown
+    assert any("image/png" in o.get("data", {}) for o in ablation.outputs)
