@@ -239,23 +239,23 @@ def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def flags_that_cannot_apply(args: argparse.Namespace, saved: dict,
-                            honoured: tuple[str, ...]) -> str:
-    """Recipe flags given that differ from a checkpoint's recipe and are not `honoured`: they
-    would be ignored without a word, so the caller refuses them ('' when there are none)."""
-    return "; ".join(f"{flag(k)} {getattr(args, k)} (saved: {saved[k]})" for k in utils.RECIPE
-                     if k not in honoured and getattr(args, k, None) is not None
-                     and getattr(args, k) != saved[k])
+def refuse_ignored_flags(args: argparse.Namespace, saved: dict, honoured: tuple[str, ...],
+                         mode: str, remedy: str) -> None:
+    """Recipe flags given that differ from a checkpoint's recipe and are not `honoured` would
+    be ignored without a word: refuse them, saying what `mode` does and what to do instead."""
+    ignored = "; ".join(f"{flag(k)} {getattr(args, k)} (saved: {saved[k]})" for k in utils.RECIPE
+                        if k not in honoured and getattr(args, k, None) is not None
+                        and getattr(args, k) != saved[k])
+    if ignored:
+        raise UsageError(f"{mode}, so {ignored} cannot apply: {remedy}")
 
 
 def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
     """The checkpoint's recipe, with the flags a resume honours."""
     recipe = dict(checkpoint["recipe"])
-    fixed = flags_that_cannot_apply(args, recipe, HONOURED_ON_RESUME)
-    if fixed:
-        raise UsageError(f"--resume continues the saved recipe, so {fixed} cannot "
-                         f"apply: drop them, or start a new run with --save-model NEW.pt "
-                         f"(only --epochs, --lr and --compile may change on resume)")
+    refuse_ignored_flags(args, recipe, HONOURED_ON_RESUME, "--resume continues the saved recipe",
+                         "drop them, or start a new run with --save-model NEW.pt "
+                         "(only --epochs, --lr and --compile may change on resume)")
     done = len(checkpoint["history"]["epoch"])
     if args.epochs is not None:
         recipe["epochs"] = args.epochs
@@ -272,11 +272,10 @@ def evaluate_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
     """The checkpoint's own recipe (its model, its loader), with the test set's size and
     batch size from the flags."""
     recipe = dict(checkpoint["recipe"])
-    fixed = flags_that_cannot_apply(args, recipe, HONOURED_ON_EVALUATE)
-    if fixed:
-        raise UsageError(f"--evaluate scores the saved model with its own recipe, so {fixed} "
-                         f"cannot apply: drop them (only --test-batch-size and --limit-test "
-                         f"apply to an evaluation)")
+    refuse_ignored_flags(args, recipe, HONOURED_ON_EVALUATE,
+                         "--evaluate scores the saved model with its own recipe",
+                         "drop them (only --test-batch-size and --limit-test apply to an "
+                         "evaluation)")
     return {**recipe, "test_batch_size": args.test_batch_size or utils.RECIPE["test_batch_size"],
             "limit_test": args.limit_test}
 
