@@ -48,6 +48,7 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 # With --resume, these flags change the run from the next epoch on; every other recipe flag
 # must match the checkpoint's recipe (README, "Interrupted? Resume").
 HONOURED_ON_RESUME = ("epochs", "lr", "compile")
+# With --evaluate, the checkpoint's recipe builds the model; only these flags apply.
 HONOURED_ON_EVALUATE = ("test_batch_size", "limit_test")
 
 
@@ -482,7 +483,7 @@ def train(args: argparse.Namespace, device: torch.device, status: Status, recipe
             return error(f"could not write --metrics {args.metrics}: {err.strerror or err}. "
                          f"{status.report('no checkpoint of this run is on disk.')}")
     final, epochs = run.history["test_acc"][-1], len(run.history["epoch"])
-    print(f"final test accuracy: {final:.2f}% after {epochs} epoch{'s' * (epochs != 1)}")
+    print(f"final test accuracy: {final:.2f}% after {epochs} epoch{'' if epochs == 1 else 's'}")
     return 0
 
 
