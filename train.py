@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import mnist_files  # noqa: E402
 import utils  # noqa: E402
-from model import CHANNELS, DROPOUT_PLANS, TRANSITIONS, count_parameters  # noqa: E402
+from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, count_parameters  # noqa: E402
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -81,6 +81,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def width_float(text: str) -> float:
+    value = positive_float(text)
+    if value > MAX_WIDTH:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WIDTH:g}, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Recipe flags default to None, so a flag the user gave can be told from a default (a
     resume honours or refuses it); recipe_from fills in utils.RECIPE."""
@@ -114,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transitions", choices=list(TRANSITIONS),
                    help="the two 1x1 reductions: bn-relu = Conv-BN-ReLU, as the table; "
                         f"bare = a plain 1x1 conv (ablation) (default: {r['transitions']})")
+    p.add_argument("--head", choices=list(HEADS),
+                   help="conv = the table's 3x3 conv6 from 3x3 to 1x1; gap = global average "
+                        f"pooling, then a 1x1 conv to 10 classes (default: {r['head']})")
+    p.add_argument("--width", type=width_float,
+                   help="multiply every channel count by this, rounded to the nearest integer "
+                        f"(the width sweep; default: {r['width']:g})")
     p.add_argument("--augmentation", choices=list(utils.AUGMENTATIONS),
                    help="both = the original's 10%% crop-resize and ±15° rotation; rotate or "
                         f"crop = only one of them; none (ablation) (default: {r['augmentation']})")
@@ -375,7 +388,7 @@ def git_commit() -> str | None:
 def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict) -> dict:
     import torchvision
 
-    return {"model": {"channels": list(CHANNELS), **utils.net_options(recipe)},
+    return {"model": {"channels": list(model.channels), **utils.net_options(recipe)},
             # the fast loader's pixels are the original's (PIL's arithmetic); older runs
             # of this project resampled bilinearly
             "augmentation_pixels": "pil-exact",

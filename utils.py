@@ -32,7 +32,7 @@ from mnist_files import (  # noqa: F401 - ensure_mnist and the errors are re-exp
     load_mnist_tensors,
     strip_colour,
 )
-from model import DROPOUT_PLANS, TRANSITIONS, Net
+from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, Net
 
 # ---------------------------------------------------------------------------------------------
 # The recipe: every hyperparameter of the original S6 run, in one place.
@@ -50,6 +50,8 @@ RECIPE: dict[str, Any] = {
     "dropout_plan": "table",
     "batch_norm": True,  # False: no BatchNorm anywhere (the ablation; convs get a bias)
     "transitions": "bn-relu",  # the 1x1 reductions as Conv-BN-ReLU, or "bare" (ablation)
+    "head": "conv",  # the table's 3x3 conv6, or "gap": global average pool + 1x1 conv
+    "width": 1.0,  # every channel count times this (model.scaled_channels; the width sweep)
     "augmentation": "both",  # crop-resize and rotation; "rotate", "crop" or "none" (ablation)
     "compile": False,
     "deterministic": False,  # ask PyTorch for deterministic kernels (see use_deterministic)
@@ -585,7 +587,8 @@ def fast_path(recipe: dict[str, Any], device: torch.device) -> FastPath:
 
 def net_options(recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe's choices of architecture, as Net's keyword arguments."""
-    return {key: recipe[key] for key in ("dropout_plan", "batch_norm", "transitions")}
+    return {key: recipe[key] for key in ("dropout_plan", "batch_norm", "transitions", "head",
+                                         "width")}
 
 
 def build_model(recipe: dict[str, Any], device: torch.device) -> Net:
@@ -777,6 +780,9 @@ RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_norm": (lambda v: isinstance(v, bool), "true or false"),
     "transitions": (lambda v: isinstance(v, str) and v in TRANSITIONS,
                     f"one of {', '.join(TRANSITIONS)}"),
+    "head": (lambda v: isinstance(v, str) and v in HEADS, f"one of {', '.join(HEADS)}"),
+    "width": (lambda v: _positive_real(v) and v <= MAX_WIDTH,
+              f"a number > 0 and <= {MAX_WIDTH:g}"),
     "augmentation": (lambda v: isinstance(v, str) and v in AUGMENTATIONS,
                      f"one of {', '.join(AUGMENTATIONS)}"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),

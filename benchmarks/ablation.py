@@ -50,6 +50,12 @@ VARIANTS: dict[str, Variant] = {
     "constant-lr": Variant({"--gamma": "1.0"}, "constant learning rate (no StepLR drop)"),
     "bare-transitions": Variant({"--transitions": "bare"}, "1x1 reductions without BN-ReLU"),
     "dropout-every": Variant({"--dropout-plan": "every"}, "dropout after every 3x3 block"),
+    "gap-head": Variant({"--head": "gap"}, "global average pooling + 1x1 conv for conv6"),
+    # The width sweep: the table's channels scaled (model.scaled_channels) to about 3/4, 1/2
+    # and 1/3 of its parameters.
+    "width-0.85": Variant({"--width": "0.85"}, "every channel count x 0.85"),
+    "width-0.7": Variant({"--width": "0.7"}, "every channel count x 0.7"),
+    "width-0.55": Variant({"--width": "0.55"}, "every channel count x 0.55"),
 }
 
 

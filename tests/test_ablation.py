@@ -163,6 +163,10 @@ CHANGES = {
     "constant-lr": {"gamma": 1.0},
     "bare-transitions": {"transitions": "bare"},
     "dropout-every": {"dropout_plan": "every"},
+    "gap-head": {"head": "gap"},
+    "width-0.85": {"width": 0.85},
+    "width-0.7": {"width": 0.7},
+    "width-0.55": {"width": 0.55},
 }
 
 
@@ -284,6 +288,6 @@ def test_script_runs_a_variant_skips_it_when_done_and_reports(tmp_path, mnist_di
 def test_readme_lists_each_variant_with_the_flags_that_reproduce_it():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## What each part buys", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| ([a-z-]+) \| [^|]+ \|\s*`?([^|`]*?)`?\s*\|$", section, re.M)
+    rows = re.findall(r"^\| ([a-z0-9.-]+) \| [^|]+ \|\s*`?([^|`]*?)`?\s*\|$", section, re.M)
     rows = [row for row in rows if row[0] != "variant"]  # the header
     assert dict(rows) == {name: " ".join(ablation.train_flags(name)) for name in ablation.VARIANTS}
