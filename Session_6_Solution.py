@@ -58,6 +58,7 @@ import matplotlib.pyplot as plt
 import torch
 from torchsummary import summary
 
+from mnist_files import ensure_mnist
 from model import Net, count_parameters, format_layer_table, layer_table
 from utils import (
     RECIPE,
@@ -65,7 +66,6 @@ from utils import (
     augmented_samples,
     describe_device,
     device_loader,
-    ensure_mnist,
     get_device,
     image_grid,
     plot_history,

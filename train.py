@@ -1,9 +1,16 @@
-"""Train the S6 MNIST model from the command line: `python train.py` runs the original recipe.
+"""Train the S6 MNIST model from a terminal: the notebook's recipe, without the notebook.
 
-Flags follow pytorch/examples' mnist/main.py. A checkpoint is written after every epoch, so an
-interrupted run continues with `--resume`; `--evaluate` scores a saved checkpoint. Every flag
-and path is checked before any work starts, an existing checkpoint is never replaced without
-`--force`, and every message about what was saved is checked against the file on disk.
+    python train.py                                  # the original recipe: 20 epochs, seed 1
+    python train.py --resume checkpoints/last.pt     # continue an interrupted run
+    python train.py --evaluate checkpoints/last.pt   # score a saved model on the test set
+    python train.py --head gap --width 0.7           # a variant (README, "What each part buys")
+    python train.py --help                           # every flag
+
+Flags follow pytorch/examples' mnist/main.py. A checkpoint is written after every epoch. Every
+flag and path is checked before any work starts, an existing checkpoint is never replaced
+without `--force`, and every message about what was saved is checked against the file on disk.
+Read top to bottom: the flags, `main`, the checks of flags and paths, resume and evaluate, what
+is on disk when a run stops, and the run itself.
 """
 
 from __future__ import annotations
@@ -12,27 +19,29 @@ import signal
 import sys
 
 # Ctrl-C while torch loads (seconds) is the user's choice, not a crash. A KeyboardInterrupt
-# raised inside an import can be swallowed by a library's bare `except`, so meanwhile Ctrl-C
-# only takes note, and the program stops once the imports are done.
+# raised inside an import can be swallowed by a library's bare `except`, so until the imports
+# are done Ctrl-C only takes note (main() then stops).
 _ctrl_c_while_starting: list[int] = []
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, lambda signum, frame: _ctrl_c_while_starting.append(signum))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import tempfile  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-import mnist_files  # noqa: E402
-import utils  # noqa: E402
-from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, count_parameters  # noqa: E402
+import checkpoints
+import mnist_files
+import utils
+from augment import AUGMENTATIONS
+from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, count_parameters
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -109,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader", choices=["fast", "torchvision"],
                    help="fast: data kept and augmented on the device, and the model run with "
                         "fused ReLU-dropout (plus, on the CPU, channels-last memory and "
-                        "keep_freed_memory); see utils.fast_path. torchvision: the original "
+                        "keep_freed_memory); see devices.fast_path. torchvision: the original "
                         f"per-sample pipeline and model (default: {r['loader']})")
     p.add_argument("--dropout-plan", choices=list(DROPOUT_PLANS),
                    help="blocks followed by dropout: table = conv1 and conv2, as the original's "
@@ -127,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=width_float,
                    help="multiply every channel count by this, rounded to the nearest integer "
                         f"(the width sweep; default: {r['width']:g})")
-    p.add_argument("--augmentation", choices=list(utils.AUGMENTATIONS),
+    p.add_argument("--augmentation", choices=list(AUGMENTATIONS),
                    help="both = the original's 10%% crop-resize and ±15° rotation; rotate or "
                         f"crop = only one of them; none (ablation) (default: {r['augmentation']})")
     p.add_argument("--compile", action="store_true", default=None,
@@ -159,6 +168,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="PATH", help="write the run's history and facts as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    stop_on_signals()
+    status = Status()
+    try:
+        args, device = parse_args(argv)
+        status.data_dir = args.data_dir
+        return execute(args, device, status)
+    except KeyboardInterrupt as err:
+        return report_interrupt(err, status)
+
+
+def execute(args: argparse.Namespace, device: torch.device, status: Status) -> int:
+    checkpoint = None
+    if args.resume or args.evaluate:
+        status.doing = "reading the checkpoint"
+        try:
+            checkpoint = checkpoints.load_checkpoint(args.resume or args.evaluate)
+        except checkpoints.CheckpointError as err:
+            return error(str(err))
+    try:
+        if args.evaluate:
+            recipe = evaluation_recipe(args, checkpoint)
+        else:
+            recipe = resume_recipe(args, checkpoint) if checkpoint else recipe_from(args)
+    except UsageError as err:
+        build_parser().error(str(err))
+    status.doing = "getting MNIST"
+    try:
+        mnist_files.ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet)
+    except (mnist_files.DataFileError, mnist_files.MnistUnavailable) as err:
+        return error(str(err))
+    if args.evaluate:
+        status.doing = "evaluating"
+        return score_checkpoint(args, device, checkpoint["model"], recipe)
+    return run_training(args, device, status, recipe, checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +333,7 @@ def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
     return recipe
 
 
-def evaluate_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
+def evaluation_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
     """The checkpoint's own recipe (its model, its loader), with the test set's size and
     batch size from the flags."""
     recipe = dict(checkpoint["recipe"])
@@ -323,8 +374,8 @@ class Status:
         best = None
         for path, epochs in self.candidates.items():
             try:
-                n = len(utils.load_checkpoint(path)["history"]["epoch"])
-            except utils.CheckpointError:
+                n = len(checkpoints.load_checkpoint(path)["history"]["epoch"])
+            except checkpoints.CheckpointError:
                 continue
             if n in epochs and (best is None or n > best[1]):
                 best = (path, n)
@@ -400,48 +451,6 @@ def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict) -> dic
             "torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
-def error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    stop_on_signals()
-    status = Status()
-    try:
-        args, device = parse_args(argv)
-        status.data_dir = args.data_dir
-        return execute(args, device, status)
-    except KeyboardInterrupt as err:
-        return report_interrupt(err, status)
-
-
-def execute(args: argparse.Namespace, device: torch.device, status: Status) -> int:
-    checkpoint = None
-    if args.resume or args.evaluate:
-        status.doing = "reading the checkpoint"
-        try:
-            checkpoint = utils.load_checkpoint(args.resume or args.evaluate)
-        except utils.CheckpointError as err:
-            return error(str(err))
-    try:
-        if args.evaluate:
-            recipe = evaluate_recipe(args, checkpoint)
-        else:
-            recipe = resume_recipe(args, checkpoint) if checkpoint else recipe_from(args)
-    except UsageError as err:
-        build_parser().error(str(err))
-    status.doing = "getting MNIST"
-    try:
-        mnist_files.ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet)
-    except (mnist_files.DataFileError, mnist_files.MnistUnavailable) as err:
-        return error(str(err))
-    if args.evaluate:
-        status.doing = "evaluating"
-        return evaluate_checkpoint(args, device, checkpoint["model"], recipe)
-    return train(args, device, status, recipe, checkpoint)
-
-
 def start_run(args: argparse.Namespace, device: torch.device, status: Status, recipe: dict,
               checkpoint: dict | None) -> utils.Run:
     """The Run, restored from the checkpoint and with a new --lr when resuming."""
@@ -450,12 +459,12 @@ def start_run(args: argparse.Namespace, device: torch.device, status: Status, re
                       limit_test=recipe["test_batch_size"])
         print("dry run: one batch each way; no checkpoint is written")
     if args.save_model:
-        for leftover in utils.remove_partial_saves(args.save_model):
+        for leftover in checkpoints.remove_partial_saves(args.save_model):
             print(f"removed {leftover}, left by a save that was killed")
     status.doing = "loading the data"
     run = utils.Run(recipe, device, args.data_dir)
     if checkpoint is not None:
-        run.restore(checkpoint)
+        checkpoints.restore_run(run, checkpoint)
         done = len(run.history["epoch"])
         status.expect(args.resume, done)
         print(f"resuming {args.resume} after epoch {done} of {recipe['epochs']}")
@@ -467,7 +476,7 @@ def start_run(args: argparse.Namespace, device: torch.device, status: Status, re
     return run
 
 
-def train(args: argparse.Namespace, device: torch.device, status: Status, recipe: dict,
+def run_training(args: argparse.Namespace, device: torch.device, status: Status, recipe: dict,
           checkpoint: dict | None) -> int:
     run = start_run(args, device, status, recipe, checkpoint)
     print(f"device: {device} | loader: {recipe['loader']} | "
@@ -477,7 +486,7 @@ def train(args: argparse.Namespace, device: torch.device, status: Status, recipe
         status.doing = f"saving epoch {len(history['epoch'])}"
         if args.save_model:
             status.expect(args.save_model, len(history["epoch"]))
-            run.save(args.save_model)
+            checkpoints.save_run(run, args.save_model)
         status.doing = f"training epoch {len(history['epoch']) + 1}"
 
     status.doing = f"training epoch {len(run.history['epoch']) + 1}"
@@ -522,7 +531,7 @@ def write_metrics(path: str, run: utils.Run, recipe: dict, device: torch.device)
     Path(path).write_text(json.dumps(out, indent=2) + "\n")
 
 
-def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, weights: dict,
+def score_checkpoint(args: argparse.Namespace, device: torch.device, weights: dict,
                         recipe: dict) -> int:
     """Score saved weights on --limit-test images (default: the whole test set)."""
     model = utils.build_model(recipe, device)
@@ -530,7 +539,7 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, weights:
     _, test_loader = utils.make_loaders(recipe, args.data_dir, device)
     loss, acc = utils.evaluate(model, test_loader, device)
     print(f"{args.evaluate}: test loss {loss:.4f}, accuracy {acc:.2f}% "
-          f"on {utils.dataset_size(test_loader):,} images")
+          f"on {len(test_loader.dataset):,} images")
     return 0
 
 

@@ -1,79 +1,77 @@
-"""Loaders, training loops, runs with their checkpoints, and plots for the S6 MNIST model.
+"""The learner's toolkit for the S6 MNIST model: recipe, loaders, loops, a run, and plots.
 
 The notebook and train.py share everything here, so both run exactly the same recipe. Read top
 to bottom: the recipe, the two loaders (the original torchvision pipeline and the fast one that
-reproduces its pixels on whole batches), the train/test loops, a Run with its checkpoints, and
-the plots. Getting MNIST onto the disk is mnist_files.py's business.
+reproduces its pixels on whole batches), the train/test loops, a Run that builds and fits,
+device choice, and the plots. The rest lives in a module of its own: the model in model.py,
+the MNIST files in mnist_files.py, the whole-batch augmentation in augment.py, what differs
+from device to device in devices.py, and checkpoints in checkpoints.py.
 """
 
 from __future__ import annotations
 
-import functools
-import glob
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from mnist_files import (  # noqa: F401 - ensure_mnist and the errors are re-exported for users
-    DataFileError,
-    MnistUnavailable,
-    ensure_mnist,
-    load_mnist_tensors,
-    strip_colour,
+from augment import (
+    CROP_P,
+    CROP_SIZE,
+    MAX_ANGLE,
+    augment_batch,
+    augmentation_parts,
+    sample_augment_params,
 )
-from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, Net
+from devices import FastPath, compiled, fast_path, prepare, to_device
+from mnist_files import load_mnist_tensors
+from model import Net
 
 # ---------------------------------------------------------------------------------------------
-# The recipe: every hyperparameter of the original S6 run, in one place.
+# The recipe: every setting of a run, in one place. The defaults are the original S6 run's;
+# every key is a train.py flag, and a checkpoint and a metrics file carry all of them.
 # ---------------------------------------------------------------------------------------------
 RECIPE: dict[str, Any] = {
-    "epochs": 20,
-    "batch_size": 128,
-    "test_batch_size": 1000,
-    "lr": 0.01,
-    "momentum": 0.9,
-    "step_size": 15,
-    "gamma": 0.1,
-    "seed": 1,
-    "loader": "fast",
-    "dropout_plan": "table",
+    "epochs": 20,  # passes over the 60,000 training images
+    "batch_size": 128,  # training images per SGD step
+    "test_batch_size": 1000,  # test images per forward pass (evaluation only)
+    "lr": 0.01,  # SGD's learning rate
+    "momentum": 0.9,  # SGD's momentum
+    "step_size": 15,  # StepLR: the learning rate drops after this many epochs...
+    "gamma": 0.1,  # ...multiplied by this
+    "seed": 1,  # fixes the weights, the shuffling, the augmentation and the dropout masks
+    "loader": "fast",  # "fast": whole batches on the device; "torchvision": the original's
+    "dropout_plan": "table",  # blocks followed by dropout (model.DROPOUT_PLANS)
     "batch_norm": True,  # False: no BatchNorm anywhere (the ablation; convs get a bias)
     "transitions": "bn-relu",  # the 1x1 reductions as Conv-BN-ReLU, or "bare" (ablation)
     "head": "conv",  # the table's 3x3 conv6, or "gap": global average pool + 1x1 conv
     "width": 1.0,  # every channel count times this (model.scaled_channels; the width sweep)
     "augmentation": "both",  # crop-resize and rotation; "rotate", "crop" or "none" (ablation)
-    "compile": False,
-    "deterministic": False,  # ask PyTorch for deterministic kernels (see use_deterministic)
+    "compile": False,  # train through torch.compile (devices.compiled)
+    "deterministic": False,  # ask PyTorch for deterministic kernels (devices.use_deterministic)
     "limit_train": None,  # use only the first N training images (None: all 60,000)
     "limit_test": None,  # and the first N test images (None: all 10,000)
 }
-MEAN, STD = 0.1307, 0.3081
-CROP_SIZE, CROP_P, MAX_ANGLE = 22, 0.1, 15.0
-# Which of the original's two augmentations a recipe applies, as (crop-resize, rotation).
-AUGMENTATIONS: dict[str, tuple[bool, bool]] = {
-    "both": (True, True),
-    "rotate": (False, True),
-    "crop": (True, False),
-    "none": (False, False),
-}
+MEAN, STD = 0.1307, 0.3081  # of MNIST's training pixels: inputs are normalised with these
 
 
-def augmentation_parts(name: str) -> tuple[bool, bool]:
-    """(crop, rotate) of an AUGMENTATIONS name; an unknown name is refused, not ignored."""
-    if name not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {name!r}: use one of {', '.join(AUGMENTATIONS)}")
-    return AUGMENTATIONS[name]
+def full_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """RECIPE with `recipe`'s values; a key RECIPE does not know is a mistake, not a setting."""
+    unknown = sorted(set(recipe) - set(RECIPE))
+    if unknown:
+        raise ValueError(f"unknown recipe keys: {', '.join(unknown)} "
+                         f"(known: {', '.join(RECIPE)})")
+    return {**RECIPE, **recipe}
+
 
 # ---------------------------------------------------------------------------------------------
 # Loaders: the original per-sample torchvision pipeline, and a fast whole-batch one.
@@ -93,6 +91,7 @@ def train_transforms(augmentation: str = "both") -> Any:
 
 
 def test_transforms() -> Any:
+    """The original's test pipeline: no augmentation."""
     from torchvision import transforms as T
 
     return T.Compose([T.ToTensor(), T.Normalize((MEAN,), (STD,))])
@@ -131,125 +130,6 @@ def torchvision_loaders(
     return train, test
 
 
-def sample_augment_params(
-    n: int, generator: torch.Generator, device: torch.device | str = "cpu",
-    crop_p: float = CROP_P, max_angle: float = MAX_ANGLE,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image rotation angles (degrees, uniform in ±max_angle) and crop flags (p = crop_p)."""
-    draws = torch.rand(2, n, generator=generator, device=device)
-    angles = (draws[0] * 2 - 1) * max_angle
-    crop = draws[1] < crop_p
-    return angles, crop
-
-
-def augment_batch(images: torch.Tensor, angles: torch.Tensor, crop: torch.Tensor,
-                  crop_size: int = CROP_SIZE) -> torch.Tensor:
-    """The original's augmentation of a whole batch, on the batch's device, without a host sync.
-
-    `images` is (N, 1, H, W) uint8. As torchvision does to one PIL image at a time: the images
-    flagged in `crop` are centre-cropped to `crop_size` and resized back bilinearly (PIL's
-    arithmetic, `pil_resize`); then every image is rotated by its angle (degrees,
-    counter-clockwise) with nearest-neighbour sampling about PIL's centre, outside filled with
-    0 (`rotate_nearest`). The crop-resize is computed for every image and kept where flagged:
-    cheaper on a GPU than gathering the 10% that need it, which would read their count back.
-    """
-    h, w = images.shape[-2:]
-    top, left = round((h - crop_size) / 2), round((w - crop_size) / 2)  # as TF.center_crop
-    zoomed = pil_resize(images[..., top:top + crop_size, left:left + crop_size], (h, w))
-    images = torch.where(crop.view(-1, 1, 1, 1), zoomed, images)
-    return rotate_nearest(images, angles)
-
-
-# PIL's fixed-point resampling: coefficients carry 22 fractional bits for 8-bit images
-# (PRECISION_BITS in libImaging/Resample.c), and each pass rounds its result to a byte.
-PIL_PRECISION_BITS = 22
-
-
-@functools.lru_cache(maxsize=8)
-def pil_bilinear_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index, weight), each (taps, out_size): PIL's bilinear filter as integer coefficients.
-
-    A transcription of precompute_coeffs and normalize_coeffs_8bpc in Pillow's Resample.c,
-    so that the fast path's zoomed digits are byte for byte those of Image.resize.
-    """
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = filterscale  # the bilinear filter's support is 1
-    rows = []
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)
-        xmax = min(int(center + support + 0.5), in_size)
-        weights = [max(0.0, 1.0 - abs((x - center + 0.5) / filterscale))
-                   for x in range(xmin, xmax)]
-        total = sum(weights)
-        rows.append([(x, math.floor(0.5 + wt / total * (1 << PIL_PRECISION_BITS)))
-                     for x, wt in zip(range(xmin, xmax), weights, strict=True)])
-    taps = max(len(r) for r in rows)
-    rows = [r + [(0, 0)] * (taps - len(r)) for r in rows]  # pad with zero-weight taps
-    index = torch.tensor([[x for x, _ in r] for r in rows]).T.contiguous()
-    weight = torch.tensor([[k for _, k in r] for r in rows], dtype=torch.int32).T.contiguous()
-    return index, weight
-
-
-def _pil_pass(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Resample the last dim of int32 x with PIL's taps; round and clamp to a byte as PIL."""
-    acc = torch.full((*x.shape[:-1], index.shape[1]), 1 << (PIL_PRECISION_BITS - 1),
-                     dtype=torch.int32, device=x.device)
-    for i, k in zip(index.to(x.device), weight.to(x.device), strict=True):
-        acc += x.index_select(-1, i) * k  # at most 255 * 2^22 in all: fits in int32
-    return (acc >> PIL_PRECISION_BITS).clamp_(0, 255)
-
-
-def pil_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """PIL's bilinear Image.resize of uint8 (..., H, W) images: width first, then height."""
-    h, w = images.shape[-2:]
-    x = images.to(torch.int32)
-    x = _pil_pass(x, *pil_bilinear_taps(w, size[1]))
-    x = _pil_pass(x.transpose(-1, -2), *pil_bilinear_taps(h, size[0])).transpose(-1, -2)
-    return x.to(torch.uint8)
-
-
-def rotate_nearest(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """PIL's Image.rotate(angle, NEAREST, fillcolor=0) of each (C, H, W) image, as one gather.
-
-    PIL rotates by -angle about (W/2, H/2): each output pixel centre is mapped back into the
-    input with an affine matrix held in 16.16 fixed point (affine_fixed in Pillow's
-    Geometry.c), and takes the pixel whose square holds that point, or 0 outside the image.
-    The same integers here give the same pixels.
-    """
-    n, c, h, w = images.shape
-    # MPS has no float64; there a matrix entry may round to its neighbouring 1/65536 (rarely).
-    dtype = torch.float32 if images.device.type == "mps" else torch.float64
-    rad = -torch.deg2rad(angles.to(dtype)).view(n, 1, 1)
-    cos, sin = torch.cos(rad), torch.sin(rad)
-    cx, cy = w / 2, h / 2
-
-    def fix(v: torch.Tensor) -> torch.Tensor:  # int32 holds it: |v| < 2^15 here
-        return torch.floor(v * 65536 + 0.5).int()
-
-    # Rows of PIL's matrix: input x = a*x + b*y + tx, input y = d*x + e*y + ty.
-    a, b, d, e = cos, sin, -sin, cos
-    tx, ty = cx - a * cx - b * cy, cy - d * cx - e * cy
-    x, y = _pixel_indices(h, w, images.device)
-    u = fix(tx + (a + b) / 2) + x * fix(a) + y * fix(b)  # PIL starts at the pixel's centre
-    v = fix(ty + (d + e) / 2) + x * fix(d) + y * fix(e)
-    col, row = u >> 16, v >> 16  # floor, as PIL's arithmetic shift
-    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-    source = torch.where(inside, row * w + col, 0).long().view(n, 1, h * w)
-    out = images.reshape(n, c, h * w).gather(2, source.expand(n, c, h * w))
-    return torch.where(inside.view(n, 1, h * w), out, 0).view(n, c, h, w)
-
-
-@functools.lru_cache(maxsize=8)
-def _pixel_indices(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column and row index of every pixel, each (H, W) int32."""
-    ys = torch.arange(h, device=device, dtype=torch.int32)
-    xs = torch.arange(w, device=device, dtype=torch.int32)
-    row, col = torch.meshgrid(ys, xs, indexing="ij")
-    return col, row
-
-
 def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - MEAN) / STD
 
@@ -273,6 +153,7 @@ class DeviceLoader:
         self.device = torch.device(device)
         self.images = images.to(self.device).unsqueeze(1)  # (N, 1, 28, 28) uint8
         self.labels = labels.to(self.device)
+        self.dataset = TensorDataset(self.images, self.labels)  # len(loader.dataset), as DataLoader
         self.batch_size = batch_size
         self.train = train
         self.memory_format = memory_format
@@ -280,10 +161,6 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
-
-    @property
-    def dataset_size(self) -> int:
-        return len(self.labels)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
@@ -313,13 +190,13 @@ def device_loader(
                         memory_format=memory_format, augmentation=augmentation)
 
 
-def make_loaders(recipe: dict[str, Any], data_dir: str | os.PathLike,
-                 device: torch.device) -> tuple[Any, Any]:
-    """The recipe's train and test loaders: `fast` (tensors on the device) or `torchvision`
-    (the original per-sample pipeline)."""
+def make_loaders(recipe: dict[str, Any], data_dir: str | os.PathLike, device: torch.device,
+                 settings: FastPath | None = None) -> tuple[Any, Any]:
+    """The recipe's train and test loaders: `fast` (tensors on the device, laid out as the
+    fast path's model wants them) or `torchvision` (the original per-sample pipeline)."""
     r = recipe
     if r["loader"] == "fast":
-        layout = fast_path(r, device).memory_format
+        layout = (settings or fast_path(r, device)).memory_format
         return (device_loader(data_dir, True, r["batch_size"], device, r["seed"],
                               r["limit_train"], layout, r["augmentation"]),
                 device_loader(data_dir, False, r["test_batch_size"], device,
@@ -330,10 +207,6 @@ def make_loaders(recipe: dict[str, Any], data_dir: str | os.PathLike,
                                    pin_memory=device.type == "cuda",
                                    augmentation=r["augmentation"])
     raise ValueError(f"unknown loader {r['loader']!r}: use 'fast' or 'torchvision'")
-
-
-def dataset_size(loader: Any) -> int:
-    return loader.dataset_size if isinstance(loader, DeviceLoader) else len(loader.dataset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,14 +221,8 @@ class NonFiniteLoss(RuntimeError):
         self.epoch, self.batch = epoch, batch
 
 
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a batch to the device; asynchronously only on CUDA, where the torchvision loader
-    pins its memory. On MPS some torch releases corrupted non-blocking copies (the CPU batch
-    was freed before the copy ended), and elsewhere they buy nothing."""
-    return x.to(device, non_blocking=device.type == "cuda")
-
-
 def new_history() -> dict[str, list[float]]:
+    """One list per column, one value per finished epoch (a checkpoint holds it as is)."""
     keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
     return {k: [] for k in keys}
 
@@ -439,7 +306,7 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_epoch(model, train_loader, optimizer, device, epoch, progress)
         test_loss, test_acc = evaluate(eval_model, test_loader, device, progress, epoch)
-        if not math.isfinite(test_loss) or not all_finite(model):
+        if not math.isfinite(test_loss) or not _all_finite(model):
             raise NonFiniteLoss(epoch, None)  # a last step that diverged is never saved
         scheduler.step()
         row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
@@ -455,13 +322,69 @@ def fit(
     return history
 
 
-def all_finite(model: nn.Module) -> bool:
+def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
                if t.is_floating_point())
 
 
 # ---------------------------------------------------------------------------------------------
-# One run: model, optimiser, loaders and history, with checkpoints that can be resumed.
+# One run: model, optimiser, loaders and history, built from a recipe. checkpoints.py saves
+# and restores it.
+# ---------------------------------------------------------------------------------------------
+def net_options(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's choices of architecture, as Net's keyword arguments."""
+    return {key: recipe[key] for key in ("dropout_plan", "batch_norm", "transitions", "head",
+                                         "width")}
+
+
+def build_model(recipe: dict[str, Any], device: torch.device,
+                settings: FastPath | None = None) -> Net:
+    """The recipe's network, on the device, in the form its loader trains it."""
+    settings = settings or fast_path(recipe, device)
+    model = Net(**net_options(recipe), fast_dropout=settings.fused_dropout)
+    return model.to(device, memory_format=settings.memory_format)
+
+
+def make_optimizer(model: nn.Module,
+                   recipe: dict[str, Any]) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD with momentum and a StepLR schedule, as the original."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"],
+                                momentum=recipe["momentum"])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe["step_size"],
+                                                gamma=recipe["gamma"])
+    return optimizer, scheduler
+
+
+class Run:
+    """Everything a training run needs, built from a recipe (see RECIPE) in a fixed order.
+
+    `compile` trains through torch.compile; `self.model` stays the plain module, so
+    checkpoints hold the same keys either way.
+    """
+
+    def __init__(self, recipe: dict[str, Any], device: torch.device,
+                 data_dir: str | os.PathLike = "data") -> None:
+        self.recipe = r = full_recipe(recipe)
+        self.device = device
+        settings = prepare(r, device)  # the fast path's one decision, applied below
+        torch.manual_seed(r["seed"])  # also seeds CUDA and MPS
+        self.model = build_model(r, device, settings)
+        self.optimizer, self.scheduler = make_optimizer(self.model, r)
+        self.train_loader, self.test_loader = make_loaders(r, data_dir, device, settings)
+        self.history = new_history()
+        self.trained = compiled(self.model, device) if r["compile"] else self.model
+
+    def fit(self, on_epoch_end: Callable[[dict[str, list[float]]], None] | None = None,
+            progress: bool = True, log: bool = True) -> dict[str, list[float]]:
+        """Train until the recipe's epochs are in the history (a restored run continues)."""
+        return fit(self.trained, self.train_loader, self.test_loader, self.optimizer,
+                   self.scheduler, self.device, epochs=self.recipe["epochs"],
+                   history=self.history, on_epoch_end=on_epoch_end, progress=progress,
+                   log=log, eval_model=self.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device choice.
 # ---------------------------------------------------------------------------------------------
 def get_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA, then Apple's MPS, then the CPU; a named device must be available."""
@@ -493,465 +416,6 @@ def describe_device(device: torch.device) -> str:
         line += ("\nThis Colab runtime has no GPU, so training runs on its CPU (slowly). For a "
                  "GPU: Runtime > Change runtime type > T4 GPU > Save, then run all cells again.")
     return line
-
-
-# glibc's mallopt() parameters (malloc.h) and the values the fast path sets.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit
-TRIM_THRESHOLD = 256 << 20
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed tensor memory for reuse instead of returning it to the OS.
-
-    By default glibc hands each multi-megabyte block back to the kernel when it is freed (and
-    trims the heap), so every training step pays page faults to get fresh, zeroed pages for the
-    same activations: about 4,500 faults and 10% of a step here. Raising the two thresholds
-    keeps those blocks in the heap (the process holds on to its peak memory). This is what the
-    PyTorch CPU tuning guide gets from jemalloc or tcmalloc, without an LD_PRELOAD, so it works
-    in a notebook too. Returns False where there is no glibc (macOS, Windows, musl).
-    """
-    import ctypes
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-                and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)  # also seeds CUDA and MPS
-
-
-_SWITCHES_BEFORE_DETERMINISM: dict[str, bool] | None = None
-
-
-def use_deterministic(on: bool) -> None:
-    """With `on`, PyTorch picks deterministic kernels (cuDNN's default choice varies from run to
-    run) and full-fp32 convolutions instead of TF32 on Ampere and newer GPUs, at some speed
-    cost. The CPU is deterministic for a given thread count either way. These switches are
-    process-wide, so a run without `on` leaves them as it found them (a notebook user's own
-    cudnn.benchmark or TF32 choice survives), except that it undoes an earlier `on`."""
-    global _SWITCHES_BEFORE_DETERMINISM
-    cudnn = torch.backends.cudnn
-    if on:
-        if _SWITCHES_BEFORE_DETERMINISM is None:
-            _SWITCHES_BEFORE_DETERMINISM = {
-                "algorithms": torch.are_deterministic_algorithms_enabled(),
-                "deterministic": cudnn.deterministic, "benchmark": cudnn.benchmark,
-                "allow_tf32": cudnn.allow_tf32}
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS asks for it
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = True, False, False
-    elif _SWITCHES_BEFORE_DETERMINISM is not None:
-        before, _SWITCHES_BEFORE_DETERMINISM = _SWITCHES_BEFORE_DETERMINISM, None
-        torch.use_deterministic_algorithms(before["algorithms"])
-        cudnn.deterministic, cudnn.benchmark = before["deterministic"], before["benchmark"]
-        cudnn.allow_tf32 = before["allow_tf32"]
-
-
-def compiled(model: nn.Module, device: torch.device) -> nn.Module:
-    """The training module through torch.compile, with static shapes: one graph for the
-    training batch and one for the epoch's last, shorter batch. Evaluation stays eager (a
-    third graph, for eval mode and the test batch, would cost more than it saves). MPS is
-    refused: Inductor's MPS backend is a prototype in the torch releases this project uses."""
-    if device.type == "mps":
-        raise ValueError("compile is not supported on MPS here: train without it")
-    return torch.compile(model, dynamic=False)
-
-
-@dataclass(frozen=True)
-class FastPath:
-    """What `--loader fast` switches on besides the data; decided in `fast_path` only."""
-
-    fused_dropout: bool  # model.ReLUDropout instead of nn.ReLU + nn.Dropout (same function)
-    memory_format: torch.memory_format  # of the model and of each batch
-    keep_freed_memory: bool  # the process-wide glibc setting, see keep_freed_memory()
-
-
-def fast_path(recipe: dict[str, Any], device: torch.device) -> FastPath:
-    """The torchvision loader runs the model as the original did. The fast one also fuses
-    ReLU and dropout (a CPU kernel; elsewhere ReLUDropout is plain relu + dropout), and on
-    the CPU only, where both were measured to help (README, "Speed"), runs channels-last and
-    keeps freed memory. On MPS some torch releases ran channels-last convolution backward
-    slowly or wrongly, and on CUDA it was never measured."""
-    fast, cpu = recipe["loader"] == "fast", device.type == "cpu"
-    return FastPath(
-        fused_dropout=fast,
-        memory_format=torch.channels_last if fast and cpu else torch.contiguous_format,
-        keep_freed_memory=fast and cpu,
-    )
-
-
-def net_options(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's choices of architecture, as Net's keyword arguments."""
-    return {key: recipe[key] for key in ("dropout_plan", "batch_norm", "transitions", "head",
-                                         "width")}
-
-
-def build_model(recipe: dict[str, Any], device: torch.device) -> Net:
-    """The recipe's network, on the device, in the form its loader trains it."""
-    settings = fast_path(recipe, device)
-    model = Net(**net_options(recipe), fast_dropout=settings.fused_dropout)
-    return model.to(device, memory_format=settings.memory_format)
-
-
-def make_optimizer(model: nn.Module,
-                   recipe: dict[str, Any]) -> tuple[torch.optim.Optimizer, Any]:
-    """SGD with momentum and a StepLR schedule, as the original."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"],
-                                momentum=recipe["momentum"])
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe["step_size"],
-                                                gamma=recipe["gamma"])
-    return optimizer, scheduler
-
-
-def full_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
-    """RECIPE with `recipe`'s values; a key RECIPE does not know is a mistake, not a setting."""
-    unknown = sorted(set(recipe) - set(RECIPE))
-    if unknown:
-        raise ValueError(f"unknown recipe keys: {', '.join(unknown)} "
-                         f"(known: {', '.join(RECIPE)})")
-    return {**RECIPE, **recipe}
-
-
-class CheckpointError(ValueError):
-    """A file that is not a checkpoint of this model; nothing of it was run or loaded."""
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "history", "recipe", "rng")
-
-
-class Run:
-    """Everything a training run needs, built from a recipe (see RECIPE) in a fixed order.
-
-    `compile` trains through torch.compile; `self.model` stays the plain module, so
-    checkpoints hold the same keys either way.
-    """
-
-    def __init__(self, recipe: dict[str, Any], device: torch.device,
-                 data_dir: str | os.PathLike = "data") -> None:
-        self.recipe = r = full_recipe(recipe)
-        self.device = device
-        if fast_path(r, device).keep_freed_memory:
-            keep_freed_memory()  # process-wide, and harmless to set twice
-        use_deterministic(r["deterministic"])
-        seed_everything(r["seed"])
-        self.model = build_model(r, device)
-        self.optimizer, self.scheduler = make_optimizer(self.model, r)
-        self.train_loader, self.test_loader = make_loaders(r, data_dir, device)
-        self.history = new_history()
-        self.trained = compiled(self.model, device) if r["compile"] else self.model
-
-    def fit(self, on_epoch_end: Callable[[dict[str, list[float]]], None] | None = None,
-            progress: bool = True, log: bool = True) -> dict[str, list[float]]:
-        return fit(self.trained, self.train_loader, self.test_loader, self.optimizer,
-                   self.scheduler, self.device, epochs=self.recipe["epochs"],
-                   history=self.history, on_epoch_end=on_epoch_end, progress=progress,
-                   log=log, eval_model=self.model)
-
-    def state(self) -> dict[str, Any]:
-        """Everything a resume needs. The random states: the CPU's, the loader's (on the
-        loader's device), and the training device's own generator, which draws the dropout
-        masks on CUDA and MPS."""
-        rng = {"torch": torch.get_rng_state(), "loader": self.train_loader.generator.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        elif self.device.type == "mps":
-            rng["mps"] = torch.mps.get_rng_state()
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "history": self.history,
-                "recipe": self.recipe, "rng": rng}
-
-    def save(self, path: str | os.PathLike) -> None:
-        save_checkpoint(self.state(), path)
-
-    def restore(self, checkpoint: dict[str, Any]) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.history = checkpoint["history"]
-        self._restore_rng(checkpoint["rng"])
-
-    def _restore_rng(self, rng: dict[str, torch.Tensor]) -> None:
-        """Random states that fit this device are restored; the others cannot carry over (a
-        generator's state has another size on each device: CPU 5,056 bytes, CUDA 16, MPS 44),
-        so they are named in one warning and the run goes on from fresh draws."""
-        torch.set_rng_state(rng["torch"])
-        lost = []
-        try:
-            self.train_loader.generator.set_state(rng["loader"])
-        except RuntimeError:
-            lost.append("the loader's shuffling and augmentation")
-        saved_on = next((kind for kind in ("cuda", "mps") if kind in rng), "cpu")
-        here = self.device.type
-        if saved_on == here == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        elif saved_on == here == "mps":
-            torch.mps.set_rng_state(rng["mps"])
-        elif saved_on != here:
-            lost.append("the dropout masks")
-        if lost:
-            print(f"warning: this checkpoint was saved on {saved_on} and resumes on {here}: "
-                  f"{' and '.join(lost)} start from fresh random draws, so the run will not "
-                  f"repeat an uninterrupted one draw for draw", file=sys.stderr)
-
-
-def partial_saves(path: str | os.PathLike) -> list[Path]:
-    """The temporary files of `save_checkpoint` for `path`: left behind only when a process was
-    killed mid-write (SIGKILL, a power cut), since every other failure removes its own."""
-    path = Path(path)
-    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.partial"))
-
-
-def remove_partial_saves(path: str | os.PathLike) -> list[Path]:
-    """Delete the leftovers of an earlier crashed save of `path`; return what was deleted."""
-    removed = []
-    for leftover in partial_saves(path):
-        try:
-            leftover.unlink()
-        except OSError:
-            continue
-        removed.append(leftover)
-    return removed
-
-
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, then rename over the old checkpoint:
-    a crash or Ctrl-C mid-write leaves the previous checkpoint whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ----- load_checkpoint's checks: each raises ValueError saying what does not fit --------------
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v))
-
-
-def _positive_int(v: Any) -> bool:
-    return _is_int(v) and v > 0
-
-
-def _optional_positive_int(v: Any) -> bool:
-    return v is None or _positive_int(v)
-
-
-def _positive_real(v: Any) -> bool:
-    return _is_real(v) and v > 0
-
-
-def _non_negative_real(v: Any) -> bool:
-    return _is_real(v) and v >= 0
-
-
-def _real_list(v: Any) -> bool:
-    return isinstance(v, list) and all(_is_real(x) for x in v)
-
-
-RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "epochs": (_positive_int, "a positive integer"),
-    "batch_size": (_positive_int, "a positive integer"),
-    "test_batch_size": (_positive_int, "a positive integer"),
-    "lr": (_positive_real, "a finite number > 0"),
-    "momentum": (_non_negative_real, "a finite number >= 0"),
-    "step_size": (_positive_int, "a positive integer"),
-    "gamma": (_positive_real, "a finite number > 0"),
-    "seed": (lambda v: _is_int(v) and -(2**63) <= v < 2**64, "an integer torch can seed with"),
-    "loader": (lambda v: v in ("fast", "torchvision"), "'fast' or 'torchvision'"),
-    "dropout_plan": (lambda v: isinstance(v, str) and v in DROPOUT_PLANS,
-                     f"one of {', '.join(DROPOUT_PLANS)}"),
-    "batch_norm": (lambda v: isinstance(v, bool), "true or false"),
-    "transitions": (lambda v: isinstance(v, str) and v in TRANSITIONS,
-                    f"one of {', '.join(TRANSITIONS)}"),
-    "head": (lambda v: isinstance(v, str) and v in HEADS, f"one of {', '.join(HEADS)}"),
-    "width": (lambda v: _positive_real(v) and v <= MAX_WIDTH,
-              f"a number > 0 and <= {MAX_WIDTH:g}"),
-    "augmentation": (lambda v: isinstance(v, str) and v in AUGMENTATIONS,
-                     f"one of {', '.join(AUGMENTATIONS)}"),
-    "compile": (lambda v: isinstance(v, bool), "true or false"),
-    "deterministic": (lambda v: isinstance(v, bool), "true or false"),
-    "limit_train": (_optional_positive_int, "None or a positive integer"),
-    "limit_test": (_optional_positive_int, "None or a positive integer"),
-}
-
-
-def check_recipe(recipe: Any) -> dict[str, Any]:
-    """RECIPE completed with `recipe` (an older checkpoint may lack newer keys), every value
-    of the type a Run needs; ValueError names the first that is not."""
-    if not isinstance(recipe, dict):
-        raise ValueError("recipe is not a dict")
-    full = full_recipe(recipe)
-    for key, (ok, what) in RECIPE_RULES.items():
-        if not ok(full[key]):
-            raise ValueError(f"recipe {key}={full[key]!r} is not {what}")
-    return full
-
-
-def _check_tensors_finite(tensors: dict[str, Any], what: str) -> None:
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{what} {name} is not a tensor")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{what} {name} holds NaN or infinite values")
-
-
-def _check_model(state: Any, recipe: dict[str, Any]) -> Net:
-    """The weights load strictly into the recipe's Net, and every one is finite."""
-    if not isinstance(state, dict):
-        raise ValueError("model is not a state dict")
-    net = Net(**net_options(recipe))
-    try:
-        net.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError, KeyError) as err:
-        raise ValueError(" ".join(str(err).split())[:300]) from None
-    _check_tensors_finite(state, "weight")
-    return net
-
-
-def _check_optimizer(state: Any, net: Net) -> int:
-    """An SGD state of this model's parameters: hyperparameters finite, and each momentum
-    buffer a finite tensor of its parameter's shape. Returns the number of param groups."""
-    fresh = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    expected = set(fresh.param_groups[0])
-    try:
-        fresh.load_state_dict(state)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as err:
-        raise ValueError(f"optimizer of another model ({str(err)[:120]})") from None
-    for group in fresh.param_groups:
-        if not expected <= set(group):
-            raise ValueError(f"optimizer lacks {', '.join(sorted(expected - set(group)))}")
-        if not _positive_real(group["lr"]) or not _non_negative_real(group["momentum"]):
-            raise ValueError("optimizer lr or momentum is not a finite number")
-    for param, st in fresh.state.items():
-        buf = st.get("momentum_buffer") if isinstance(st, dict) else st
-        if buf is None:
-            continue
-        if not isinstance(buf, torch.Tensor) or buf.shape != param.shape:
-            raise ValueError("optimizer momentum buffer does not fit its parameter")
-        _check_tensors_finite({"momentum buffer": buf}, "optimizer")
-    return len(fresh.param_groups)
-
-
-SCHEDULER_RULES: dict[str, Callable[[Any], bool]] = {
-    "step_size": _positive_int, "gamma": _positive_real, "base_lrs": _real_list,
-    "last_epoch": lambda v: _is_int(v) and v >= 0, "_step_count": _is_int,
-    "_last_lr": _real_list, "_is_initial": lambda v: isinstance(v, bool),
-    "_get_lr_called_within_step": lambda v: isinstance(v, bool),
-    "verbose": lambda v: isinstance(v, bool),  # written by torch before 2.3
-}
-SCHEDULER_REQUIRED = ("step_size", "gamma", "base_lrs", "last_epoch")
-
-
-def _check_scheduler(state: Any, groups: int, epochs: int) -> None:
-    """A StepLR state (load_state_dict copies its keys onto the scheduler, so only known keys
-    with values of the right type), stepped once per finished epoch."""
-    if not isinstance(state, dict):
-        raise ValueError("scheduler is not a dict")
-    for key in SCHEDULER_REQUIRED:
-        if key not in state:
-            raise ValueError(f"scheduler lacks {key}")
-    for key, value in state.items():
-        if key not in SCHEDULER_RULES or not SCHEDULER_RULES[key](value):
-            raise ValueError(f"scheduler {key}={str(value)[:40]} does not belong to a StepLR")
-    if len(state["base_lrs"]) != groups:
-        raise ValueError("scheduler base_lrs do not match the optimizer")
-    if state["last_epoch"] != epochs:
-        raise ValueError(f"scheduler at epoch {state['last_epoch']}, history at {epochs}")
-
-
-def _check_history(history: Any) -> int:
-    """new_history's keys, each a list of finite numbers, all as long as `epoch` = 1..n.
-    Returns n, the epochs finished."""
-    keys = set(new_history())
-    if not isinstance(history, dict) or set(history) != keys:
-        raise ValueError(f"history needs exactly the keys {', '.join(sorted(keys))}")
-    for key, values in history.items():
-        if not _real_list(values):
-            raise ValueError(f"history {key} is not a list of finite numbers")
-    n = len(history["epoch"])
-    if any(len(v) != n for v in history.values()) or history["epoch"] != list(range(1, n + 1)):
-        raise ValueError("history columns do not line up with epochs 1..n")
-    return n
-
-
-def _check_rng(rng: Any) -> None:
-    """Every generator state a 1-D uint8 tensor: its size depends on the device that wrote it
-    (CPU, CUDA, MPS), so only the type is checked here."""
-    if not isinstance(rng, dict) or not {"torch", "loader"} <= set(rng):
-        raise ValueError("rng needs the 'torch' and 'loader' generator states")
-    for name, state in rng.items():
-        if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8
-                and state.dim() == 1 and state.numel() > 0):
-            raise ValueError(f"rng {name} is not a generator state (a 1-D uint8 tensor)")
-
-
-def check_checkpoint(checkpoint: Any) -> dict[str, Any]:
-    """Every part a resume or an evaluation uses; the recipe completed from RECIPE."""
-    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
-        raise ValueError(f"expected a dict with keys {', '.join(CHECKPOINT_KEYS)}")
-    recipe = check_recipe(checkpoint["recipe"])
-    net = _check_model(checkpoint["model"], recipe)
-    groups = _check_optimizer(checkpoint["optimizer"], net)
-    epochs = _check_history(checkpoint["history"])
-    _check_scheduler(checkpoint["scheduler"], groups, epochs)
-    _check_rng(checkpoint["rng"])
-    if recipe["epochs"] < epochs:
-        raise ValueError(f"recipe says {recipe['epochs']} epochs, history holds {epochs}")
-    return {**checkpoint, "recipe": recipe}
-
-
-TORCH_ADVICE = ("weights_only", "Weights only load failed", "Check the documentation")
-
-
-def _load_failure(err: BaseException) -> str:
-    """Why torch.load failed, in words for a user. torch's own text leads with advice to load
-    with weights_only=False, the one thing a user must not do with a file that is refused,
-    so only its reason is kept."""
-    text = strip_colour(str(err))
-    lines = [s.strip() for s in text.splitlines() if s.strip()]
-    reasons = [s for s in lines if not any(a in s for a in TORCH_ADVICE)]
-    reason = reasons[0][:200] if reasons else type(err).__name__
-    if "GLOBAL" in reason or "global" in reason:
-        return (f"it holds code or objects that are not plain tensors ({reason}), so it was "
-                f"refused and nothing in it ran")
-    if isinstance(err, IsADirectoryError):
-        return "a folder, not a checkpoint file"
-    return f"not a file written by torch.save: {reason}"
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load with weights_only=True (no code in the file can run), then check every part of it
-    (check_checkpoint) before anything uses it; CheckpointError says what does not fit."""
-    def refuse(reason: str) -> CheckpointError:
-        return CheckpointError(f"{path}: not a checkpoint of this model ({reason})")
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise refuse("no such file") from None
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
-        raise refuse(_load_failure(err)) from None
-    try:
-        return check_checkpoint(checkpoint)
-    except ValueError as err:
-        raise refuse(strip_colour(str(err))) from None
 
 
 # ---------------------------------------------------------------------------------------------

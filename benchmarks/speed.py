@@ -10,7 +10,7 @@ On CUDA the full epoch is always timed: it runs `fit` itself, with the host read
 `torchvision` is the original pipeline (per-sample PIL transforms in a DataLoader, the model in
 its original form); `fast` keeps MNIST on the device, augments whole batches and runs the model
 channels-last with ReLU and dropout fused (model.ReLUDropout), and on a glibc CPU keeps freed
-memory for reuse (utils.keep_freed_memory, set when the fast run is built, after the
+memory for reuse (devices.keep_freed_memory, set when the fast run is built, after the
 torchvision run). The last line is the speed-up of fast over torchvision;
 benchmarks/step.py shows what each part of the compute buys.
 """
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import devices  # noqa: E402
 import mnist_files  # noqa: E402
 import utils  # noqa: E402
 
@@ -50,7 +51,7 @@ def throughput(run: utils.Run, steps: int, warmup: int) -> float:
             if done == warmup:
                 sync(device)
                 start, images = time.perf_counter(), 0
-            x, y = utils.to_device(x, device), utils.to_device(y, device)
+            x, y = devices.to_device(x, device), devices.to_device(y, device)
             opt.zero_grad(set_to_none=True)
             F.nll_loss(model(x), y).backward()
             opt.step()

@@ -7,7 +7,7 @@ Random input, no data loading, SGD step included. The forms, each adding to the 
     original        contiguous memory, nn.ReLU + nn.Dropout (the torchvision path's model)
     channels-last   channels-last memory
     ReLUDropout     ReLU and dropout fused, 16-bit mask uniforms (model.ReLUDropout)
-    allocator       glibc keeps freed memory (utils.keep_freed_memory; the fast path's setting)
+    allocator       glibc keeps freed memory (devices.keep_freed_memory; the fast path's setting)
 
 and two floors for reference, which change the model and are never trained: the same step
 with dropout off (p = 0, so no mask at all), and with only the convolutions, ReLU and pooling
@@ -36,6 +36,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import devices  # noqa: E402
 import utils  # noqa: E402
 from model import Net  # noqa: E402
 
@@ -80,7 +81,7 @@ WITH_ALLOCATOR = ("allocator", "floor: dropout off (p=0)", "floor: convs, ReLU, 
 def time_form(name: str, batch: int, n: int, warmup: int = 5) -> float:
     """Median step time (ms) of one form, in this (fresh) process."""
     if name in WITH_ALLOCATOR:
-        utils.keep_freed_memory()
+        devices.keep_freed_memory()
     torch.manual_seed(0)
     step = FORMS[name](batch)
     for _ in range(warmup):

@@ -20,6 +20,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
+import augment  # noqa: E402
+import mnist_files  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
@@ -102,18 +104,18 @@ def expected_first_batch(mnist_dir, crop_on: bool, rotate_on: bool,
                          seed: int = 3) -> torch.Tensor:
     """The draws a seeded loader makes (its shuffle, then angles and crop flags), applied by
     hand with only the parts asked for."""
-    images, _ = utils.load_mnist_tensors(mnist_dir, train=True)
+    images, _ = mnist_files.load_mnist_tensors(mnist_dir, train=True)
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(256, generator=gen)[:64]
-    angles, crop = utils.sample_augment_params(64, gen)
+    angles, crop = augment.sample_augment_params(64, gen)
     assert crop.any() and not crop.all()  # the batch holds both kinds, so the test can fail
-    x = utils.augment_batch(images[:256].unsqueeze(1)[idx], angles * rotate_on, crop & crop_on)
+    x = augment.augment_batch(images[:256].unsqueeze(1)[idx], angles * rotate_on, crop & crop_on)
     return utils.normalize(x.float() / 255)
 
 
-@pytest.mark.parametrize("augmentation", list(utils.AUGMENTATIONS))
+@pytest.mark.parametrize("augmentation", list(augment.AUGMENTATIONS))
 def test_fast_loader_applies_only_the_named_augmentation(mnist_dir, augmentation):
-    crop_on, rotate_on = utils.AUGMENTATIONS[augmentation]
+    crop_on, rotate_on = augment.AUGMENTATIONS[augmentation]
     x, y = first_batch(mnist_dir, augmentation)
     torch.testing.assert_close(x, expected_first_batch(mnist_dir, crop_on, rotate_on),
                                rtol=0, atol=0)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import model
-import utils
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every training here is a few batches; none writes to the repository's checkpoints/.
@@ -140,7 +140,7 @@ def test_metrics_json(tiny_run):
 
 
 def test_checkpoint_of_tiny_run_loads(tiny_run):
-    checkpoint = utils.load_checkpoint(tiny_run["checkpoint"])
+    checkpoint = checkpoints.load_checkpoint(tiny_run["checkpoint"])
     assert checkpoint["history"]["epoch"] == [1]
     assert checkpoint["recipe"]["limit_train"] == 256
     assert [p.name for p in tiny_run["checkpoint"].parent.iterdir()] == ["last.pt"]
@@ -205,7 +205,7 @@ def test_diverged_epoch_is_not_saved_as_good(tmp_path):
     assert done.returncode != 0
     assert_no_traceback(done)
     if path.exists():
-        checkpoint = utils.load_checkpoint(path)
+        checkpoint = checkpoints.load_checkpoint(path)
         assert all(math.isfinite(v) for v in checkpoint["history"]["test_loss"])
         for name, tensor in checkpoint["model"].items():
             if tensor.is_floating_point():
@@ -244,7 +244,7 @@ def test_sigint_then_resume(tmp_path):
     assert_no_traceback(stderr + out.read_text())
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no .partial left
 
-    saved = utils.load_checkpoint(path)
+    saved = checkpoints.load_checkpoint(path)
     epochs = len(saved["history"]["epoch"])
     assert epochs >= 1
     assert saved["history"]["epoch"] == list(range(1, epochs + 1))
@@ -255,7 +255,7 @@ def test_sigint_then_resume(tmp_path):
     assert_no_traceback(done)
     assert f"after epoch {epochs} of {epochs + 1}" in done.stdout
     assert done.stdout.rstrip().endswith(f"after {epochs + 1} epochs")
-    resumed = utils.load_checkpoint(path)
+    resumed = checkpoints.load_checkpoint(path)
     assert resumed["history"]["epoch"] == list(range(1, epochs + 2))
     # The finished epochs are kept as they were; the recipe is the interrupted run's.
     for key in ("train_loss", "test_loss", "test_acc", "lr"):

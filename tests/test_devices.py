@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+import checkpoints
+import devices
 import utils
 
 CPU = torch.device("cpu")
@@ -33,15 +35,15 @@ def test_checkpoint_from_another_device_resumes_with_a_warning(tmp_path, mnist_d
                                                                saved_on):
     run = tiny_run(mnist_dir)
     run.fit(progress=False, log=False)
-    state = run.state()
+    state = checkpoints.run_state(run)
     size = FOREIGN[saved_on]
     state["rng"]["loader"] = torch.arange(size, dtype=torch.uint8)  # the fast loader's, there
     state["rng"][saved_on] = torch.arange(size, dtype=torch.uint8)
     path = tmp_path / "gpu.pt"
-    utils.save_checkpoint(state, path)
+    checkpoints.save_checkpoint(state, path)
 
     resumed = tiny_run(mnist_dir)
-    resumed.restore(utils.load_checkpoint(path))
+    checkpoints.restore_run(resumed, checkpoints.load_checkpoint(path))
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1
@@ -56,8 +58,8 @@ def test_checkpoint_from_the_same_device_resumes_without_a_warning(tmp_path, mni
                                                                    capsys):
     run = tiny_run(mnist_dir)
     run.fit(progress=False, log=False)
-    run.save(tmp_path / "cpu.pt")
-    tiny_run(mnist_dir).restore(utils.load_checkpoint(tmp_path / "cpu.pt"))
+    checkpoints.save_run(run, tmp_path / "cpu.pt")
+    checkpoints.restore_run(tiny_run(mnist_dir), checkpoints.load_checkpoint(tmp_path / "cpu.pt"))
     assert "warning" not in capsys.readouterr().err
 
 
@@ -69,17 +71,17 @@ def test_the_training_devices_generator_is_saved(mnist_dir, monkeypatch, kind):
     monkeypatch.setattr(backend, "get_rng_state", lambda *args, **kwargs: state)
     run = tiny_run(mnist_dir)
     run.device = torch.device(kind)  # as built there; nothing below touches the device
-    assert torch.equal(run.state()["rng"][kind], state)
+    assert torch.equal(checkpoints.run_state(run)["rng"][kind], state)
 
 
 def test_the_mps_generator_is_restored_on_mps(mnist_dir, monkeypatch):
     restored = []
     monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
     run = tiny_run(mnist_dir)
-    checkpoint = run.state()
+    checkpoint = checkpoints.run_state(run)
     checkpoint["rng"]["mps"] = torch.arange(44, dtype=torch.uint8)
     run.device = torch.device("mps")
-    run.restore(checkpoint)
+    checkpoints.restore_run(run, checkpoint)
     assert len(restored) == 1 and torch.equal(restored[0], checkpoint["rng"]["mps"])
 
 
@@ -144,7 +146,7 @@ def test_batches_are_copied_asynchronously_only_to_cuda(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: calls.append(kw) or self)
     x = torch.zeros(2)
     for kind in ("cuda", "mps", "cpu"):
-        utils.to_device(x, torch.device(kind))
+        devices.to_device(x, torch.device(kind))
     assert [c["non_blocking"] for c in calls] == [True, False, False]
 
 
@@ -155,11 +157,11 @@ def test_batches_are_copied_asynchronously_only_to_cuda(monkeypatch):
     ("cpu", True, True), ("cuda", False, False), ("mps", False, False)])
 def test_channels_last_and_the_allocator_setting_only_on_the_cpu(kind, channels_last,
                                                                  keeps_memory):
-    fast = utils.fast_path({**utils.RECIPE, "loader": "fast"}, torch.device(kind))
+    fast = devices.fast_path({**utils.RECIPE, "loader": "fast"}, torch.device(kind))
     assert fast.fused_dropout
     assert (fast.memory_format == torch.channels_last) == channels_last
     assert fast.keep_freed_memory == keeps_memory
-    original = utils.fast_path({**utils.RECIPE, "loader": "torchvision"}, torch.device(kind))
+    original = devices.fast_path({**utils.RECIPE, "loader": "torchvision"}, torch.device(kind))
     assert original.memory_format == torch.contiguous_format and not original.fused_dropout
 
 
@@ -173,7 +175,7 @@ def test_deterministic_recipe_sets_pytorchs_switches(mnist_dir):
         assert not torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.allow_tf32
     finally:
-        utils.use_deterministic(False)
+        devices.use_deterministic(False)
 
 
 def test_a_run_without_determinism_leaves_the_users_switches_alone(mnist_dir):
@@ -189,13 +191,13 @@ def test_a_run_without_determinism_leaves_the_users_switches_alone(mnist_dir):
         assert (cudnn.benchmark, cudnn.allow_tf32) == (True, False)
         assert not torch.are_deterministic_algorithms_enabled()
     finally:
-        utils.use_deterministic(False)
+        devices.use_deterministic(False)
         cudnn.benchmark, cudnn.allow_tf32 = saved
 
 
 def test_compile_is_refused_on_mps():
     with pytest.raises(ValueError, match="not supported on MPS"):
-        utils.compiled(nn.Linear(2, 2), torch.device("mps"))
+        devices.compiled(nn.Linear(2, 2), torch.device("mps"))
 
 
 # ---------------------------------------------------------------------------------------------

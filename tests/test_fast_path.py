@@ -14,6 +14,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+import augment
 import mnist_files
 import utils
 
@@ -40,20 +41,20 @@ def original(image: torch.Tensor, angle: float, crop: bool) -> torch.Tensor:
     torchvision's functional ops on a PIL image, as train_transforms composes them."""
     pil = TF.to_pil_image(image)
     if crop:
-        pil = TF.center_crop(pil, utils.CROP_SIZE)
+        pil = TF.center_crop(pil, augment.CROP_SIZE)
     pil = TF.resize(pil, [28, 28])  # bilinear, the default
     pil = TF.rotate(pil, angle, interpolation=InterpolationMode.NEAREST, fill=0)
     return torch.from_numpy(np.array(pil))
 
 
 def test_identity_when_angle_zero_and_no_crop(digits):
-    out = utils.augment_batch(digits, torch.zeros(len(digits)), no_crop(len(digits)))
+    out = augment.augment_batch(digits, torch.zeros(len(digits)), no_crop(len(digits)))
     assert out.dtype == torch.uint8
     assert torch.equal(out, digits)
 
 
 def test_crop_resize_is_pils_byte_for_byte(digits):
-    out = utils.augment_batch(digits, torch.zeros(len(digits)),
+    out = augment.augment_batch(digits, torch.zeros(len(digits)),
                               torch.ones(len(digits), dtype=torch.bool))
     for i in range(len(digits)):
         assert torch.equal(out[i, 0], original(digits[i, 0], 0.0, crop=True)), i
@@ -61,7 +62,7 @@ def test_crop_resize_is_pils_byte_for_byte(digits):
 
 @pytest.mark.parametrize("angle", [-15.0, -7.5, -0.01, 4.0, 12.0, 15.0])
 def test_rotation_is_pils_nearest_rotation(digits, angle):
-    out = utils.augment_batch(digits, torch.full((len(digits),), angle), no_crop(len(digits)))
+    out = augment.augment_batch(digits, torch.full((len(digits),), angle), no_crop(len(digits)))
     for i in range(len(digits)):
         assert torch.equal(out[i, 0], original(digits[i, 0], angle, crop=False)), (i, angle)
 
@@ -69,8 +70,8 @@ def test_rotation_is_pils_nearest_rotation(digits, angle):
 def test_whole_augmentation_matches_the_original_on_3000_real_digits(real_images):
     """Same random draws in, the same pixels out as torchvision's ops, for every image."""
     n = len(real_images)
-    angles, crop = utils.sample_augment_params(n, torch.Generator().manual_seed(0))
-    out = utils.augment_batch(real_images.unsqueeze(1), angles, crop)
+    angles, crop = augment.sample_augment_params(n, torch.Generator().manual_seed(0))
+    out = augment.augment_batch(real_images.unsqueeze(1), angles, crop)
     assert 250 < int(crop.sum()) < 350  # both branches well exercised
     mismatched = [i for i in range(n) if not torch.equal(
         out[i, 0], original(real_images[i], float(angles[i]), bool(crop[i])))]
@@ -98,8 +99,8 @@ def test_augmented_pixel_statistics_agree_with_the_original_pipeline(mnist_dir, 
     torch.manual_seed(0)
     ds = MNIST(str(mnist_dir), train=True, transform=utils.train_transforms())
     reference = torch.stack([ds[i][0] for i in range(n)]) * utils.STD + utils.MEAN
-    angles, crop = utils.sample_augment_params(n, torch.Generator().manual_seed(1))
-    fast = utils.augment_batch(real_images.unsqueeze(1), angles, crop).float() / 255
+    angles, crop = augment.sample_augment_params(n, torch.Generator().manual_seed(1))
+    fast = augment.augment_batch(real_images.unsqueeze(1), angles, crop).float() / 255
     ref, got = pixel_statistics(reference), pixel_statistics(fast)
     raw = pixel_statistics(real_images.float() / 255)
     for key, tol in TOLERANCE.items():
@@ -120,7 +121,7 @@ def test_fast_loader_yields_the_originals_normalised_values(digits):
 def test_augment_params_are_uniform_angles_and_ten_percent_crops():
     gen = torch.Generator().manual_seed(0)
     n = 200_000
-    angles, crop = utils.sample_augment_params(n, gen)
+    angles, crop = augment.sample_augment_params(n, gen)
     assert angles.min() >= -15 and angles.max() <= 15
     assert angles.min() < -14.9 and angles.max() > 14.9
     counts = torch.histc(angles, bins=6, min=-15, max=15) / n
@@ -132,9 +133,9 @@ def test_augment_batch_applies_each_images_own_angle(digits):
     """A batch with mixed angles equals each image rotated alone."""
     angles = torch.linspace(-15, 15, 8)
     crop = torch.tensor([True, False] * 4)
-    batch = utils.augment_batch(digits[:8], angles, crop)
+    batch = augment.augment_batch(digits[:8], angles, crop)
     for i in range(8):
-        alone = utils.augment_batch(digits[i:i + 1], angles[i:i + 1], crop[i:i + 1])
+        alone = augment.augment_batch(digits[i:i + 1], angles[i:i + 1], crop[i:i + 1])
         assert torch.equal(batch[i:i + 1], alone)
 
 
@@ -202,7 +203,7 @@ import resource, sys, torch, utils
 from model import Net
 torch.set_num_threads(1)
 if sys.argv[1] == "on":
-    assert utils.keep_freed_memory()
+    assert devices.keep_freed_memory()
 torch.manual_seed(0)
 net = Net().to(memory_format=torch.channels_last)
 x = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import checkpoints
 import train
 import utils
 
@@ -16,8 +17,8 @@ def test_every_recipe_key_is_a_train_py_flag_with_the_recipes_default():
 
 
 def test_every_recipe_key_is_checked_when_a_checkpoint_is_loaded():
-    assert set(utils.RECIPE_RULES) == set(utils.RECIPE)
-    for key, (ok, _) in utils.RECIPE_RULES.items():
+    assert set(checkpoints.RECIPE_RULES) == set(utils.RECIPE)
+    for key, (ok, _) in checkpoints.RECIPE_RULES.items():
         assert ok(utils.RECIPE[key]), key
 
 
@@ -36,11 +37,11 @@ def test_a_checkpoint_of_an_ablation_variant_loads_and_resumes(tmp_path, mnist_d
               "limit_test": 100, "batch_size": 64, "test_batch_size": 100}
     run = utils.Run(recipe, torch.device("cpu"), mnist_dir)
     run.fit(progress=False, log=False)
-    run.save(tmp_path / "variant.pt")
-    checkpoint = utils.load_checkpoint(tmp_path / "variant.pt")
+    checkpoints.save_run(run, tmp_path / "variant.pt")
+    checkpoint = checkpoints.load_checkpoint(tmp_path / "variant.pt")
     assert checkpoint["recipe"]["batch_norm"] is False
     resumed = utils.Run({**checkpoint["recipe"], "epochs": 2}, torch.device("cpu"), mnist_dir)
-    resumed.restore(checkpoint)
+    checkpoints.restore_run(resumed, checkpoint)
     resumed.fit(progress=False, log=False)
     assert resumed.history["epoch"] == [1, 2]
 

@@ -1,0 +1,435 @@
+"""Checkpoints of a run: what one holds, how it is written, and how it is read back and checked.
+
+A checkpoint is one dict, written by torch.save:
+
+    model      the Net's state_dict (the plain module's, whether or not it trained compiled)
+    optimizer  the SGD's state_dict
+    scheduler  the StepLR's state_dict
+    history    utils.new_history()'s columns, one value per finished epoch
+    recipe     the run's recipe (the keys of utils.RECIPE)
+    rng        generator states: "torch" (the CPU's), "loader" (the train loader's, on its
+               device), and "cuda" or "mps" when the run trained there (dropout masks)
+
+`save_run` writes it to a temporary file and renames it over the old one, so a crash never
+leaves half a checkpoint. `load_checkpoint` reads it with weights_only=True (no code in the
+file can run), then checks every part by loading it into freshly built objects of the saved
+recipe (its Net, an SGD and a StepLR built as utils builds them): a value of the wrong kind, or
+one that cannot have come from that recipe, is refused with a CheckpointError that says what
+does not fit. A key the running torch does not write is not applied; a key it needs is required.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import utils
+from augment import AUGMENTATIONS
+from mnist_files import strip_colour
+from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, Net
+
+FORMAT = ("model", "optimizer", "scheduler", "history", "recipe", "rng")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint of this model; nothing of it was run or loaded."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What a checkpoint holds: a run's state, and a run restored from one.
+# ---------------------------------------------------------------------------------------------
+def run_state(run: utils.Run) -> dict[str, Any]:
+    """Everything a resume needs. The random states: the CPU's, the loader's (on the loader's
+    device), and the training device's own generator, which draws the dropout masks on CUDA
+    and MPS."""
+    rng = {"torch": torch.get_rng_state(), "loader": run.train_loader.generator.get_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    elif run.device.type == "mps":
+        rng["mps"] = torch.mps.get_rng_state()
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "history": run.history,
+            "recipe": run.recipe, "rng": rng}
+
+
+def save_run(run: utils.Run, path: str | os.PathLike) -> None:
+    save_checkpoint(run_state(run), path)
+
+
+def restore_run(run: utils.Run, checkpoint: dict[str, Any]) -> None:
+    """Continue `run` from a checkpoint that load_checkpoint returned."""
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.history = checkpoint["history"]
+    _restore_rng(run, checkpoint["rng"])
+
+
+def _restore_rng(run: utils.Run, rng: dict[str, torch.Tensor]) -> None:
+    """Random states that fit this device are restored; the others cannot carry over (a
+    generator's state has another size on each device: CPU 5,056 bytes, CUDA 16, MPS 44),
+    so they are named in one warning and the run goes on from fresh draws."""
+    torch.set_rng_state(rng["torch"])
+    lost = []
+    try:
+        run.train_loader.generator.set_state(rng["loader"])
+    except RuntimeError:
+        lost.append("the loader's shuffling and augmentation")
+    saved_on = saved_device(rng)
+    here = run.device.type
+    if saved_on == here == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    elif saved_on == here == "mps":
+        torch.mps.set_rng_state(rng["mps"])
+    elif saved_on != here:
+        lost.append("the dropout masks")
+    if lost:
+        print(f"warning: this checkpoint was saved on {saved_on} and resumes on {here}: "
+              f"{' and '.join(lost)} start from fresh random draws, so the run will not "
+              f"repeat an uninterrupted one draw for draw", file=sys.stderr)
+
+
+def saved_device(rng: dict[str, Any]) -> str:
+    """The device type a checkpoint's run trained on, read off its generator states."""
+    return next((kind for kind in ("cuda", "mps") if kind in rng), "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The atomic write.
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write to a temporary file in the same folder, then rename over the old checkpoint:
+    a crash or Ctrl-C mid-write leaves the previous checkpoint whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def partial_saves(path: str | os.PathLike) -> list[Path]:
+    """The temporary files of `save_checkpoint` for `path`: left behind only when a process was
+    killed mid-write (SIGKILL, a power cut), since every other failure removes its own."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.partial"))
+
+
+def remove_partial_saves(path: str | os.PathLike) -> list[Path]:
+    """Delete the leftovers of an earlier crashed save of `path`; return what was deleted."""
+    removed = []
+    for leftover in partial_saves(path):
+        try:
+            leftover.unlink()
+        except OSError:
+            continue
+        removed.append(leftover)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# The load, and the checks of every part.
+# ---------------------------------------------------------------------------------------------
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load with weights_only=True (no code in the file can run), then check every part of it
+    (check_checkpoint) before anything uses it; CheckpointError says what does not fit."""
+    def refuse(reason: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a checkpoint of this model ({reason})")
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise refuse("no such file") from None
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
+        raise refuse(_load_failure(err)) from None
+    try:
+        return check_checkpoint(checkpoint)
+    except ValueError as err:
+        raise refuse(strip_colour(str(err))) from None
+
+
+def check_checkpoint(checkpoint: Any) -> dict[str, Any]:
+    """Every part a resume or an evaluation uses, checked against fresh objects of the saved
+    recipe; returns the checkpoint with the recipe completed from RECIPE and the optimizer and
+    scheduler states as the running torch writes them."""
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in FORMAT):
+        raise ValueError(f"expected a dict with keys {', '.join(FORMAT)}")
+    recipe = check_recipe(checkpoint["recipe"])
+    net = _check_model(checkpoint["model"], recipe)
+    optimizer = _check_optimizer(checkpoint["optimizer"], net, recipe)
+    epochs = _check_history(checkpoint["history"])
+    scheduler = _check_scheduler(checkpoint["scheduler"], net, recipe, epochs)
+    rng = _check_rng(checkpoint["rng"], recipe)
+    if recipe["epochs"] < epochs:
+        raise ValueError(f"recipe says {recipe['epochs']} epochs, history holds {epochs}")
+    return {**checkpoint, "recipe": recipe, "optimizer": optimizer, "scheduler": scheduler,
+            "rng": rng}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _optional_positive_int(v: Any) -> bool:
+    return v is None or _positive_int(v)
+
+
+def _positive_real(v: Any) -> bool:
+    return _is_real(v) and v > 0
+
+
+def _non_negative_real(v: Any) -> bool:
+    return _is_real(v) and v >= 0
+
+
+def _real_list(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_real(x) for x in v)
+
+
+RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (_positive_int, "a positive integer"),
+    "batch_size": (_positive_int, "a positive integer"),
+    "test_batch_size": (_positive_int, "a positive integer"),
+    "lr": (_positive_real, "a finite number > 0"),
+    "momentum": (_non_negative_real, "a finite number >= 0"),
+    "step_size": (_positive_int, "a positive integer"),
+    "gamma": (_positive_real, "a finite number > 0"),
+    "seed": (lambda v: _is_int(v) and -(2**63) <= v < 2**64, "an integer torch can seed with"),
+    "loader": (lambda v: v in ("fast", "torchvision"), "'fast' or 'torchvision'"),
+    "dropout_plan": (lambda v: isinstance(v, str) and v in DROPOUT_PLANS,
+                     f"one of {', '.join(DROPOUT_PLANS)}"),
+    "batch_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "transitions": (lambda v: isinstance(v, str) and v in TRANSITIONS,
+                    f"one of {', '.join(TRANSITIONS)}"),
+    "head": (lambda v: isinstance(v, str) and v in HEADS, f"one of {', '.join(HEADS)}"),
+    "width": (lambda v: _positive_real(v) and v <= MAX_WIDTH,
+              f"a number > 0 and <= {MAX_WIDTH:g}"),
+    "augmentation": (lambda v: isinstance(v, str) and v in AUGMENTATIONS,
+                     f"one of {', '.join(AUGMENTATIONS)}"),
+    "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "deterministic": (lambda v: isinstance(v, bool), "true or false"),
+    "limit_train": (_optional_positive_int, "None or a positive integer"),
+    "limit_test": (_optional_positive_int, "None or a positive integer"),
+}
+
+
+def check_recipe(recipe: Any) -> dict[str, Any]:
+    """RECIPE completed with `recipe` (an older checkpoint may lack newer keys), every value
+    of the type a Run needs; ValueError names the first that is not."""
+    if not isinstance(recipe, dict):
+        raise ValueError("recipe is not a dict")
+    full = utils.full_recipe(recipe)
+    for key, (ok, what) in RECIPE_RULES.items():
+        if not ok(full[key]):
+            raise ValueError(f"recipe {key}={full[key]!r} is not {what}")
+    return full
+
+
+def _check_tensors_finite(tensors: dict[str, Any], what: str) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{what} {name} is not a tensor")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what} {name} holds NaN or infinite values")
+
+
+def _check_model(state: Any, recipe: dict[str, Any]) -> Net:
+    """The weights load strictly into the recipe's Net, every one is finite, and every
+    BatchNorm's running variance is >= 0 (a negative one makes evaluation NaN)."""
+    if not isinstance(state, dict):
+        raise ValueError("model is not a state dict")
+    net = Net(**utils.net_options(recipe))
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as err:
+        raise ValueError(" ".join(str(err).split())[:300]) from None
+    _check_tensors_finite(state, "weight")
+    for name, module in net.named_modules():
+        if isinstance(module, nn.BatchNorm2d) and bool((module.running_var < 0).any()):
+            raise ValueError(f"BatchNorm {name} has a negative running variance")
+    return net
+
+
+# Set by the StepLR schedule from the recipe's lr, and by --lr on resume.
+LEARNING_RATES = ("lr", "initial_lr")
+
+
+def _check_optimizer(state: Any, net: Net, recipe: dict[str, Any]) -> dict[str, Any]:
+    """An SGD state of this model's parameters whose hyperparameters are those make_optimizer
+    builds from the recipe (the learning rate aside: StepLR and --lr change it); each momentum
+    buffer a finite tensor of its parameter's shape. Returns the state as loaded."""
+    fresh, _ = utils.make_optimizer(net, recipe)
+    expected = fresh.state_dict()["param_groups"]
+    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
+        raise ValueError("optimizer is not an optimizer's state dict")
+    if len(state["param_groups"]) != len(expected):
+        raise ValueError("optimizer of another model (another number of parameter groups)")
+    groups = []
+    for saved, want in zip(state["param_groups"], expected, strict=True):
+        if not isinstance(saved, dict):
+            raise ValueError("optimizer param group is not a dict")
+        # A key this torch's SGD does not write would be copied onto the group: leave it out.
+        groups.append({k: v for k, v in saved.items() if k in want})
+    try:
+        fresh.load_state_dict({**state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as err:
+        raise ValueError(f"optimizer of another model ({str(err)[:120]})") from None
+    for group, want in zip(fresh.param_groups, expected, strict=True):
+        missing = sorted(set(want) - set(group))
+        if missing:
+            raise ValueError(f"optimizer lacks {', '.join(missing)}")
+        for key in LEARNING_RATES:
+            if key in group and not _positive_real(group[key]):
+                raise ValueError(f"optimizer {key}={str(group[key])[:40]} is not a number > 0")
+        for key, value in want.items():
+            if key not in ("params", *LEARNING_RATES) and group[key] != value:
+                raise ValueError(f"optimizer {key}={str(group[key])[:40]} is not the "
+                                 f"recipe's ({value})")
+    for param, st in fresh.state.items():
+        buf = st.get("momentum_buffer") if isinstance(st, dict) else st
+        if buf is None:
+            continue
+        if not isinstance(buf, torch.Tensor) or buf.shape != param.shape:
+            raise ValueError("optimizer momentum buffer does not fit its parameter")
+        _check_tensors_finite({"momentum buffer": buf}, "optimizer")
+    return fresh.state_dict()
+
+
+# What defines the schedule; StepLR's other keys are torch's bookkeeping, which a fresh
+# StepLR of the running torch provides when a checkpoint from another release lacks one.
+SCHEDULE_KEYS = ("step_size", "gamma", "base_lrs", "last_epoch")
+
+
+def _check_scheduler(state: Any, net: Net, recipe: dict[str, Any], epochs: int
+                     ) -> dict[str, Any]:
+    """A StepLR state of the recipe's schedule, stepped once per finished epoch: the keys a
+    fresh StepLR writes, each of the kind it writes (a key this torch does not write is left
+    out). Returns the state to load."""
+    expected = utils.make_optimizer(net, recipe)[1].state_dict()
+    if not isinstance(state, dict):
+        raise ValueError("scheduler is not a dict")
+    missing = [key for key in SCHEDULE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"scheduler lacks {', '.join(missing)}: not a StepLR")
+    known = {k: v for k, v in state.items() if k in expected}
+    for key, value in known.items():
+        if not _same_kind(value, expected[key]):
+            raise ValueError(f"scheduler {key}={str(value)[:40]} does not belong to a StepLR")
+    for key in ("step_size", "gamma"):
+        if known[key] != recipe[key]:
+            raise ValueError(f"scheduler {key}={known[key]} is not the recipe's ({recipe[key]})")
+    if len(known["base_lrs"]) != len(expected["base_lrs"]) or not all(
+            _positive_real(lr) for lr in known["base_lrs"]):
+        raise ValueError("scheduler base_lrs do not match the optimizer")
+    if known["last_epoch"] != epochs:
+        raise ValueError(f"scheduler at epoch {known['last_epoch']}, history at {epochs}")
+    return {**expected, **known}
+
+
+def _same_kind(value: Any, reference: Any) -> bool:
+    """`value` could stand where a fresh StepLR has `reference`."""
+    if isinstance(reference, bool):
+        return isinstance(value, bool)
+    if isinstance(reference, int):
+        return _is_int(value)
+    if isinstance(reference, float):
+        return _is_real(value)
+    if isinstance(reference, list):
+        return isinstance(value, list) and all(_is_real(v) for v in value)
+    return reference is None or type(value) is type(reference)
+
+
+def _check_history(history: Any) -> int:
+    """new_history's keys, each a list of finite numbers, all as long as `epoch` = 1..n.
+    Returns n, the epochs finished."""
+    keys = set(utils.new_history())
+    if not isinstance(history, dict) or set(history) != keys:
+        raise ValueError(f"history needs exactly the keys {', '.join(sorted(keys))}")
+    for key, values in history.items():
+        if not _real_list(values):
+            raise ValueError(f"history {key} is not a list of finite numbers")
+    n = len(history["epoch"])
+    if any(len(v) != n for v in history.values()) or history["epoch"] != list(range(1, n + 1)):
+        raise ValueError("history columns do not line up with epochs 1..n")
+    return n
+
+
+def _check_rng(rng: Any, recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every generator state fits a generator of its kind. The CPU's always can be tried; a
+    CUDA or MPS state only where that device is here (elsewhere restore_run cannot use it and
+    says so). Returns the states restore_run reads."""
+    if not isinstance(rng, dict) or not {"torch", "loader"} <= set(rng):
+        raise ValueError("rng needs the 'torch' and 'loader' generator states")
+    states = {k: v for k, v in rng.items() if k in ("torch", "loader", "cuda", "mps")}
+    for name, state in states.items():
+        if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8
+                and state.dim() == 1 and state.numel() > 0):
+            raise ValueError(f"rng {name} is not a generator state (a 1-D uint8 tensor)")
+    trained_on = saved_device(states)
+    # The fast loader draws on the training device; the torchvision loader on the CPU.
+    loader_on = trained_on if recipe["loader"] == "fast" else "cpu"
+    for name, kind in (("torch", "cpu"), ("loader", loader_on), (trained_on, trained_on)):
+        if name in states and not _fits_generator(states[name], kind):
+            raise ValueError(f"rng {name} does not fit a {kind} generator "
+                             f"({states[name].numel()} bytes)")
+    return states
+
+
+def _fits_generator(state: torch.Tensor, kind: str) -> bool:
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available[kind]:
+        return True  # cannot be tried here, and restore_run will not use it
+    try:
+        torch.Generator(device=kind).set_state(state)
+    except RuntimeError:
+        return False
+    return True
+
+
+TORCH_ADVICE = ("weights_only", "Weights only load failed", "Check the documentation")
+# Where torch names the object it refused, on a line of its own (2.4+) or after its advice on
+# the same line (2.2 and older).
+REFUSED_OBJECT = "WeightsUnpickler error:"
+
+
+def _load_failure(err: BaseException) -> str:
+    """Why torch.load failed, in words for a user. torch's own text leads with advice to load
+    with weights_only=False, the one thing a user must not do with a file that is refused,
+    so only its reason is kept."""
+    text = strip_colour(str(err))
+    if REFUSED_OBJECT in text:
+        reasons = [text.split(REFUSED_OBJECT, 1)[1].strip().splitlines()[0].strip()]
+    else:
+        lines = [s.strip() for s in text.splitlines() if s.strip()]
+        reasons = [s for s in lines if not any(a in s for a in TORCH_ADVICE)]
+    reason = reasons[0][:200] if reasons and reasons[0] else type(err).__name__
+    if any(word in reason for word in ("GLOBAL", "global", "Unsupported")):
+        return (f"it holds code or objects that are not plain tensors ({reason}), so it was "
+                f"refused and nothing in it ran")
+    if isinstance(err, IsADirectoryError):
+        return "a folder, not a checkpoint file"
+    return f"not a file written by torch.save: {reason}"
