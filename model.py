@@ -84,12 +84,15 @@ class Net(nn.Module):
             p = dropout if name in dropped else 0.0
             return name, conv_block(c_in, c_out, kernel, padding, p, fast_dropout, batch_norm)
 
-        if head == "conv":
-            last = [("conv6", nn.Conv2d(c5, out, kernel_size=3, bias=not batch_norm))]  # 3 -> 1
-        else:
-            last = [("gap", nn.AdaptiveAvgPool2d(1)),  # 3 -> 1, the mean of each channel
+        def last_stages() -> list[tuple[str, nn.Module]]:
+            if head == "conv":
+                return [("conv6", nn.Conv2d(c5, out, kernel_size=3, bias=not batch_norm))]
+            return [("gap", nn.AdaptiveAvgPool2d(1)),  # 3 -> 1, the mean of each channel
                     ("conv6", nn.Conv2d(c5, out, kernel_size=1, bias=not batch_norm))]
+
         self.features = nn.Sequential()
+        # Built in the table's order: each conv draws its initial weights from the seeded
+        # generator as it is made, so the order fixes every weight a seed gives.
         stages: list[tuple[str, nn.Module]] = [
             block("conv1", 1, c1),  # 28 -> 26
             block("conv2", c1, c2),  # 26 -> 24
@@ -100,7 +103,7 @@ class Net(nn.Module):
             ("pool2", nn.MaxPool2d(2, 2)),  # 10 -> 5
             block("trans2", c4, t2, kernel=1),  # 5 -> 5, channel reduction
             block("conv5", t2, c5),  # 5 -> 3
-            *last,
+            *last_stages(),  # 3 -> 1
         ]
         for name, module in stages:
             self.features.add_module(name, module)

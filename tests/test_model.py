@@ -301,3 +301,16 @@ def test_gradient_matches_relu_then_nn_dropout_under_the_same_mask():
     ref.pow(2).sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_every_head_and_width_draws_the_tables_weights_in_the_tables_order():
+    """Weights are drawn from the seeded generator as each conv is built: the head comes
+    last, so with one seed the GAP form starts from the table's conv1..conv5 (and the table's
+    model from the weights its seed always gave)."""
+    torch.manual_seed(1)
+    table = Net().state_dict()
+    torch.manual_seed(1)
+    gap = Net(head="gap").state_dict()
+    shared = [k for k in table if not k.startswith("features.conv6")]
+    assert all(torch.equal(table[k], gap[k]) for k in shared)
+    assert gap["features.conv6.weight"].shape == (10, 32, 1, 1)
