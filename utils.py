@@ -398,6 +398,45 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------
+# The notebook's switches: smoke mode, the recipe as it prints it, and where a run's figures go.
+# ---------------------------------------------------------------------------------------------
+SMOKE_VALUES = {None: False, "": False, "0": False, "1": True}  # S6_SMOKE: unset/""/0 or 1
+
+
+def smoke_mode(value: str | None) -> bool:
+    """S6_SMOKE's one rule: unset, empty or "0" is the full run, "1" the smoke run; anything
+    else is refused, so that a "true" or a " 1" never starts a 20-epoch run that replaces the
+    committed figures."""
+    if value not in SMOKE_VALUES:
+        raise ValueError(f"S6_SMOKE={value!r} is not a setting: use S6_SMOKE=1 for the smoke run "
+                         f"(1 epoch on 2,048 images), or 0 (or leave it unset) for the full run")
+    return SMOKE_VALUES[value]
+
+
+def format_recipe(recipe: dict[str, Any]) -> str:
+    """One key per line, values aligned: a printed dict wraps mid-word on GitHub."""
+    width = max(map(len, recipe))
+    return "\n".join(f"  {key:<{width}}  {value}" for key, value in recipe.items())
+
+
+def figures_dir(run: Run, images: str | os.PathLike | None) -> str | os.PathLike | None:
+    """Where the notebook saves `run`'s figures: `images` once the run has all its epochs, else
+    None (drawn inline only, with a word why), so a half-trained model never replaces them."""
+    done, total = len(run.history["epoch"]), run.recipe["epochs"]
+    if images is None or done == total:
+        return images
+    print(f"the run is incomplete ({done} of {total} epochs): its figures are drawn here, not "
+          f"saved in {images}/; run the training cell again to finish it")
+    return None
+
+
+def save_figure(fig: Any, folder: str | os.PathLike | None, name: str) -> None:
+    """Save a figure drawn earlier into `folder` (None: nowhere), as the plot helpers save."""
+    if folder is not None:
+        _finish(fig, Path(folder) / name)
+
+
+# ---------------------------------------------------------------------------------------------
 # Device choice.
 # ---------------------------------------------------------------------------------------------
 def get_device(name: str = "auto") -> torch.device:
