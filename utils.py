@@ -3,9 +3,10 @@
 The notebook and train.py share everything here, so both run exactly the same recipe. Read top
 to bottom: the recipe, the two loaders (the original torchvision pipeline and the fast one that
 reproduces its pixels on whole batches), the train/test loops, a Run that builds and fits,
-device choice, and the plots. The rest lives in a module of its own: the model in model.py,
-the MNIST files in mnist_files.py, the whole-batch augmentation in augment.py, what differs
-from device to device in devices.py, and checkpoints in checkpoints.py.
+the notebook's switches (smoke mode, where a run's figures go), device choice, and the plots.
+The rest lives in a module of its own: the model in model.py, the MNIST files in
+mnist_files.py, the whole-batch augmentation in augment.py, what differs from device to device
+in devices.py, and checkpoints (and the notebook's resume) in checkpoints.py.
 """
 
 from __future__ import annotations
