@@ -33,8 +33,14 @@
 # pins a torch build for a newer CUDA driver than Colab may have, and the notebook would then
 # fall back to the CPU. On a Mac it runs on the GPU through MPS.
 #
-# Set the environment variable `S6_SMOKE=1` to run a 1-epoch check on a small subset (CI does);
-# it then writes no images.
+# **Interrupted?** Every epoch is saved in `CHECKPOINT` (set in the settings cell below): run
+# the training cell again and it goes on from the last saved epoch. A finished run is loaded, not
+# retrained, unless you set `RETRAIN = True`.
+#
+# **Smoke mode.** The environment variable `S6_SMOKE` chooses the run: unset (or `0`) trains the
+# full recipe; `1` trains 1 epoch on 2,048 images as a quick check (the tests do), writes no
+# images and keeps its checkpoint apart. Any other value is refused, so a `true` or a typo never
+# starts a 20-epoch run.
 
 # %%
 # Colab set-up: when the repository's files are not next to this notebook, fetch them.
@@ -56,32 +62,43 @@ if importlib.util.find_spec("torchsummary") is None:
 # %%
 import matplotlib.pyplot as plt
 import torch
+from IPython.display import Markdown, display
 from torchsummary import summary
 
+from checkpoints import fit_and_save, resume_or_start
 from mnist_files import ensure_mnist
 from model import Net, count_parameters, format_layer_table, layer_table
 from utils import (
     RECIPE,
-    Run,
     augmented_samples,
     describe_device,
     device_loader,
+    figures_dir,
+    format_recipe,
     get_device,
     image_grid,
     plot_history,
     save_analysis,
+    save_figure,
+    smoke_mode,
 )
 
-SMOKE = os.environ.get("S6_SMOKE") == "1"
+SMOKE = smoke_mode(os.environ.get("S6_SMOKE"))  # the rule: see the introduction
+# Every epoch is saved here. In Colab, mount Google Drive and save there, so that a lost runtime
+# does not lose the run: e.g. "/content/drive/MyDrive/s6/notebook.pt".
+CHECKPOINT = "checkpoints/notebook.pt"
+RETRAIN = False  # True: train from scratch even when CHECKPOINT holds a finished run
+IMAGES = "images"  # a complete run's figures go here (the README shows them)
 recipe = dict(RECIPE)
-if SMOKE:
+if SMOKE:  # a quick check: it must not touch a full run's checkpoint or figures
     recipe.update(epochs=1, limit_train=2048, limit_test=1000)
-IMAGES = None if SMOKE else "images"  # a smoke run must not overwrite the committed figures
+    CHECKPOINT, RETRAIN, IMAGES = "checkpoints/notebook-smoke.pt", True, None
 plt.rcParams["figure.dpi"] = 80  # inline figures only (images/ is saved at 120 dpi): a lighter notebook
 device = get_device()
 print(describe_device(device))
 print(f"torch {torch.__version__} | smoke: {SMOKE}")
-print("recipe:", recipe)
+print("recipe:")
+print(format_recipe(recipe))
 
 # %% [markdown]
 # ## Data
@@ -94,19 +111,22 @@ print("recipe:", recipe)
 ensure_mnist("data")
 samples = device_loader("data", train=True, batch_size=24, device=device, seed=0)
 x, y = augmented_samples(samples)
-sample_path = f"{IMAGES}/samples.png" if IMAGES else None
-fig = image_grid(x, [f"label {int(v)}" for v in y], path=sample_path,
-                 suptitle="Augmented training samples")
+samples_fig = image_grid(x, [f"label {int(v)}" for v in y],
+                         suptitle="Augmented training samples")
 
 # %% [markdown]
 # ## The network
 # The parameter count and the receptive-field table are computed from the model itself.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 net = Net()
-print(f"parameters: {count_parameters(net):,}")
-print(format_layer_table(layer_table(net)))
+display(Markdown(f"parameters: **{count_parameters(net):,}**\n\n"
+                 + format_layer_table(layer_table(net))))
+
+# %% [markdown]
+# `torchsummary` lists each BatchNorm on a row of its own, where the table above counts it with
+# its conv: conv1's 72 weights (8 filters of 3x3) and its BatchNorm's 16 (a scale and a shift
+# per channel) are the table's 88. The totals agree.
 
 # %%
 summary(Net(), (1, 28, 28), device="cpu")
@@ -114,21 +134,29 @@ summary(Net(), (1, 28, 28), device="cpu")
 # %% [markdown]
 # ## Training
 # SGD (lr 0.01, momentum 0.9), StepLR (step 15, gamma 0.1), batch 128, 20 epochs.
+#
+# Each epoch is saved in `CHECKPOINT`. Interrupted (a time-out, a closed tab, the stop button)?
+# Run this cell again: it goes on from the last saved epoch. A finished run is loaded rather than
+# trained again; to train it again set `RETRAIN = True` (or delete the file). A checkpoint of
+# another recipe is not resumed: the cell says what differs. The cells below save their figures
+# in `images/` only when the run has all its epochs.
 
 # %%
-run = Run(recipe, device, "data")
-history = run.fit()
-print(f"final test accuracy: {history['test_acc'][-1]:.2f}% "
-      f"(best {max(history['test_acc']):.2f}%) after {len(history['epoch'])} epochs")
+run = resume_or_start(recipe, device, CHECKPOINT, "data", retrain=RETRAIN)
+fit_and_save(run, CHECKPOINT)
+print(f"final test accuracy: {run.history['test_acc'][-1]:.2f}% "
+      f"(best {max(run.history['test_acc']):.2f}%) after {len(run.history['epoch'])} epochs")
 
 # %%
-loss_fig, accuracy_fig = plot_history(history, save_dir=IMAGES)
+figures = figures_dir(run, IMAGES)  # IMAGES once the run has all its epochs, else None
+loss_fig, accuracy_fig = plot_history(run.history, save_dir=figures)
+save_figure(samples_fig, figures, "samples.png")  # the Data section's grid, with the run's figures
 
 # %% [markdown]
 # ## What the model gets wrong
 
 # %%
-analysis = save_analysis(run.model, run.test_loader, device, save_dir=IMAGES)
+analysis = save_analysis(run.model, run.test_loader, device, save_dir=figures)
 for digit, acc in enumerate(analysis["per_class_accuracy"]):
     print(f"digit {digit}: {acc:.2f}%")
 
@@ -141,14 +169,12 @@ for digit, acc in enumerate(analysis["per_class_accuracy"]):
 # "What each part buys").
 
 # %%
-from IPython.display import Markdown, display
-
 from benchmarks.ablation import format_table, load_results, plot_ablation, summarise
 
 ablation = load_results("results/ablation")
 if any(ablation.values()):
     display(Markdown(format_table(summarise(ablation))))
-    ablation_fig = plot_ablation(ablation, path=f"{IMAGES}/ablation.png" if IMAGES else None)
+    ablation_fig = plot_ablation(ablation, path=f"{figures}/ablation.png" if figures else None)
 else:
     print("No ablation results in results/ablation/ yet: run "
           "`python benchmarks/ablation.py --seeds 1 2 3`, then this cell again.")

@@ -103,6 +103,87 @@ def saved_device(rng: dict[str, Any]) -> str:
     return next((kind for kind in ("cuda", "mps") if kind in rng), "cpu")
 
 
+def resume_or_start(recipe: dict[str, Any], device: torch.device, path: str | os.PathLike,
+                    data_dir: str | os.PathLike = "data", retrain: bool = False) -> utils.Run:
+    """The notebook's run, and one line saying which: the run saved in `path` if it is of this
+    recipe (an unfinished one resumes, a finished one is loaded, not trained again), else a new
+    one. Another recipe's run, or a file that is not a checkpoint, is refused (it says what
+    differs and what to do) unless `retrain`, which also trains a finished run again."""
+    recipe = utils.full_recipe(recipe)
+    for leftover in remove_partial_saves(path):
+        print(f"removed {leftover}, left by a save that was cut short")
+    if not os.path.lexists(path):
+        print(f"a new run: {_epochs(recipe['epochs'])}, each saved in {path}")
+        return utils.Run(recipe, device, data_dir)
+    checkpoint, replaced = _notebook_checkpoint(path, recipe, retrain)
+    if checkpoint is None:
+        print(f"a new run (RETRAIN = True): {_epochs(recipe['epochs'])}, each saved in {path} "
+              f"in place of {replaced}")
+        return utils.Run(recipe, device, data_dir)
+    run = utils.Run(recipe, device, data_dir)
+    restore_run(run, checkpoint)
+    done = len(run.history["epoch"])
+    if done < recipe["epochs"]:
+        print(f"resuming {path} after epoch {done} of {recipe['epochs']}")
+    else:
+        print(f"loaded the finished run in {path} ({_epochs(done)}): it is not trained again "
+              f"(set RETRAIN = True to train it from scratch)")
+    return run
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
+def _notebook_checkpoint(path: str | os.PathLike, recipe: dict[str, Any], retrain: bool
+                         ) -> tuple[dict[str, Any] | None, str]:
+    """(the checkpoint to go on from, or None for a new run; what a new run replaces). An
+    unfinished run of this recipe is resumed even with `retrain`, so that a run started with
+    RETRAIN = True and interrupted continues when its cell runs again."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as err:
+        if retrain:
+            return None, "a file that is not a checkpoint of this model"
+        raise CheckpointError(f"{err}. Set RETRAIN = True to start a new run in its place, or "
+                              f"point CHECKPOINT at another file") from None
+    saved = checkpoint["recipe"]
+    differs = [f"{key} {saved[key]!r} (the notebook's: {value!r})"
+               for key, value in recipe.items() if saved[key] != value]
+    finished = len(checkpoint["history"]["epoch"]) >= saved["epochs"]
+    if not differs and (not finished or not retrain):
+        return checkpoint, ""
+    if retrain:
+        return None, "the finished run saved there" if not differs else "another recipe's run"
+    raise ValueError(f"{path} holds a run of another recipe, so it was not resumed: it has "
+                     f"{'; '.join(differs)}. Set RETRAIN = True to train the notebook's recipe "
+                     f"from scratch in its place, point CHECKPOINT at another file to keep it, "
+                     f"or set the recipe back to the saved values")
+
+
+def fit_and_save(run: utils.Run, path: str | os.PathLike) -> dict[str, list[float]]:
+    """Train the run's remaining epochs with a checkpoint after each, and bars on stdout (they
+    clear themselves, so a saved notebook keeps one line per epoch). Interrupted, it says which
+    epoch is saved, then lets the interrupt through, so that "Run all" stops there."""
+    saved = len(run.history["epoch"])  # a resumed run's file already holds these
+
+    def save(history: dict[str, list[float]]) -> None:
+        nonlocal saved
+        save_run(run, path)
+        saved = len(history["epoch"])
+
+    try:
+        return run.fit(on_epoch_end=save, progress=sys.stdout)
+    except KeyboardInterrupt:
+        if saved:
+            print(f"interrupted: epoch {saved} of {run.recipe['epochs']} is saved in {path}; "
+                  f"run this cell again to go on from there")
+        else:
+            print("interrupted before the first epoch was saved: running this cell again "
+                  "starts the run over")
+        raise
+
+
 # ---------------------------------------------------------------------------------------------
 # The atomic write.
 # ---------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 The notebook and train.py share everything here, so both run exactly the same recipe. Read top
 to bottom: the recipe, the two loaders (the original torchvision pipeline and the fast one that
 reproduces its pixels on whole batches), the train/test loops, a Run that builds and fits,
-device choice, and the plots. The rest lives in a module of its own: the model in model.py,
-the MNIST files in mnist_files.py, the whole-batch augmentation in augment.py, what differs
-from device to device in devices.py, and checkpoints in checkpoints.py.
+the notebook's switches (smoke mode, where a run's figures go), device choice, and the plots.
+The rest lives in a module of its own: the model in model.py, the MNIST files in
+mnist_files.py, the whole-batch augmentation in augment.py, what differs from device to device
+in devices.py, and checkpoints (and the notebook's resume) in checkpoints.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
@@ -227,9 +228,21 @@ def new_history() -> dict[str, list[float]]:
     return {k: [] for k in keys}
 
 
+Progress = bool | IO[str]  # False: no bars; True: on stderr; a stream: on that stream
+
+
+def progress_bar(loader: Any, desc: str, progress: Progress) -> tqdm:
+    """A bar that clears itself when its pass ends (or is interrupted), so a terminal or a saved
+    notebook keeps only the epoch lines. True draws it on stderr, a terminal's convention (stdout
+    stays the log); a notebook passes sys.stdout, since Jupyter shows stderr as pink blocks."""
+    stream = None if isinstance(progress, bool) else progress
+    return tqdm(loader, desc=desc, leave=False, disable=not progress, file=stream,
+                mininterval=1.0)
+
+
 def train_epoch(
     model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, device: torch.device,
-    epoch: int = 1, progress: bool = True, refresh_every: int = 25,
+    epoch: int = 1, progress: Progress = True, refresh_every: int = 25,
 ) -> tuple[float, float]:
     """One pass over `loader`; returns (mean loss, accuracy %) of the training batches.
 
@@ -242,27 +255,27 @@ def train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     seen = 0
-    bar = tqdm(loader, desc=f"epoch {epoch:>2} train", leave=True, disable=not progress,
-               mininterval=1.0)
-    for i, (x, y) in enumerate(bar, start=1):
-        x, y = to_device(x, device), to_device(y, device)
-        optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = F.nll_loss(out, y)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            loss = loss.detach()
-            # `i` goes in as a Python scalar, not a new device tensor: no host-to-device copy
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
-            loss_sum += loss * len(y)
-            correct += (out.argmax(1) == y).sum()
-        seen += len(y)
-        if i % refresh_every == 0 or i == len(loader):
-            if first_bad.item() >= 0:
-                raise NonFiniteLoss(epoch, int(first_bad.item()))
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
-                            acc=f"{100 * correct.item() / seen:.2f}%")
+    # `with`: an interrupt clears the bar too, before the notebook says what is saved
+    with progress_bar(loader, f"epoch {epoch:>2} train", progress) as bar:
+        for i, (x, y) in enumerate(bar, start=1):
+            x, y = to_device(x, device), to_device(y, device)
+            optimizer.zero_grad(set_to_none=True)
+            out = model(x)
+            loss = F.nll_loss(out, y)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                loss = loss.detach()
+                # `i` goes in as a Python scalar, not a new device tensor: no host-to-device copy
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
+                loss_sum += loss * len(y)
+                correct += (out.argmax(1) == y).sum()
+            seen += len(y)
+            if i % refresh_every == 0 or i == len(loader):
+                if first_bad.item() >= 0:
+                    raise NonFiniteLoss(epoch, int(first_bad.item()))
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
+                                acc=f"{100 * correct.item() / seen:.2f}%")
     if first_bad.item() >= 0:
         raise NonFiniteLoss(epoch, int(first_bad.item()))
     return loss_sum.item() / seen, 100.0 * correct.item() / seen
@@ -270,20 +283,21 @@ def train_epoch(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, loader: Any, device: torch.device, progress: bool = False, epoch: int = 0,
+    model: nn.Module, loader: Any, device: torch.device, progress: Progress = False,
+    epoch: int = 0,
 ) -> tuple[float, float]:
     """(mean loss, accuracy %) over the whole loader, in eval mode."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
-    for x, y in tqdm(loader, desc=f"epoch {epoch:>2} test ", leave=False, disable=not progress,
-                     mininterval=1.0):
-        x, y = to_device(x, device), to_device(y, device)
-        out = model(x)
-        loss_sum += F.nll_loss(out, y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-        n += len(y)
+    with progress_bar(loader, f"epoch {epoch:>2} test ", progress) as bar:
+        for x, y in bar:
+            x, y = to_device(x, device), to_device(y, device)
+            out = model(x)
+            loss_sum += F.nll_loss(out, y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
+            n += len(y)
     return loss_sum.item() / n, 100.0 * correct.item() / n
 
 
@@ -292,11 +306,12 @@ def fit(
     scheduler: Any, device: torch.device, epochs: int,
     history: dict[str, list[float]] | None = None,
     on_epoch_end: Callable[[dict[str, list[float]]], None] | None = None,
-    progress: bool = True, log: bool = True, eval_model: nn.Module | None = None,
+    progress: Progress = True, log: bool = True, eval_model: nn.Module | None = None,
 ) -> dict[str, list[float]]:
     """Train until `epochs` epochs are in `history` (so a resumed run continues where it was).
 
-    `progress` shows tqdm bars; `log` prints one summary line per epoch. `eval_model` (default:
+    `progress` shows tqdm bars (see progress_bar); `log` prints one summary line per epoch,
+    which stays when the bars clear. `eval_model` (default:
     `model`) scores each epoch: a run trained through torch.compile evaluates its plain module.
     """
     history = history if history is not None else new_history()
@@ -375,12 +390,51 @@ class Run:
         self.trained = compiled(self.model, device) if r["compile"] else self.model
 
     def fit(self, on_epoch_end: Callable[[dict[str, list[float]]], None] | None = None,
-            progress: bool = True, log: bool = True) -> dict[str, list[float]]:
+            progress: Progress = True, log: bool = True) -> dict[str, list[float]]:
         """Train until the recipe's epochs are in the history (a restored run continues)."""
         return fit(self.trained, self.train_loader, self.test_loader, self.optimizer,
                    self.scheduler, self.device, epochs=self.recipe["epochs"],
                    history=self.history, on_epoch_end=on_epoch_end, progress=progress,
                    log=log, eval_model=self.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The notebook's switches: smoke mode, the recipe as it prints it, and where a run's figures go.
+# ---------------------------------------------------------------------------------------------
+SMOKE_VALUES = {None: False, "": False, "0": False, "1": True}  # S6_SMOKE: unset/""/0 or 1
+
+
+def smoke_mode(value: str | None) -> bool:
+    """S6_SMOKE's one rule: unset, empty or "0" is the full run, "1" the smoke run; anything
+    else is refused, so that a "true" or a " 1" never starts a 20-epoch run that replaces the
+    committed figures."""
+    if value not in SMOKE_VALUES:
+        raise ValueError(f"S6_SMOKE={value!r} is not a setting: use S6_SMOKE=1 for the smoke run "
+                         f"(1 epoch on 2,048 images), or 0 (or leave it unset) for the full run")
+    return SMOKE_VALUES[value]
+
+
+def format_recipe(recipe: dict[str, Any]) -> str:
+    """One key per line, values aligned: a printed dict wraps mid-word on GitHub."""
+    width = max(map(len, recipe))
+    return "\n".join(f"  {key:<{width}}  {value}" for key, value in recipe.items())
+
+
+def figures_dir(run: Run, images: str | os.PathLike | None) -> str | os.PathLike | None:
+    """Where the notebook saves `run`'s figures: `images` once the run has all its epochs, else
+    None (drawn inline only, with a word why), so a half-trained model never replaces them."""
+    done, total = len(run.history["epoch"]), run.recipe["epochs"]
+    if images is None or done == total:
+        return images
+    print(f"the run is incomplete ({done} of {total} epochs): its figures are drawn here, not "
+          f"saved in {images}/; run the training cell again to finish it")
+    return None
+
+
+def save_figure(fig: Any, folder: str | os.PathLike | None, name: str) -> None:
+    """Save a figure drawn earlier into `folder` (None: nowhere), as the plot helpers save."""
+    if folder is not None:
+        _finish(fig, Path(folder) / name)
 
 
 # ---------------------------------------------------------------------------------------------

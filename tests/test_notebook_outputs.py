@@ -85,7 +85,7 @@ def test_committed_notebook_is_executed_light_and_shows_every_result():
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
 
-    training = cell_running(nb, "run.fit()")
+    training = cell_running(nb, "fit_and_save(")
     text = "".join(o.get("text", "") for o in training.outputs)
     epochs = re.findall(r"epoch +(\d+): train loss", text)
     assert epochs == [str(e) for e in range(1, 21)]  # a full run, not a smoke one
@@ -95,3 +95,53 @@ def test_committed_notebook_is_executed_light_and_shows_every_result():
     shown = "".join(o.get("data", {}).get("text/markdown", "") for o in ablation.outputs)
     assert "| recipe |" in shown and "| no-batchnorm |" in shown
     assert any("image/png" in o.get("data", {}) for o in ablation.outputs)
+
+
+@pytest.mark.xfail(strict=True, reason="the committed notebook's run predates the one-line-per-"
+                   "epoch log: re-execute it (README's command, no checkpoints/notebook.pt), "
+                   "then remove this mark")
+def test_committed_training_log_is_one_line_per_epoch_with_no_stderr_block():
+    """A whole new run, as the README's command saves it: the bars cleared themselves, so one
+    stdout block holds the start line, one line per epoch and the final accuracy."""
+    training = cell_running(nbformat.read(NOTEBOOK, as_version=4), "fit_and_save(")
+    assert [(o.output_type, o.get("name")) for o in training.outputs] == [("stream", "stdout")]
+    lines = training.outputs[0].text.splitlines()
+    assert lines[0] == "a new run: 20 epochs, each saved in checkpoints/notebook.pt"
+    assert [re.match(r"epoch +(\d+): train loss", line).group(1) for line in lines[1:-1]] == [
+        str(e) for e in range(1, 21)]
+    assert lines[-1].startswith("final test accuracy:") and lines[-1].endswith("after 20 epochs")
+
+
+def test_committed_notebook_shows_the_layer_table_rendered_and_the_recipe_one_key_per_line():
+    from model import Net, count_parameters, format_layer_table, layer_table
+    from utils import RECIPE, format_recipe
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    network = cell_running(nb, "format_layer_table(")
+    assert "nbval-check-output" in network.metadata.get("tags", [])  # nbval compares it
+    net = Net()
+    table = f"parameters: **{count_parameters(net):,}**\n\n{format_layer_table(layer_table(net))}"
+    assert [o.get("data", {}).get("text/markdown") for o in network.outputs] == [table]
+    assert not [c for c in nb.cells if c.cell_type == "code" and "NBVAL_" in c.source]
+
+    settings = cell_running(nb, "format_recipe(")
+    assert f"recipe:\n{format_recipe(RECIPE)}\n" in settings.outputs[0].text  # the full recipe
+
+
+def test_the_note_beside_torchsummary_adds_up_as_the_model_does():
+    """torchsummary gives conv1's conv and its BatchNorm a row each; the table, one row."""
+    from torch import nn
+
+    from model import Net, layer_table
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    summary = cell_running(nb, "summary(Net()")
+    note = nb.cells[nb.cells.index(summary) - 1]
+    assert note.cell_type == "markdown"
+    conv1 = Net().features.conv1
+    weights = sum(p.numel() for m in conv1 if isinstance(m, nn.Conv2d) for p in m.parameters())
+    norm = sum(p.numel() for m in conv1 if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    assert weights + norm == layer_table(Net())[0].params
+    text = " ".join(note.source.split())
+    assert (f"conv1's {weights} weights" in text and f"BatchNorm's {norm}" in text
+            and f"the table's {weights + norm}" in text)

@@ -1,0 +1,299 @@
+"""What the notebook's cells rely on: S6_SMOKE's one rule, the recipe as printed, a run that
+resumes from its checkpoint (checkpoints.resume_or_start, fit_and_save), figures saved only for
+a complete run, and bars that clear themselves."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import checkpoints
+import utils
+
+CPU = torch.device("cpu")
+# A few batches of real MNIST: never a full epoch.
+TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
+RECIPE = {**utils.RECIPE, **TINY, "epochs": 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# S6_SMOKE: unset, empty or 0 is the full run; 1 the smoke run; anything else is refused.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [None, "", "0"])
+def test_unset_empty_or_0_is_the_full_run(value):
+    assert utils.smoke_mode(value) is False
+
+
+def test_1_is_the_smoke_run():
+    assert utils.smoke_mode("1") is True
+
+
+@pytest.mark.parametrize("value", ["true", "yes", " 1", "1 ", "2", "on", "false", "smoke"])
+def test_any_other_value_is_refused_rather_than_run_in_full(value):
+    with pytest.raises(ValueError) as refused:
+        utils.smoke_mode(value)
+    message = str(refused.value)
+    assert f"S6_SMOKE={value!r}" in message
+    assert "S6_SMOKE=1" in message and "unset" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe, one key per line.
+# ---------------------------------------------------------------------------------------------
+def test_the_recipe_prints_one_key_per_line_with_its_value():
+    lines = utils.format_recipe(utils.RECIPE).splitlines()
+    assert [line.split() for line in lines] == [[k, str(v)] for k, v in utils.RECIPE.items()]
+    assert len({line.index(str(v), len(k) + 2) for line, (k, v) in
+                zip(lines, utils.RECIPE.items(), strict=True)}) == 1  # values in one column
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures go to images/ only for a run with all its epochs.
+# ---------------------------------------------------------------------------------------------
+def a_run(done: int, epochs: int) -> SimpleNamespace:
+    return SimpleNamespace(history={"epoch": list(range(1, done + 1))},
+                           recipe={"epochs": epochs})
+
+
+def test_a_complete_run_saves_its_figures_in_images(capsys):
+    assert utils.figures_dir(a_run(3, 3), "images") == "images"
+    assert capsys.readouterr().out == ""
+
+
+def test_an_incomplete_run_draws_its_figures_but_does_not_save_them(capsys):
+    assert utils.figures_dir(a_run(1, 3), "images") is None
+    out = capsys.readouterr().out
+    assert "incomplete (1 of 3 epochs)" in out and "not saved in images/" in out
+    assert "run the training cell again" in out
+
+
+def test_no_images_folder_means_nothing_is_saved_and_nothing_said(capsys):
+    assert utils.figures_dir(a_run(1, 3), None) is None
+    assert capsys.readouterr().out == ""
+
+
+def test_save_figure_saves_into_a_folder_or_nowhere(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    utils.save_figure(fig, None, "nowhere.png")
+    utils.save_figure(fig, tmp_path / "images", "samples.png")
+    assert [p.name for p in tmp_path.rglob("*.png")] == ["samples.png"]
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bars: on stderr (train.py) or on the stream given (the notebook), cleared when done.
+# ---------------------------------------------------------------------------------------------
+def last_line(text: str) -> str:
+    """What a terminal or Jupyter shows of the last line: the text after its last \\r."""
+    return text.rstrip("\r").rsplit("\r", 1)[-1]
+
+
+def test_a_bar_on_a_given_stream_clears_itself_when_its_pass_ends(capsys):
+    stream = io.StringIO()
+    for _ in utils.progress_bar(range(3), "epoch  1 train", stream):
+        pass
+    assert "epoch  1 train" in stream.getvalue()
+    assert last_line(stream.getvalue()).strip() == ""
+    assert capsys.readouterr().err == ""
+
+
+def test_a_bar_by_default_goes_to_stderr_and_clears_itself(capsys):
+    for _ in utils.progress_bar(range(3), "epoch  1 train", True):
+        pass
+    err = capsys.readouterr().err
+    assert "epoch  1 train" in err and last_line(err).strip() == ""
+
+
+def test_no_bar_when_progress_is_off(capsys):
+    for _ in utils.progress_bar(range(3), "epoch  1 train", False):
+        pass
+    assert capsys.readouterr() == ("", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The notebook's run: new, interrupted, resumed, finished; another recipe's is refused.
+# ---------------------------------------------------------------------------------------------
+def stop_in_epoch(monkeypatch, epoch: int) -> None:
+    """Interrupt the run in the first batch of `epoch`, as the stop button would: mid-epoch,
+    after the previous epoch was saved."""
+    save = checkpoints.save_run
+
+    def save_then_arm(run: utils.Run, path: Path) -> None:
+        save(run, path)
+        if len(run.history["epoch"]) == epoch - 1:
+            def interrupt(*args: object, **kwargs: object) -> None:
+                raise KeyboardInterrupt
+            run.optimizer.step = interrupt
+
+    monkeypatch.setattr(checkpoints, "save_run", save_then_arm)
+
+
+def shown(text: str) -> str:
+    """The text as a terminal or Jupyter shows it: each line from its last carriage return."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def epochs_logged(text: str) -> list[int]:
+    return [int(e) for e in re.findall(r"^epoch +(\d+): train loss", shown(text), re.M)]
+
+
+def without_seconds(history: dict) -> dict:
+    return {k: v for k, v in history.items() if k != "seconds"}
+
+
+def test_an_interrupted_run_resumes_from_its_last_saved_epoch(tmp_path, mnist_dir, capsys,
+                                                              monkeypatch):
+    path = tmp_path / "notebook.pt"
+    run = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir)
+    assert capsys.readouterr().out == f"a new run: 3 epochs, each saved in {path}\n"
+    with monkeypatch.context() as patch:
+        stop_in_epoch(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.fit_and_save(run, path)
+    out = shown(capsys.readouterr().out)
+    assert epochs_logged(out) == [1]
+    assert out.splitlines()[-1] == (f"interrupted: epoch 1 of 3 is saved in {path}; "
+                                    f"run this cell again to go on from there")
+
+    resumed = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir)
+    assert capsys.readouterr().out == f"resuming {path} after epoch 1 of 3\n"
+    checkpoints.fit_and_save(resumed, path)
+    assert epochs_logged(capsys.readouterr().out) == [2, 3]  # epoch 1 is not trained again
+    assert resumed.history["epoch"] == [1, 2, 3]
+    assert checkpoints.load_checkpoint(path)["history"]["epoch"] == [1, 2, 3]
+
+    unbroken = utils.Run(RECIPE, CPU, mnist_dir)
+    unbroken.fit(progress=False, log=False)
+    assert without_seconds(resumed.history) == without_seconds(unbroken.history)
+
+
+def test_the_bars_go_to_stdout_and_clear_themselves(tmp_path, mnist_dir, capsys):
+    run = checkpoints.resume_or_start({**RECIPE, "epochs": 1}, CPU, tmp_path / "a.pt", mnist_dir)
+    checkpoints.fit_and_save(run, tmp_path / "a.pt")
+    captured = capsys.readouterr()
+    assert captured.err == ""  # nothing Jupyter would show as a pink block
+    assert "epoch  1 train" in captured.out  # the bar was there while it ran
+    from nbconvert.preprocessors.coalescestreams import CR_PAT
+
+    # As the README's nbconvert command saves it: the bar's carriage returns applied.
+    assert epochs_logged(CR_PAT.sub("", captured.out)) == [1]
+    assert "train:" not in CR_PAT.sub("", captured.out)
+
+
+def finished_run(path: Path, mnist_dir: Path, epochs: int = 1) -> utils.Run:
+    run = checkpoints.resume_or_start({**RECIPE, "epochs": epochs}, CPU, path, mnist_dir)
+    checkpoints.fit_and_save(run, path)
+    return run
+
+
+def test_a_finished_run_is_loaded_not_trained_again(tmp_path, mnist_dir, capsys):
+    path = tmp_path / "notebook.pt"
+    trained = finished_run(path, mnist_dir)
+    capsys.readouterr()
+    loaded = checkpoints.resume_or_start({**RECIPE, "epochs": 1}, CPU, path, mnist_dir)
+    assert capsys.readouterr().out.startswith(f"loaded the finished run in {path} (1 epoch)")
+    checkpoints.fit_and_save(loaded, path)
+    assert epochs_logged(capsys.readouterr().out) == []
+    assert loaded.history == trained.history
+    for name, tensor in trained.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+
+
+def test_retrain_trains_a_finished_run_again_from_scratch(tmp_path, mnist_dir, capsys):
+    path = tmp_path / "notebook.pt"
+    finished_run(path, mnist_dir)
+    capsys.readouterr()
+    run = checkpoints.resume_or_start({**RECIPE, "epochs": 1}, CPU, path, mnist_dir,
+                                      retrain=True)
+    assert "a new run (RETRAIN = True)" in capsys.readouterr().out
+    assert run.history["epoch"] == []
+
+
+def test_retrain_still_resumes_an_unfinished_run_of_the_recipe(tmp_path, mnist_dir, capsys,
+                                                               monkeypatch):
+    """A run started with RETRAIN = True and interrupted goes on when its cell runs again."""
+    path = tmp_path / "notebook.pt"
+    run = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir, retrain=True)
+    with monkeypatch.context() as patch:
+        stop_in_epoch(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.fit_and_save(run, path)
+    capsys.readouterr()
+    again = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir, retrain=True)
+    assert capsys.readouterr().out == f"resuming {path} after epoch 1 of 3\n"
+    assert again.history["epoch"] == [1]
+
+
+def test_another_recipes_run_is_refused_saying_what_differs_and_what_to_do(tmp_path, mnist_dir):
+    path = tmp_path / "notebook.pt"
+    finished_run(path, mnist_dir)
+    with pytest.raises(ValueError) as refused:
+        checkpoints.resume_or_start({**RECIPE, "epochs": 1, "lr": 0.02}, CPU, path, mnist_dir)
+    message = str(refused.value)
+    assert "another recipe" in message and "not resumed" in message
+    assert "lr 0.01 (the notebook's: 0.02)" in message
+    assert "RETRAIN = True" in message and "CHECKPOINT" in message
+    assert checkpoints.load_checkpoint(path)["recipe"]["lr"] == 0.01  # left as it was
+
+
+def test_more_epochs_than_saved_is_another_recipe_too(tmp_path, mnist_dir):
+    path = tmp_path / "notebook.pt"
+    finished_run(path, mnist_dir)
+    with pytest.raises(ValueError, match=r"epochs 1 \(the notebook's: 3\)"):
+        checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir)
+
+
+def test_retrain_replaces_another_recipes_run(tmp_path, mnist_dir, capsys):
+    path = tmp_path / "notebook.pt"
+    finished_run(path, mnist_dir)
+    capsys.readouterr()
+    run = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir, retrain=True)
+    assert "in place of another recipe's run" in capsys.readouterr().out
+    assert run.history["epoch"] == []
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_with_what_to_do(tmp_path, mnist_dir,
+                                                                    capsys):
+    path = tmp_path / "notebook.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoints.CheckpointError, match="RETRAIN = True"):
+        checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir)
+    run = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir, retrain=True)
+    assert "in place of a file that is not a checkpoint" in capsys.readouterr().out
+    assert run.history["epoch"] == []
+
+
+def test_interrupted_before_the_first_save_says_the_run_starts_over(tmp_path, mnist_dir,
+                                                                    capsys, monkeypatch):
+    path = tmp_path / "notebook.pt"
+    run = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir)
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run.optimizer, "step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.fit_and_save(run, path)
+    assert shown(capsys.readouterr().out).splitlines()[-1] == (
+        "interrupted before the first epoch was saved: running this cell again starts the run "
+        "over")
+    assert not path.exists()
+
+
+def test_leftovers_of_a_killed_save_are_removed(tmp_path, mnist_dir, capsys):
+    path = tmp_path / "notebook.pt"
+    leftover = tmp_path / ".notebook.pt.abc123.partial"
+    leftover.write_bytes(b"half a checkpoint")
+    checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir)
+    assert not leftover.exists()
+    assert f"removed {leftover}" in capsys.readouterr().out
