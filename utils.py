@@ -961,10 +961,30 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 TARGET_ACC = 99.4  # the assignment's test accuracy, drawn on the accuracy plot
 ZOOM_FROM = 98.5  # the accuracy plot's second panel starts here, so the last 0.1% shows
+# Every figure's text, in points. The notebook draws inline at 80 dpi, where 1 pt is 1.1 px:
+# under 10 pt, a digit is less than 8 px high.
+TEXT_SIZES = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
+              "xtick.labelsize": 11, "ytick.labelsize": 11, "legend.fontsize": 10.5,
+              "figure.titlesize": 13}
+
+
+def _legible(draw: Callable) -> Callable:
+    """Draw with TEXT_SIZES; a text's size is fixed when it is created, so it outlives this."""
+    import functools
+
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib.pyplot as plt
+
+        with plt.rc_context(TEXT_SIZES):
+            return draw(*args, **kwargs)
+
+    return drawn
 
 
 def _finish(fig: Any, path: str | os.PathLike | None) -> Any:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure made with its own layout keeps it
+        fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
@@ -978,6 +998,7 @@ def _whole_epochs(ax: Any) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
 
 
+@_legible
 def plot_history(history: dict[str, list[float]],
                  save_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
     """The original's two figures: train/test loss, and train/test accuracy, per epoch.
@@ -1010,33 +1031,64 @@ def plot_history(history: dict[str, list[float]],
 
 def _zoomed_accuracy(ax: Any, history: dict[str, list[float]]) -> None:
     """Accuracy from ZOOM_FROM up, with the target line and the final test accuracy."""
-    ax.plot(history["epoch"], history["train_acc"], "o-", alpha=0.5, label="train")
-    ax.plot(history["epoch"], history["test_acc"], "s-", label="test")
+    train = ax.plot(history["epoch"], history["train_acc"], "o-", alpha=0.5, label="train")[0]
+    test = ax.plot(history["epoch"], history["test_acc"], "s-", label="test")[0]
     ax.axhline(TARGET_ACC, color="tab:red", linestyle="--", linewidth=1,
                label=f"target {TARGET_ACC}%")
     top = max([TARGET_ACC, *history["test_acc"], *history["train_acc"]])
-    ax.set_ylim(ZOOM_FROM, min(100.0, top + 0.15))
+    # Room above the highest point for the final accuracy's note: a third of the span.
+    ax.set_ylim(ZOOM_FROM, top + max(0.15, 0.3 * (top - ZOOM_FROM)))
+    for line, name in ((train, "train"), (test, "test")):
+        _mark_below_floor(ax, line, name)
     if history["epoch"]:
         last, acc = history["epoch"][-1], history["test_acc"][-1]
-        ax.annotate(f"{acc:.2f}%", (last, acc), textcoords="offset points", xytext=(0, 8),
-                    ha="center", fontsize=8)
+        ax.annotate(f"{acc:.2f}%", (last, acc), textcoords="offset points", xytext=(0, 9),
+                    ha="center", va="bottom", fontsize=12, fontweight="bold",
+                    color=test.get_color())
     ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"Accuracy from {ZOOM_FROM}% up")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")  # up to five entries: where they cover the fewest points
 
 
+def _mark_below_floor(ax: Any, line: Any, name: str) -> None:
+    """A curve's epochs under the panel's floor, as ▼ on its bottom edge, named in the legend."""
+    below = [e for e, a in zip(line.get_xdata(), line.get_ydata(), strict=True) if a < ZOOM_FROM]
+    if not below:
+        return
+    # x in epochs, y in the panel's height: just above the bottom edge, whatever the limits.
+    edge = ax.get_xaxis_transform()
+    epochs = f"epoch{'s' if len(below) > 1 else ''} {epoch_ranges(below)}"
+    ax.plot(below, [0.03] * len(below), "v", transform=edge, color=line.get_color(),
+            markersize=8, clip_on=False, label=f"{name} below {ZOOM_FROM}%: {epochs}")
+
+
+def epoch_ranges(epochs: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7': consecutive epochs as one range."""
+    runs: list[list[int]] = []
+    for e in sorted(int(e) for e in epochs):
+        if runs and e == runs[-1][-1] + 1:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+@_legible
 def image_grid(images: torch.Tensor, titles: list[str], cols: int = 8,
                path: str | os.PathLike | None = None, suptitle: str | None = None) -> Any:
     """A grid of (N, 1, 28, 28) or (N, 28, 28) images with a caption under each."""
     import matplotlib.pyplot as plt
 
     images = images.detach().float().cpu().reshape(len(images), 28, 28)
-    rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
+    rows = max(1, math.ceil(len(images) / cols))  # an empty grid still gets its title
+    # Constrained layout: tight_layout leaves a two-line caption overlapping the digit above.
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.7 * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, title in zip(axes.flat, images, titles, strict=False):
-        ax.imshow(img.numpy(), cmap="gray")
-        ax.set_title(title, fontsize=8)
+        # Nearest: the digit's own 28 x 28 pixels, crisp at any size, never smoothed.
+        ax.imshow(img.numpy(), cmap="gray", interpolation="nearest")
+        ax.set_title(title, fontsize=10.5)
     if suptitle:
         fig.suptitle(suptitle)
     return _finish(fig, path)
@@ -1073,12 +1125,15 @@ def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, preds: torch.
     for the committed notebook (it must stay under 300 KB).
     """
     wrong = (preds != labels).nonzero().flatten()
+    total = len(wrong)
     wrong = wrong[conf[wrong].argsort(descending=True)][:n]
-    titles = [f"true {labels[i]} pred {preds[i]}\n{100 * conf[i]:.0f}%" for i in wrong.tolist()]
-    total = int((preds != labels).sum())
+    titles = [f"true {labels[i]}, pred {preds[i]}\n{100 * conf[i]:.0f}% sure"
+              for i in wrong.tolist()]
+    shown = (f"the {len(wrong)} the model was surest of" if len(wrong) < total
+             else "all shown" if total else "none to show")
     return image_grid(images[wrong], titles, path=path,
-                      suptitle=f"{total} of {len(labels):,} test digits misclassified "
-                               f"(most confident mistakes first)")
+                      suptitle=f"{total:,} of {len(labels):,} test digits misclassified; "
+                               f"{shown}{', most confident first' if len(wrong) > 1 else ''}")
 
 
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor,
@@ -1093,16 +1148,16 @@ def per_class_accuracy(cm: torch.Tensor) -> list[float]:
     return (100.0 * cm.diag() / cm.sum(1).clamp(min=1)).tolist()
 
 
+@_legible
 def plot_confusion_matrix(cm: torch.Tensor, path: str | os.PathLike | None = None) -> Any:
-    """Counts with the diagonal dimmed, so the few mistakes stand out; per-class accuracy in
+    """Counts with the diagonal uncoloured, so the few mistakes stand out; per-class accuracy in
     the row labels."""
     import matplotlib.pyplot as plt
-
-    off = cm.clone().float()
-    off.fill_diagonal_(0)
     from matplotlib.ticker import MaxNLocator
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
+    off = cm.clone().float()
+    off.fill_diagonal_(0)
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(off.numpy(), cmap="Reds", vmin=0)
     acc = per_class_accuracy(cm)
@@ -1111,15 +1166,23 @@ def plot_confusion_matrix(cm: torch.Tensor, path: str | os.PathLike | None = Non
     ax.set_yticklabels([f"{i} ({a:.1f}%)" for i, a in enumerate(acc)])
     for t in range(10):
         for p in range(10):
-            v = int(cm[t, p])
-            if v:
-                ax.text(p, t, v, ha="center", va="center", fontsize=7,
-                        color="grey" if t == p else "black")
+            if int(cm[t, p]):
+                _count(ax, im, t, p, int(cm[t, p]))
     # The colour bar in an axes of its own beside the matrix: with `fig.colorbar(ax=ax)` the
     # layout pushed the y-label off the figure's left edge. Counts are whole: integer ticks.
     cax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.15)
     fig.colorbar(im, cax=cax, ticks=MaxNLocator(integer=True), format="%d", label="mistakes")
     return _finish(fig, path)
+
+
+def _count(ax: Any, im: Any, true: int, pred: int, value: int) -> None:
+    """A cell's count: white on a dark cell, black on a light one; mistakes in bold."""
+    r, g, b, _ = im.cmap(im.norm(0.0 if true == pred else float(value)))
+    dark = 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5  # relative luminance
+    ax.text(pred, true, value, ha="center", va="center",
+            fontsize=10.5 if true == pred else 12,
+            fontweight="normal" if true == pred else "bold",
+            color="white" if dark else "#303030" if true == pred else "black")
 
 
 def save_analysis(model: nn.Module, test_loader: Any, device: torch.device,
