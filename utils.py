@@ -991,6 +991,46 @@ def _finish(fig: Any, path: str | os.PathLike | None) -> Any:
     return fig
 
 
+def png_bytes(fig: Any, dpi: float | None = None, colours: int | None = 256) -> bytes:
+    """The figure as the notebook shows it (tight box), at `dpi` (default: the figure's own).
+
+    With `colours`, a palette PNG of at most that many colours: a plot has few, and the file is
+    about 2.5 times smaller than matplotlib's RGBA one, with no difference to see.
+    """
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi or fig.dpi, bbox_inches="tight")
+    if colours is None:
+        return buf.getvalue()
+    image = Image.open(buf).convert("RGB")
+    # No dithering: its noise would cost bytes and blur thin lines.
+    palette = image.quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    out = io.BytesIO()
+    palette.save(out, format="png", optimize=True)
+    return out.getvalue()
+
+
+def show(fig: Any, alt: str, dpi: float | None = None) -> None:
+    """Show a figure in the notebook as a PNG output whose alt text is `alt`, and close it.
+
+    nbconvert's classic HTML template writes the output's metadata "alt" into the <img> tag; its
+    default (lab) template does not. Closing the figure keeps the inline backend from showing it
+    a second time at the end of the cell.
+    """
+    import base64
+
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    data = base64.b64encode(png_bytes(fig, dpi)).decode("ascii")
+    display({"image/png": data, "text/plain": alt}, raw=True,
+            metadata={"image/png": {"alt": alt}})
+    plt.close(fig)
+
+
 def _whole_epochs(ax: Any) -> None:
     """Epoch ticks at whole numbers only: there is no epoch 2.5."""
     from matplotlib.ticker import MaxNLocator

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 
 import matplotlib
@@ -279,3 +281,57 @@ def test_no_text_in_any_figure_is_smaller_than_10_points():
         texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_text() and t.get_visible()]
         small = {t.get_text(): t.get_fontsize() for t in texts if t.get_fontsize() < 10}
         assert texts and not small, small
+
+
+# ---------------------------------------------------------------------------------------------
+# show: a notebook figure with alternative text.
+# ---------------------------------------------------------------------------------------------
+def test_png_bytes_is_a_palette_png_smaller_than_matplotlibs_own():
+    from PIL import Image
+
+    fig = utils.plot_history(history_of(20))[1]
+    palette, rgba = utils.png_bytes(fig, dpi=80), utils.png_bytes(fig, dpi=80, colours=None)
+    assert palette[:8] == rgba[:8] == PNG_MAGIC
+    assert Image.open(io.BytesIO(palette)).mode == "P"
+    assert Image.open(io.BytesIO(palette)).size == Image.open(io.BytesIO(rgba)).size
+    assert len(palette) < len(rgba) / 2
+
+
+@pytest.fixture
+def displayed(monkeypatch) -> list[tuple[dict, dict]]:
+    """What IPython.display.display was given: (data, metadata) per call."""
+    import IPython.display
+
+    calls = []
+
+    def display(data, raw=False, metadata=None):
+        assert raw
+        calls.append((data, metadata))
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    return calls
+
+
+def test_show_displays_a_png_with_its_alt_text_and_closes_the_figure(displayed):
+    fig = utils.plot_history(history_of(20))[0]
+    utils.show(fig, "Loss per epoch: both curves fall.")
+    ((data, metadata),) = displayed
+    assert base64.b64decode(data["image/png"])[:8] == PNG_MAGIC
+    assert data["text/plain"] == "Loss per epoch: both curves fall."
+    assert metadata == {"image/png": {"alt": "Loss per epoch: both curves fall."}}
+    assert not plt.fignum_exists(fig.number)  # the inline backend will not show it again
+
+
+def test_nbconverts_classic_template_writes_the_alt_text(displayed):
+    import nbformat
+    from bs4 import BeautifulSoup
+    from nbconvert import HTMLExporter
+
+    alt = 'Loss "per" epoch <falling>'
+    utils.show(utils.plot_history(history_of(3))[0], alt)
+    ((data, metadata),) = displayed
+    output = nbformat.v4.new_output("display_data", data=data, metadata=metadata)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("show()", outputs=[output])])
+    html, _ = HTMLExporter(template_name="classic").from_notebook_node(nb)
+    (img,) = BeautifulSoup(html, "html.parser").find_all("img")
+    assert img["alt"] == alt and img["src"] == f"data:image/png;base64,{data['image/png']}"
