@@ -3,9 +3,10 @@
 Each run is a plain `python train.py --seed N <the variant's flags> --metrics
 results/ablation/<variant>_seed<N>.json --no-save --quiet`, so any row can be reproduced on its
 own. Runs whose JSON already exists are skipped (delete the file, or pass --force), so an
-interrupted batch continues where it stopped. `--report` rebuilds the table and the figure
-from the JSON files alone; the notebook imports `load_results`, `summarise`, `format_table`
-and `plot_ablation` to show the same.
+interrupted batch continues where it stopped. `--report` rebuilds the table and the two figures
+(images/ablation.png, and images/parameters.png: accuracy against parameters) from the JSON
+files alone; the notebook imports `load_results`, `summarise` and `format_table` from here, and
+the figures' `plot_ablation` and `plot_parameters` from utils, to show the same.
 
     python benchmarks/ablation.py --seeds 1 2 3 --jobs 2 --threads 1
     python benchmarks/ablation.py --report
@@ -27,9 +28,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script, it sees only benchmarks/
+    sys.path.insert(0, str(ROOT))
+
+from utils import plot_ablation, plot_parameters  # noqa: E402
+
 RESULTS = ROOT / "results" / "ablation"
 FIGURE = ROOT / "images" / "ablation.png"
-TARGET = 99.4  # the assignment's test accuracy
+PARAMETERS_FIGURE = "parameters.png"  # written next to the ablation's figure unless told
 
 
 @dataclass(frozen=True)
@@ -150,44 +156,14 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot_ablation(results: dict[str, dict[int, dict[str, Any]]],
-                  path: str | os.PathLike | None = None) -> Any:
-    """Final test accuracy per variant, each seed a dot and the mean a bar, against 99.4%."""
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
-    for y, name in enumerate(names):
-        finals = [m["final_test_acc"] for m in results[name].values()]
-        if finals:
-            # Seeds spread a little up and down, so that equal accuracies stay visible as dots.
-            spread = [0.2 * (i / (len(finals) - 1) - 0.5) if len(finals) > 1 else 0.0
-                      for i in range(len(finals))]
-            ax.plot(finals, [y + d for d in spread], "o", color="tab:blue", alpha=0.7)
-            ax.plot([statistics.mean(finals)] * 2, [y - 0.3, y + 0.3], "-", color="black")
-        else:
-            ax.annotate("no results yet", (0.02, y), xycoords=("axes fraction", "data"),
-                        va="center", color="grey")
-    ax.axvline(TARGET, color="tab:red", linestyle="--", label=f"target {TARGET}%")
-    ax.set_yticks(range(len(names)), names)
-    ax.invert_yaxis()  # the recipe on top
-    ax.set(xlabel="final test accuracy (%), each dot a seed, the bar their mean",
-           title="What each part buys: the recipe with one ingredient changed")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="best")  # where it covers the fewest dots
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
-
-
-def report(out: str | os.PathLike = RESULTS, figure: str | os.PathLike | None = FIGURE) -> str:
-    """The table as Markdown; the figure is written to `figure` (when given) and closed."""
+def report(out: str | os.PathLike = RESULTS, figure: str | os.PathLike | None = FIGURE,
+           parameters_figure: str | os.PathLike | None = None) -> str:
+    """The table as Markdown; the figures are written where given, and closed."""
     import matplotlib.pyplot as plt
 
     results = load_results(out)
     plt.close(plot_ablation(results, figure))
+    plt.close(plot_parameters(results, parameters_figure))
     return format_table(summarise(results))
 
 
@@ -202,13 +178,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="threads per run (default: cores/jobs)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON files")
-    p.add_argument("--figure", type=Path, default=FIGURE, help="where the figure is written")
+    p.add_argument("--figure", type=Path, default=FIGURE,
+                   help="where the ablation's figure is written")
+    p.add_argument("--parameters-figure", type=Path, default=None,
+                   help="where the accuracy-against-parameters figure is written (default: "
+                        f"{PARAMETERS_FIGURE} next to --figure)")
     p.add_argument("--force", action="store_true", help="re-run runs that already have results")
     p.add_argument("--report", action="store_true",
-                   help="run nothing: rebuild the table and the figure from --out")
+                   help="run nothing: rebuild the table and the figures from --out")
     p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
     args = p.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args.parameters_figure = args.parameters_figure or args.figure.with_name(PARAMETERS_FIGURE)
     return args
 
 
@@ -231,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             codes = list(pool.map(lambda vs: run_one(*vs, args), todo))
         failed = [vs for vs, rc in zip(todo, codes, strict=True) if rc != 0]
-    print(report(args.out, args.figure))
-    print(f"figure: {args.figure}")
+    print(report(args.out, args.figure, args.parameters_figure))
+    print(f"figures: {args.figure}, {args.parameters_figure}")
     return 1 if failed else 0
 
 
