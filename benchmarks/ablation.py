@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script, it sees only benchmarks/
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import common  # noqa: E402
 from utils import plot_ablation, plot_parameters  # noqa: E402
 
 RESULTS = ROOT / "results" / "ablation"
@@ -174,8 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--jobs", type=int, default=1, help="runs at once")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--jobs", type=common.positive_int, default=1, help="runs at once")
+    p.add_argument("--threads", type=common.positive_int, default=None,
                    help="threads per run (default: cores/jobs)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON files")
     p.add_argument("--figure", type=Path, default=FIGURE,

@@ -26,6 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script, it sees only benchmarks/
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
 
 
 def run_name(loader: str, dropout_plan: str) -> str:
@@ -112,22 +116,27 @@ def report(out: Path) -> str:
     return "\n".join(lines) + "\n\n" + side_by_side(runs, names)
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--loader", default="fast", choices=["fast", "torchvision"])
     p.add_argument("--dropout-plan", default="table", choices=["table", "every", "none"])
-    p.add_argument("--jobs", type=int, default=1, help="runs at once")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--jobs", type=common.positive_int, default=1, help="runs at once")
+    p.add_argument("--threads", type=common.positive_int, default=None,
                    help="threads per run (default: cores/jobs)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--force", action="store_true", help="re-run seeds that already have results")
     p.add_argument("--report", action="store_true", help="only print the tables")
     p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
-    args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = p.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     args.name = run_name(args.loader, args.dropout_plan)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     todo = [s for s in args.seeds
             if args.force or not metrics_path(args.out, args.name, s).exists()]
     failed = []
