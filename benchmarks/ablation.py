@@ -2,11 +2,12 @@
 
 Each run is a plain `python train.py --seed N <the variant's flags> --metrics
 results/ablation/<variant>_seed<N>.json --no-save --quiet`, so any row can be reproduced on its
-own. Runs whose JSON already exists are skipped (delete the file, or pass --force), so an
+own. Runs whose JSON is complete are skipped (delete the file, or pass --force), so an
 interrupted batch continues where it stopped. `--report` rebuilds the table and the two figures
 (images/ablation.png, and images/parameters.png: accuracy against parameters) from the JSON
-files alone; the notebook imports `load_results`, `summarise` and `format_table` from here, and
-the figures' `plot_ablation` and `plot_parameters` from utils, to show the same.
+files alone, skipping a file it cannot use with a warning naming it; the notebook imports
+`load_results`, `summarise` and `format_table` from here, and the figures' `plot_ablation` and
+`plot_parameters` from utils, to show the same.
 
     python benchmarks/ablation.py --seeds 1 2 3 --jobs 2 --threads 1
     python benchmarks/ablation.py --report
@@ -16,7 +17,6 @@ the figures' `plot_ablation` and `plot_parameters` from utils, to show the same.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -37,6 +37,8 @@ from utils import plot_ablation, plot_parameters  # noqa: E402
 RESULTS = ROOT / "results" / "ablation"
 FIGURE = ROOT / "images" / "ablation.png"
 PARAMETERS_FIGURE = "parameters.png"  # written next to the ablation's figure unless told
+# What the table and the figures read from a result file.
+NEEDS = common.Needs(("parameters", "final_test_acc"), columns=("epoch", "test_acc", "train_acc"))
 
 
 @dataclass(frozen=True)
@@ -96,13 +98,16 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> int:
 # The report, from the JSON files alone.
 # ---------------------------------------------------------------------------------------------
 def load_results(out: str | os.PathLike = RESULTS) -> dict[str, dict[int, dict[str, Any]]]:
-    """{variant: {seed: train.py's metrics}} for every variant; {} where none has run yet."""
+    """{variant: {seed: train.py's metrics}} for every variant; {} where none has run yet.
+
+    A file the report cannot use (cut short, NaN, a key missing) is skipped with a warning.
+    """
     results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in VARIANTS}
     for name in VARIANTS:
-        for path in Path(out).glob(f"{name}_seed*.json"):
+        for path in sorted(Path(out).glob(f"{name}_seed*.json")):
             seed = re.fullmatch(rf"{re.escape(name)}_seed(\d+)\.json", path.name)
-            if seed:
-                results[name][int(seed.group(1))] = json.loads(path.read_text())
+            if seed and (metrics := common.load_result(path, NEEDS)) is not None:
+                results[name][int(seed.group(1))] = metrics
     return results
 
 
@@ -194,6 +199,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def to_run(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(variant, seed) of each run still to do: seed by seed, so that a batch stopped half-way
+    leaves every variant with some seeds."""
+    todo = []
+    for seed in args.seeds:
+        for variant in args.variants:
+            label = f"{variant} seed {seed}"
+            if common.still_to_run(metrics_path(args.out, variant, seed), NEEDS, label,
+                                   args.force):
+                todo.append((variant, seed))
+            else:
+                print(f"{label}: skipped, results exist", flush=True)
+    return todo
+
+
 def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
@@ -202,14 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.report:
         args.out.mkdir(parents=True, exist_ok=True)
-        todo = []
-        # Seed by seed, so that a batch stopped half-way leaves every variant with some seeds.
-        for seed in args.seeds:
-            for variant in args.variants:
-                if args.force or not metrics_path(args.out, variant, seed).exists():
-                    todo.append((variant, seed))
-                else:
-                    print(f"{variant} seed {seed}: skipped, results exist", flush=True)
+        todo = to_run(args)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             codes = list(pool.map(lambda vs: run_one(*vs, args), todo))
         failed = [vs for vs, rc in zip(todo, codes, strict=True) if rc != 0]

@@ -3,9 +3,10 @@
 Each seed is a plain `python train.py --seed N --loader L --dropout-plan P --metrics
 results/<name>_seed<N>.json`, so any row of the table can be reproduced on its own; <name> is
 the loader, with `-dropout-<plan>` added for a model other than the write-up's table. Seeds whose
-JSON already exists are not re-run (delete the file, or pass --force), so an interrupted batch
+JSON is complete are not re-run (delete the file, or pass --force), so an interrupted batch
 continues where it stopped. `--report` only prints the tables of what is there: one per kind of
-run, then all of them side by side.
+run, then all of them side by side (a result file it cannot use is skipped, with a warning
+naming it).
 
     python benchmarks/seeds.py --seeds 1 2 3 4 5 --jobs 2 --threads 1
     python benchmarks/seeds.py --loader torchvision --seeds 1 2 3 --jobs 2 --threads 1
@@ -16,7 +17,6 @@ run, then all of them side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -30,6 +30,8 @@ if str(ROOT) not in sys.path:  # run as a script, it sees only benchmarks/
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
+
+NEEDS = common.Needs(("final_test_acc", "best_test_acc"))  # what the tables read
 
 
 def run_name(loader: str, dropout_plan: str) -> str:
@@ -56,12 +58,12 @@ def run_seed(seed: int, args: argparse.Namespace) -> tuple[int, int]:
 
 
 def load_runs(out: Path) -> dict[str, dict[int, dict]]:
-    """{name: {seed: metrics}} of every results/<name>_seed<N>.json."""
+    """{name: {seed: metrics}} of every usable results/<name>_seed<N>.json."""
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted(out.glob("*_seed*.json")):
         match = re.fullmatch(r"(.+)_seed(\d+)\.json", path.name)
-        if match:
-            runs.setdefault(match[1], {})[int(match[2])] = json.loads(path.read_text())
+        if match and (metrics := common.load_result(path, NEEDS)) is not None:
+            runs.setdefault(match[1], {})[int(match[2])] = metrics
     return runs
 
 
@@ -137,8 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in args.seeds
-            if args.force or not metrics_path(args.out, args.name, s).exists()]
+    todo = [s for s in args.seeds if common.still_to_run(
+        metrics_path(args.out, args.name, s), NEEDS, f"seed {s}", args.force)]
     failed = []
     if todo and not args.report:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -1,17 +1,184 @@
-"""The benchmark scripts end in a line, never a traceback: on a bad count."""
+"""The benchmark scripts end in a line, never a traceback: on a bad count, and on a result file
+they cannot use."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import matplotlib
 
-from benchmarks import ablation, common, seeds, speed, step
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from benchmarks import ablation, common, seeds, speed, step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE = "must be an integer from 1 to 2,147,483,647, got"
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def metrics(final: float = 99.5) -> dict:
+    """A result file as train.py --metrics writes it, as far as the reports read it."""
+    history = {"epoch": [1, 2], "test_acc": [98.0, final], "train_acc": [97.0, 97.0],
+               "seconds": [1.0, 1.0]}
+    return {"parameters": 19_200, "final_test_acc": final, "best_test_acc": final,
+            "model": {"channels": [8]}, "commit": "abc1234", "history": history}
+
+
+GOOD = json.dumps(metrics())
+# (what the file holds, why a report cannot use it)
+UNUSABLE = {
+    "empty": ("", "empty file (a write that failed?)"),
+    "truncated": (GOOD[:40], "not valid JSON (truncated?)"),
+    "binary": (b"\xff\xfe\x00", "not valid JSON (not even text)"),
+    "a list": ("[99.5]", "not a JSON object"),
+    "nan": (GOOD.replace('"final_test_acc": 99.5', '"final_test_acc": NaN'),
+            "'final_test_acc' is NaN, not a finite number"),
+    "infinity": (GOOD.replace('"parameters": 19200', '"parameters": Infinity'),
+                 "'parameters' is Infinity, not a finite number"),
+    "a string": (GOOD.replace('"final_test_acc": 99.5', '"final_test_acc": "99.5"'),
+                 "'final_test_acc' is not a number (\"99.5\")"),
+    "a bool": (GOOD.replace('"parameters": 19200', '"parameters": true'),
+               "'parameters' is not a number (true)"),
+    "missing key": (json.dumps({k: v for k, v in metrics().items() if k != "final_test_acc"}),
+                    "no 'final_test_acc'"),
+    "no history": (json.dumps({k: v for k, v in metrics().items() if k != "history"}),
+                   "no 'history'"),
+    "short column": (GOOD.replace('"test_acc": [98.0, 99.5]', '"test_acc": [98.0]'),
+                     "history columns differ in length (epoch 2, test_acc 1, train_acc 2, "
+                     "seconds 2)"),
+    "empty history": (json.dumps(metrics() | {"history": {"epoch": [], "test_acc": [],
+                                                          "train_acc": []}}), "empty history"),
+    "nan in history": (GOOD.replace('"train_acc": [97.0, 97.0]', '"train_acc": [97.0, NaN]'),
+                       "history 'train_acc' is NaN, not a finite number"),
+}
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# What a usable result file is.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", list(UNUSABLE))
+def test_an_unusable_result_says_why(tmp_path, case):
+    content, why = UNUSABLE[case]
+    with pytest.raises(common.Unusable) as err:
+        common.read_result(write(tmp_path / "x_seed1.json", content), ablation.NEEDS)
+    assert str(err.value) == why
+
+
+def test_a_complete_result_is_read_as_is(tmp_path):
+    assert common.read_result(write(tmp_path / "x_seed1.json", GOOD), ablation.NEEDS) == metrics()
+
+
+def test_a_result_that_cannot_be_read_says_so(tmp_path):
+    (tmp_path / "x_seed1.json").mkdir()
+    with pytest.raises(common.Unusable, match=r"cannot be read \(Is a directory\)"):
+        common.read_result(tmp_path / "x_seed1.json", seeds.NEEDS)
+
+
+def test_seeds_needs_no_history(tmp_path):
+    path = write(tmp_path / "fast_seed1.json", UNUSABLE["no history"][0])
+    assert common.read_result(path, seeds.NEEDS)["final_test_acc"] == 99.5
+
+
+def warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reports skip what they cannot use, naming it in one line, and go on with the rest.
+# ---------------------------------------------------------------------------------------------
+def test_ablation_report_skips_unusable_files_with_one_warning_each(tmp_path, capsys,
+                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results" / "ablation"
+    write(out / "recipe_seed1.json", GOOD)
+    write(out / "recipe_seed2.json", UNUSABLE["truncated"][0])
+    write(out / "no-dropout_seed1.json", UNUSABLE["nan"][0])
+    write(out / "crop-only_seed3.json", UNUSABLE["missing key"][0])
+    rows = {r.variant: r for r in ablation.summarise(ablation.load_results(out))}
+    assert rows["recipe"].seeds == [1] and rows["recipe"].mean_test == 99.5
+    assert rows["no-dropout"].seeds == [] and rows["crop-only"].seeds == []
+    assert warnings(capsys.readouterr().err) == [  # in VARIANTS order
+        "warning: skipped results/ablation/recipe_seed2.json: not valid JSON (truncated?)",
+        "warning: skipped results/ablation/no-dropout_seed1.json: 'final_test_acc' is NaN, "
+        "not a finite number",
+        "warning: skipped results/ablation/crop-only_seed3.json: no 'final_test_acc'"]
+    table = ablation.report(out, tmp_path / "a.png", tmp_path / "p.png")
+    assert "| recipe | nothing: the recipe as is | 19,200 | 1 | 99.50 |" in table
+
+
+def test_seeds_report_skips_unusable_files_with_one_warning_each(tmp_path, capsys):
+    write(tmp_path / "fast_seed1.json", GOOD)
+    write(tmp_path / "fast_seed2.json", UNUSABLE["empty"][0])
+    write(tmp_path / "torchvision_seed1.json", UNUSABLE["infinity"][0].replace(
+        '"best_test_acc": 99.5', '"best_test_acc": Infinity'))
+    text = seeds.report(tmp_path)
+    assert "fast: 1 seeds ([1])" in text and "torchvision" not in text
+    err = warnings(capsys.readouterr().err)
+    assert len(err) == 2 and all(line.startswith("warning: skipped ") for line in err)
+    assert err[0].endswith("fast_seed2.json: empty file (a write that failed?)")
+    assert err[1].endswith("torchvision_seed1.json: 'best_test_acc' is Infinity, not a finite "
+                           "number")
+
+
+def test_seeds_script_report_on_a_bad_file_ends_without_a_traceback(tmp_path):
+    write(tmp_path / "fast_seed1.json", GOOD)
+    write(tmp_path / "fast_seed2.json", UNUSABLE["truncated"][0])
+    done = subprocess.run([sys.executable, "benchmarks/seeds.py", "--report", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == f"warning: skipped {tmp_path / 'fast_seed2.json'}: not valid JSON " \
+                          "(truncated?)\n"
+    assert "| 1 | 99.50 | 99.50 |" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# A run counts as done only when its file is usable.
+# ---------------------------------------------------------------------------------------------
+def test_ablation_runs_again_what_a_failed_write_left_behind(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    write(out / "recipe_seed1.json", GOOD)
+    write(out / "no-dropout_seed1.json", "")
+    write(out / "recipe_seed2.json", UNUSABLE["truncated"][0])
+    args = ablation.parse_args(["--variants", "recipe", "no-dropout", "--seeds", "1", "2",
+                                "--out", str(out)])
+    assert ablation.to_run(args) == [("no-dropout", 1), ("recipe", 2), ("no-dropout", 2)]
+    assert capsys.readouterr().out.splitlines() == [
+        "recipe seed 1: skipped, results exist",
+        "no-dropout seed 1: out/no-dropout_seed1.json is unusable (empty file (a write that "
+        "failed?)); running it again",
+        "recipe seed 2: out/recipe_seed2.json is unusable (not valid JSON (truncated?)); "
+        "running it again"]
+
+
+def test_seeds_runs_again_what_a_failed_write_left_behind(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "fast_seed1.json", GOOD)
+    write(tmp_path / "fast_seed2.json", "")
+    started = []
+    monkeypatch.setattr(seeds, "run_seed", lambda s, args: (started.append(s), (s, 0))[1])
+    assert seeds.main(["--seeds", "1", "2", "3", "--out", str(tmp_path)]) == 0
+    assert started == [2, 3]
+    out = capsys.readouterr().out
+    assert ("seed 2: fast_seed2.json is unusable (empty file (a write that failed?)); running "
+            "it again") in out.splitlines()
 
 
 # ---------------------------------------------------------------------------------------------
