@@ -3,11 +3,12 @@
 Each run is a plain `python train.py --seed N <the variant's flags> --metrics
 results/ablation/<variant>_seed<N>.json --no-save --quiet`, so any row can be reproduced on its
 own. Runs whose JSON is complete are skipped (delete the file, or pass --force), so an
-interrupted batch continues where it stopped. `--report` rebuilds the table and the two figures
-(images/ablation.png, and images/parameters.png: accuracy against parameters) from the JSON
-files alone, skipping a file it cannot use with a warning naming it; the notebook imports
-`load_results`, `summarise` and `format_table` from here, and the figures' `plot_ablation` and
-`plot_parameters` from utils, to show the same.
+interrupted batch continues where it stopped; Ctrl-C stops the runs in flight and says which
+finished. `--report` rebuilds the table and the two figures (images/ablation.png, and
+images/parameters.png: accuracy against parameters) from the JSON files alone, skipping a file
+it cannot use with a warning naming it; the notebook imports `load_results`, `summarise` and
+`format_table` from here, and the figures' `plot_ablation` and `plot_parameters` from utils,
+to show the same.
 
     python benchmarks/ablation.py --seeds 1 2 3 --jobs 2 --threads 1
     python benchmarks/ablation.py --report
@@ -20,9 +21,7 @@ import argparse
 import os
 import re
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,18 +79,12 @@ def metrics_path(out: Path, variant: str, seed: int) -> Path:
     return Path(out) / f"{variant}_seed{seed}.json"
 
 
-def run_one(variant: str, seed: int, args: argparse.Namespace) -> int:
-    """One train.py run in its own process, its log next to its JSON; returns the exit code."""
+def job(variant: str, seed: int, args: argparse.Namespace) -> common.Job:
+    """One train.py run, its log next to its JSON."""
     path = metrics_path(args.out, variant, seed)
     cmd = [sys.executable, str(ROOT / "train.py"), "--seed", str(seed), *train_flags(variant),
            "--metrics", str(path), "--no-save", "--quiet", *args.train_args]
-    # Several runs share the cores: give each its own threads rather than let them fight.
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    log = path.with_suffix(".log")
-    with open(log, "w") as f:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    print(f"{variant} seed {seed}: exit {done.returncode}, log in {log}", flush=True)
-    return done.returncode
+    return common.Job(f"{variant} seed {seed}", cmd, path.with_suffix(".log"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run nothing: rebuild the table and the figures from --out")
     p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
     args = p.parse_args(argv)
-    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args.threads = args.threads or common.default_threads(args.jobs)
     args.parameters_figure = args.parameters_figure or args.figure.with_name(PARAMETERS_FIGURE)
     return args
 
@@ -223,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         args.out.mkdir(parents=True, exist_ok=True)
         todo = to_run(args)
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            codes = list(pool.map(lambda vs: run_one(*vs, args), todo))
+        try:
+            codes = common.run_batch([job(v, s, args) for v, s in todo], args.jobs,
+                                     args.threads)
+        except common.Interrupted as stop:
+            print(stop, file=sys.stderr)
+            return 130
         failed = [vs for vs, rc in zip(todo, codes, strict=True) if rc != 0]
     print(report(args.out, args.figure, args.parameters_figure))
     print(f"figures: {args.figure}, {args.parameters_figure}")

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: argparse types, and reading train.py's result files.
+"""What the benchmark scripts share: argparse types, reading train.py's result files, and running
+a batch of train.py runs that Ctrl-C stops cleanly.
 
 A result file is usable when it is valid JSON, an object holding the numbers a report reads,
 each finite, and a history whose columns have one length. seeds.py and ablation.py skip a file
@@ -11,11 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parent.parent
 MAX_INT = 2**31 - 1  # as train.py: far above any sensible count
 
 
@@ -142,3 +149,103 @@ def shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a batch.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """One train.py run: what to call it, its command, and the file its output goes to."""
+
+    label: str
+    command: list[str]
+    log: Path
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped a batch; the message says what finished and that re-running continues."""
+
+    def __init__(self, finished: list[str], total: int) -> None:
+        self.finished, self.total = finished, total
+        names = f" ({', '.join(finished)})" if finished else ""
+        left = total - len(finished)
+        super().__init__(f"interrupted (Ctrl-C) after {len(finished)} of {total} runs "
+                         f"finished{names}; the same command again runs the other {left} "
+                         "(finished runs are skipped)")
+
+
+class Batch:
+    """Runs jobs `jobs` at a time, each in its own process; on Ctrl-C, stops those in flight,
+    starts no more, and raises Interrupted."""
+
+    def __init__(self, jobs: int, env: dict[str, str]) -> None:
+        self.jobs, self.env = jobs, env
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.running: set[subprocess.Popen] = set()
+        self.finished: list[str] = []
+
+    def run(self, todo: list[Job]) -> list[int | None]:
+        """Each job's exit code, in order (None for a job the interrupt kept from starting)."""
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        try:
+            futures = [pool.submit(self._one, job) for job in todo]
+            codes = [f.result() for f in futures]
+        except KeyboardInterrupt:
+            self._stop(pool)
+            raise Interrupted(list(self.finished), len(todo)) from None
+        pool.shutdown()
+        return codes
+
+    def _one(self, job: Job) -> int | None:
+        with self.lock:
+            if self.stopping:
+                return None
+            with open(job.log, "w") as log:
+                proc = subprocess.Popen(job.command, cwd=ROOT, env=self.env, stdout=log,
+                                        stderr=subprocess.STDOUT)
+            self.running.add(proc)
+        code = proc.wait()
+        with self.lock:
+            self.running.discard(proc)
+            if self.stopping:  # the interrupt's line is the last one printed
+                return code
+            if code == 0:
+                self.finished.append(job.label)
+            print(f"{job.label}: exit {code}, log in {job.log}", flush=True)
+        return code
+
+    def _stop(self, pool: ThreadPoolExecutor) -> None:
+        # A second Ctrl-C meanwhile would turn the one-line ending into a traceback.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self._stop_running(pool)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_running(self, pool: ThreadPoolExecutor) -> None:
+        with self.lock:
+            self.stopping = True
+            running = list(self.running)
+        for proc in running:
+            # Ctrl-C at a terminal reached them already; `kill -INT` of this process did not.
+            # train.py ignores a second one while it says what it saved.
+            proc.send_signal(signal.SIGINT)
+        for proc in running:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_batch(todo: list[Job], jobs: int, threads: int) -> list[int | None]:
+    """Run the jobs, `jobs` at a time with `threads` threads each; Interrupted on Ctrl-C."""
+    # Several runs share the cores: give each its own threads rather than let them fight.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return Batch(jobs, env).run(todo)
+
+
+def default_threads(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)

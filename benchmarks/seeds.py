@@ -4,9 +4,9 @@ Each seed is a plain `python train.py --seed N --loader L --dropout-plan P --met
 results/<name>_seed<N>.json`, so any row of the table can be reproduced on its own; <name> is
 the loader, with `-dropout-<plan>` added for a model other than the write-up's table. Seeds whose
 JSON is complete are not re-run (delete the file, or pass --force), so an interrupted batch
-continues where it stopped. `--report` only prints the tables of what is there: one per kind of
-run, then all of them side by side (a result file it cannot use is skipped, with a warning
-naming it).
+continues where it stopped; Ctrl-C stops the runs in flight and says which finished. `--report`
+only prints the tables of what is there: one per kind of run, then all of them side by side
+(a result file it cannot use is skipped, with a warning naming it).
 
     python benchmarks/seeds.py --seeds 1 2 3 4 5 --jobs 2 --threads 1
     python benchmarks/seeds.py --loader torchvision --seeds 1 2 3 --jobs 2 --threads 1
@@ -17,12 +17,9 @@ naming it).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,18 +40,12 @@ def metrics_path(out: Path, name: str, seed: int) -> Path:
     return out / f"{name}_seed{seed}.json"
 
 
-def run_seed(seed: int, args: argparse.Namespace) -> tuple[int, int]:
+def job(seed: int, args: argparse.Namespace) -> common.Job:
     path = metrics_path(args.out, args.name, seed)
     cmd = [sys.executable, str(ROOT / "train.py"), "--seed", str(seed), "--loader", args.loader,
            "--dropout-plan", args.dropout_plan, "--metrics", str(path), "--no-save", "--quiet",
            *args.train_args]
-    # Several runs share the cores: give each its own threads rather than let them fight.
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    log = args.out / f"{args.name}_seed{seed}.log"
-    with open(log, "w") as f:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    print(f"seed {seed}: exit {done.returncode}, log in {log}", flush=True)
-    return seed, done.returncode
+    return common.Job(f"seed {seed}", cmd, args.out / f"{args.name}_seed{seed}.log")
 
 
 def load_runs(out: Path) -> dict[str, dict[int, dict]]:
@@ -131,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="only print the tables")
     p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
     args = p.parse_args(argv)
-    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args.threads = args.threads or common.default_threads(args.jobs)
     args.name = run_name(args.loader, args.dropout_plan)
     return args
 
@@ -139,12 +130,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in args.seeds if common.still_to_run(
-        metrics_path(args.out, args.name, s), NEEDS, f"seed {s}", args.force)]
     failed = []
-    if todo and not args.report:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            failed = [s for s, rc in pool.map(lambda s: run_seed(s, args), todo) if rc != 0]
+    if not args.report:
+        todo = [s for s in args.seeds if common.still_to_run(
+            metrics_path(args.out, args.name, s), NEEDS, f"seed {s}", args.force)]
+        try:
+            codes = common.run_batch([job(s, args) for s in todo], args.jobs, args.threads)
+        except common.Interrupted as stop:
+            print(stop, file=sys.stderr)
+            return 130
+        failed = [s for s, rc in zip(todo, codes, strict=True) if rc != 0]
     print(report(args.out))
     return 1 if failed else 0
 

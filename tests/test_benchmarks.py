@@ -1,11 +1,14 @@
-"""The benchmark scripts end in a line, never a traceback: on a bad count, and on a result file
-they cannot use."""
+"""The benchmark scripts end in a line, never a traceback: on a bad count, on a result file they
+cannot use, and on Ctrl-C."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib
@@ -173,9 +176,11 @@ def test_seeds_runs_again_what_a_failed_write_left_behind(tmp_path, capsys, monk
     write(tmp_path / "fast_seed1.json", GOOD)
     write(tmp_path / "fast_seed2.json", "")
     started = []
-    monkeypatch.setattr(seeds, "run_seed", lambda s, args: (started.append(s), (s, 0))[1])
+    monkeypatch.setattr(common, "run_batch",
+                        lambda todo, jobs, threads: started.extend(todo) or [0] * len(todo))
     assert seeds.main(["--seeds", "1", "2", "3", "--out", str(tmp_path)]) == 0
-    assert started == [2, 3]
+    assert [job.label for job in started] == ["seed 2", "seed 3"]
+    assert "--seed" in started[0].command and "2" in started[0].command
     out = capsys.readouterr().out
     assert ("seed 2: fast_seed2.json is unusable (empty file (a write that failed?)); running "
             "it again") in out.splitlines()
@@ -223,3 +228,69 @@ def test_seeds_script_refuses_jobs_0_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == f"seeds.py: error: argument --jobs: {USAGE} 0"
     assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C: one line saying what finished, exit 130.
+# ---------------------------------------------------------------------------------------------
+TINY = ["--", "--epochs", "1", "--limit-train", "256", "--limit-test", "200", "--device", "cpu"]
+
+
+def start(script: str, *args: str) -> subprocess.Popen:
+    """The script in a process group of its own, with Ctrl-C's default handling even when this
+    test runs in the background (where SIGINT is inherited as ignored)."""
+    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for_train_child(pid: int, limit: float = 120) -> None:
+    """Until the script has started train.py (exec'd: its command line names train.py)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                if (f"\nPPid:\t{pid}\n" in status.read_text()
+                        and b"train.py" in (status.parent / "cmdline").read_bytes()):
+                    return
+            except OSError:  # the process ended meanwhile
+                continue
+        time.sleep(0.2)
+    raise AssertionError("train.py never started")
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+
+
+@needs_proc
+def test_ctrl_c_on_seeds_ends_in_one_line_and_starts_nothing_more(tmp_path):
+    write(tmp_path / "fast_seed1.json", GOOD)  # done before: skipped, so not in the count
+    proc = start("benchmarks/seeds.py", "--seeds", "1", "2", "3", "--threads", "1", "--out",
+                 str(tmp_path), *TINY)
+    wait_for_train_child(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C at a terminal: the script and its runs
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err == ("interrupted (Ctrl-C) after 0 of 2 runs finished; the same command again "
+                   "runs the other 2 (finished runs are skipped)\n")
+    assert out == ""
+    assert not (tmp_path / "fast_seed2.json").exists()
+    assert not (tmp_path / "fast_seed3.log").exists()  # the interrupt kept it from starting
+
+
+@needs_proc
+def test_sigint_to_ablation_alone_stops_its_run_too(tmp_path):
+    out = tmp_path / "ablation"
+    proc = start("benchmarks/ablation.py", "--variants", "no-dropout", "recipe", "--seeds", "7",
+                 "--threads", "1", "--out", str(out), "--figure", str(tmp_path / "a.png"), *TINY)
+    wait_for_train_child(proc.pid)
+    proc.send_signal(signal.SIGINT)  # `kill -INT`: its train.py gets none but what it forwards
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err == ("interrupted (Ctrl-C) after 0 of 2 runs finished; the same command again "
+                   "runs the other 2 (finished runs are skipped)\n")
+    assert stdout == ""
+    assert (out / "no-dropout_seed7.log").exists() and not (out / "recipe_seed7.log").exists()
+    assert not (out / "no-dropout_seed7.json").exists() and not (tmp_path / "a.png").exists()
