@@ -479,14 +479,74 @@ def describe_device(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------
 TARGET_ACC = 99.4  # the assignment's test accuracy, drawn on the accuracy plot
 ZOOM_FROM = 98.5  # the accuracy plot's second panel starts here, so the last 0.1% shows
+# Every figure's text, in points. The notebook draws inline at 80 dpi, where 1 pt is 1.1 px:
+# under 10 pt, a digit is less than 8 px high.
+TEXT_SIZES = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
+              "xtick.labelsize": 11, "ytick.labelsize": 11, "legend.fontsize": 10.5,
+              "figure.titlesize": 13}
+
+
+def _legible(draw: Callable) -> Callable:
+    """Draw with TEXT_SIZES; a text's size is fixed when it is created, so it outlives this."""
+    import functools
+
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib.pyplot as plt
+
+        with plt.rc_context(TEXT_SIZES):
+            return draw(*args, **kwargs)
+
+    return drawn
 
 
 def _finish(fig: Any, path: str | os.PathLike | None) -> Any:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure made with its own layout keeps it
+        fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     return fig
+
+
+def png_bytes(fig: Any, dpi: float | None = None, colours: int | None = 256) -> bytes:
+    """The figure as the notebook shows it (tight box), at `dpi` (default: the figure's own).
+
+    With `colours`, a palette PNG of at most that many colours: a plot has few, and the file is
+    about 2.5 times smaller than matplotlib's RGBA one, with no difference to see.
+    """
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi or fig.dpi, bbox_inches="tight")
+    if colours is None:
+        return buf.getvalue()
+    image = Image.open(buf).convert("RGB")
+    # No dithering: its noise would cost bytes and blur thin lines.
+    palette = image.quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    out = io.BytesIO()
+    palette.save(out, format="png", optimize=True)
+    return out.getvalue()
+
+
+def show(fig: Any, alt: str, dpi: float | None = None) -> None:
+    """Show a figure in the notebook as a PNG output whose alt text is `alt`, and close it.
+
+    nbconvert's classic HTML template writes the output's metadata "alt" into the <img> tag; its
+    default (lab) template does not. Closing the figure keeps the inline backend from showing it
+    a second time at the end of the cell.
+    """
+    import base64
+
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    data = base64.b64encode(png_bytes(fig, dpi)).decode("ascii")
+    display({"image/png": data, "text/plain": alt}, raw=True,
+            metadata={"image/png": {"alt": alt}})
+    plt.close(fig)
 
 
 def _whole_epochs(ax: Any) -> None:
@@ -496,6 +556,7 @@ def _whole_epochs(ax: Any) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
 
 
+@_legible
 def plot_history(history: dict[str, list[float]],
                  save_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
     """The original's two figures: train/test loss, and train/test accuracy, per epoch.
@@ -528,33 +589,64 @@ def plot_history(history: dict[str, list[float]],
 
 def _zoomed_accuracy(ax: Any, history: dict[str, list[float]]) -> None:
     """Accuracy from ZOOM_FROM up, with the target line and the final test accuracy."""
-    ax.plot(history["epoch"], history["train_acc"], "o-", alpha=0.5, label="train")
-    ax.plot(history["epoch"], history["test_acc"], "s-", label="test")
+    train = ax.plot(history["epoch"], history["train_acc"], "o-", alpha=0.5, label="train")[0]
+    test = ax.plot(history["epoch"], history["test_acc"], "s-", label="test")[0]
     ax.axhline(TARGET_ACC, color="tab:red", linestyle="--", linewidth=1,
                label=f"target {TARGET_ACC}%")
     top = max([TARGET_ACC, *history["test_acc"], *history["train_acc"]])
-    ax.set_ylim(ZOOM_FROM, min(100.0, top + 0.15))
+    # Room above the highest point for the final accuracy's note: a third of the span.
+    ax.set_ylim(ZOOM_FROM, top + max(0.15, 0.3 * (top - ZOOM_FROM)))
+    for line, name in ((train, "train"), (test, "test")):
+        _mark_below_floor(ax, line, name)
     if history["epoch"]:
         last, acc = history["epoch"][-1], history["test_acc"][-1]
-        ax.annotate(f"{acc:.2f}%", (last, acc), textcoords="offset points", xytext=(0, 8),
-                    ha="center", fontsize=8)
+        ax.annotate(f"{acc:.2f}%", (last, acc), textcoords="offset points", xytext=(0, 9),
+                    ha="center", va="bottom", fontsize=12, fontweight="bold",
+                    color=test.get_color())
     ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"Accuracy from {ZOOM_FROM}% up")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")  # up to five entries: where they cover the fewest points
 
 
+def _mark_below_floor(ax: Any, line: Any, name: str) -> None:
+    """A curve's epochs under the panel's floor, as ▼ on its bottom edge, named in the legend."""
+    below = [e for e, a in zip(line.get_xdata(), line.get_ydata(), strict=True) if a < ZOOM_FROM]
+    if not below:
+        return
+    # x in epochs, y in the panel's height: just above the bottom edge, whatever the limits.
+    edge = ax.get_xaxis_transform()
+    epochs = f"epoch{'s' if len(below) > 1 else ''} {epoch_ranges(below)}"
+    ax.plot(below, [0.03] * len(below), "v", transform=edge, color=line.get_color(),
+            markersize=8, clip_on=False, label=f"{name} below {ZOOM_FROM}%: {epochs}")
+
+
+def epoch_ranges(epochs: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7': consecutive epochs as one range."""
+    runs: list[list[int]] = []
+    for e in sorted(int(e) for e in epochs):
+        if runs and e == runs[-1][-1] + 1:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+@_legible
 def image_grid(images: torch.Tensor, titles: list[str], cols: int = 8,
                path: str | os.PathLike | None = None, suptitle: str | None = None) -> Any:
     """A grid of (N, 1, 28, 28) or (N, 28, 28) images with a caption under each."""
     import matplotlib.pyplot as plt
 
     images = images.detach().float().cpu().reshape(len(images), 28, 28)
-    rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
+    rows = max(1, math.ceil(len(images) / cols))  # an empty grid still gets its title
+    # Constrained layout: tight_layout leaves a two-line caption overlapping the digit above.
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.7 * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, title in zip(axes.flat, images, titles, strict=False):
-        ax.imshow(img.numpy(), cmap="gray")
-        ax.set_title(title, fontsize=8)
+        # Nearest: the digit's own 28 x 28 pixels, crisp at any size, never smoothed.
+        ax.imshow(img.numpy(), cmap="gray", interpolation="nearest")
+        ax.set_title(title, fontsize=10.5)
     if suptitle:
         fig.suptitle(suptitle)
     return _finish(fig, path)
@@ -591,12 +683,15 @@ def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, preds: torch.
     for the committed notebook (it must stay under 300 KB).
     """
     wrong = (preds != labels).nonzero().flatten()
+    total = len(wrong)
     wrong = wrong[conf[wrong].argsort(descending=True)][:n]
-    titles = [f"true {labels[i]} pred {preds[i]}\n{100 * conf[i]:.0f}%" for i in wrong.tolist()]
-    total = int((preds != labels).sum())
+    titles = [f"true {labels[i]}, pred {preds[i]}\n{100 * conf[i]:.0f}% sure"
+              for i in wrong.tolist()]
+    shown = (f"the {len(wrong)} the model was surest of" if len(wrong) < total
+             else "all shown" if total else "none to show")
     return image_grid(images[wrong], titles, path=path,
-                      suptitle=f"{total} of {len(labels):,} test digits misclassified "
-                               f"(most confident mistakes first)")
+                      suptitle=f"{total:,} of {len(labels):,} test digits misclassified; "
+                               f"{shown}{', most confident first' if len(wrong) > 1 else ''}")
 
 
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor,
@@ -611,16 +706,16 @@ def per_class_accuracy(cm: torch.Tensor) -> list[float]:
     return (100.0 * cm.diag() / cm.sum(1).clamp(min=1)).tolist()
 
 
+@_legible
 def plot_confusion_matrix(cm: torch.Tensor, path: str | os.PathLike | None = None) -> Any:
-    """Counts with the diagonal dimmed, so the few mistakes stand out; per-class accuracy in
+    """Counts with the diagonal uncoloured, so the few mistakes stand out; per-class accuracy in
     the row labels."""
     import matplotlib.pyplot as plt
-
-    off = cm.clone().float()
-    off.fill_diagonal_(0)
     from matplotlib.ticker import MaxNLocator
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
+    off = cm.clone().float()
+    off.fill_diagonal_(0)
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(off.numpy(), cmap="Reds", vmin=0)
     acc = per_class_accuracy(cm)
@@ -629,15 +724,23 @@ def plot_confusion_matrix(cm: torch.Tensor, path: str | os.PathLike | None = Non
     ax.set_yticklabels([f"{i} ({a:.1f}%)" for i, a in enumerate(acc)])
     for t in range(10):
         for p in range(10):
-            v = int(cm[t, p])
-            if v:
-                ax.text(p, t, v, ha="center", va="center", fontsize=7,
-                        color="grey" if t == p else "black")
+            if int(cm[t, p]):
+                _count(ax, im, t, p, int(cm[t, p]))
     # The colour bar in an axes of its own beside the matrix: with `fig.colorbar(ax=ax)` the
     # layout pushed the y-label off the figure's left edge. Counts are whole: integer ticks.
     cax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.15)
     fig.colorbar(im, cax=cax, ticks=MaxNLocator(integer=True), format="%d", label="mistakes")
     return _finish(fig, path)
+
+
+def _count(ax: Any, im: Any, true: int, pred: int, value: int) -> None:
+    """A cell's count: white on a dark cell, black on a light one; mistakes in bold."""
+    r, g, b, _ = im.cmap(im.norm(0.0 if true == pred else float(value)))
+    dark = 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5  # relative luminance
+    ax.text(pred, true, value, ha="center", va="center",
+            fontsize=10.5 if true == pred else 12,
+            fontweight="normal" if true == pred else "bold",
+            color="white" if dark else "#303030" if true == pred else "black")
 
 
 def save_analysis(model: nn.Module, test_loader: Any, device: torch.device,
@@ -652,3 +755,161 @@ def save_analysis(model: nn.Module, test_loader: Any, device: torch.device,
         "confusion": plot_confusion_matrix(cm, path=out / "confusion_matrix.png" if out else None),
     }
     return {"confusion_matrix": cm, "per_class_accuracy": per_class_accuracy(cm), "figures": figs}
+
+
+# ---------------------------------------------------------------------------------------------
+# The ablation's figures, from benchmarks/ablation.py's results: {variant: {seed: metrics}},
+# where metrics is what train.py --metrics writes.
+# ---------------------------------------------------------------------------------------------
+@_legible
+def plot_ablation(results: dict[str, dict[int, dict[str, Any]]],
+                  path: str | os.PathLike | None = None) -> Any:
+    """Final test accuracy per variant, each seed a dot and the mean a bar, against 99.4%."""
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    for y, name in enumerate(names):
+        finals = [m["final_test_acc"] for m in results[name].values()]
+        if finals:
+            # Seeds spread a little up and down, so that equal accuracies stay visible as dots.
+            ax.plot(finals, [y + 0.2 * d for d in _spread(len(finals))], "o", color="tab:blue",
+                    alpha=0.7)
+            ax.plot([sum(finals) / len(finals)] * 2, [y - 0.3, y + 0.3], "-", color="black")
+        else:
+            ax.annotate("no results yet", (0.02, y), xycoords=("axes fraction", "data"),
+                        va="center", color="grey")
+    ax.axvline(TARGET_ACC, color="tab:red", linestyle="--", label=f"target {TARGET_ACC}%")
+    ax.set_yticks(range(len(names)), names)
+    # The recipe on top, and half a row's room below the last, whose "no results yet" would
+    # otherwise sit on the axis.
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set(xlabel="final test accuracy (%), each dot a seed, the bar their mean",
+           title="What each part buys: the recipe with one ingredient changed")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="best")  # where it covers the fewest dots
+    return _finish(fig, path)
+
+
+def _spread(n: int) -> list[float]:
+    """n offsets from -0.5 to 0.5 (0 for one): a variant's seeds side by side, not on top."""
+    return [i / (n - 1) - 0.5 if n > 1 else 0.0 for i in range(n)]
+
+
+# Published single runs by other people, for plot_parameters: parameters as (low, high), equal
+# for one model; test accuracy in %; and the epoch it was reached at.
+PUBLISHED_RUNS = (
+    # The course's reference solution to this assignment (Session 6).
+    {"label": "course reference", "parameters": (8_932, 8_932), "test_acc": 99.50,
+     "epochs": "epoch 15 of 15"},
+    # github.com/deepanshudashora/ERAV1, session6/part2/README.md (its training log).
+    {"label": "deepanshudashora/ERAV1", "parameters": (9_404, 9_404), "test_acc": 99.52,
+     "epochs": "epoch 20"},
+    # The next session's assignment (99.4% in at most 15 epochs), as peers met it.
+    {"label": "next session's target\nmet by peers", "parameters": (7_070, 7_979),
+     "test_acc": 99.4, "epochs": "<= 15 epochs"},
+)
+PARAMETER_SWEEP = "width-"  # the variants that scale every channel count: width-0.85, ...
+GAP_HEAD = "gap-head"
+
+
+@_legible
+def plot_parameters(results: dict[str, dict[int, dict[str, Any]]],
+                    path: str | os.PathLike | None = None) -> Any:
+    """How many parameters does 99.4% need? Final test accuracy against parameters (log scale).
+
+    A dot per seed for the recipe and its narrower widths (the variants named width-*), their
+    means joined by a line; the gap-head variant apart; the dashed 99.4% target; and, marked
+    as such, single runs other people published (PUBLISHED_RUNS).
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    sweep = {n: r for n, r in results.items()
+             if r and (n == "recipe" or n.startswith(PARAMETER_SWEEP))}
+    means = _seed_dots(ax, sweep, "o", "tab:blue", "our runs, a dot per seed")
+    _name_variants(ax, {**sweep, GAP_HEAD: results.get(GAP_HEAD)})
+    if means:
+        xs, ys = zip(*sorted(means), strict=True)
+        ax.plot(xs, ys, "-_", color="black", linewidth=1.2, markersize=16, markeredgewidth=2,
+                label="mean over seeds")
+    else:
+        ax.annotate("no results yet for the recipe's widths", (0.5, 0.5), ha="center",
+                    xycoords="axes fraction", color="grey")
+    if results.get(GAP_HEAD):
+        (params, mean), = _seed_dots(ax, {GAP_HEAD: results[GAP_HEAD]}, "^", "tab:green",
+                                     "gap head, a dot per seed")
+        ax.plot([params], [mean], "_", color="black", markersize=16, markeredgewidth=2)
+    _published(ax)
+    ax.axhline(TARGET_ACC, color="tab:red", linestyle="--", linewidth=1,
+               label=f"target {TARGET_ACC}%")
+    _parameter_axis(ax)
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title("How many parameters does 99.4% need?", pad=34)  # over the variants' names
+    ax.margins(x=0.08, y=0.15)  # room for the names under the dots and over the stars
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")  # where it covers the fewest points
+    return _finish(fig, path)
+
+
+def _seed_dots(ax: Any, runs: dict[str, dict[int, dict[str, Any]]], marker: str, colour: str,
+               label: str) -> list[tuple[float, float]]:
+    """One dot per seed at its variant's parameter count; returns each variant's (parameters,
+    mean)."""
+    xs, ys, means = [], [], []
+    for by_seed in runs.values():
+        ms = [by_seed[s] for s in sorted(by_seed)]
+        params = ms[0]["parameters"]
+        finals = [m["final_test_acc"] for m in ms]
+        # Seeds side by side (4% apart at most), so that equal accuracies stay visible as dots.
+        xs += [params * (1 + 0.04 * d) for d in _spread(len(ms))]
+        ys += finals
+        means.append((params, sum(finals) / len(finals)))
+    ax.plot(xs, ys, marker, linestyle="none", color=colour, markersize=7, label=label)
+    return means
+
+
+def _published(ax: Any) -> None:
+    """PUBLISHED_RUNS: a star per published model, a bar for a range of them, each named."""
+    singles = [r for r in PUBLISHED_RUNS if r["parameters"][0] == r["parameters"][1]]
+    ax.plot([r["parameters"][0] for r in singles], [r["test_acc"] for r in singles], "*",
+            linestyle="none", color="tab:purple", markersize=15,
+            label="published by others (single runs)")
+    # The two stars are close: one name to the left, the other to the right.
+    for r, side in zip(singles, (-1, 1), strict=False):
+        ax.annotate(f"{r['label']}\n{r['parameters'][0]:,}: {r['test_acc']:.2f}%\n"
+                    f"({r['epochs']})", (r["parameters"][0], r["test_acc"]),
+                    textcoords="offset points", xytext=(8 * side, 6),
+                    ha="right" if side < 0 else "left", va="bottom", fontsize=10,
+                    color="tab:purple")
+    for r in PUBLISHED_RUNS:
+        low, high = r["parameters"]
+        if low == high:
+            continue
+        ax.plot([low, high], [r["test_acc"]] * 2, "-", color="tab:purple", linewidth=8,
+                solid_capstyle="butt", alpha=0.5)
+        ax.annotate(f"{r['label']}: {low:,}-{high:,}\n({r['epochs']})",
+                    ((low * high) ** 0.5, r["test_acc"]), textcoords="offset points",
+                    xytext=(0, 7), ha="center", va="bottom", fontsize=10, color="tab:purple")
+
+
+def _name_variants(ax: Any, runs: dict[str, dict[int, dict[str, Any]] | None]) -> None:
+    """Each variant's name and parameter count over the axes, above its dots: names next to
+    the dots would collide with them."""
+    for name, by_seed in runs.items():
+        if by_seed:
+            params = next(iter(by_seed.values()))["parameters"]
+            ax.annotate(f"{name}\n{params:,}", (params, 1), xycoords=("data", "axes fraction"),
+                        xytext=(0, 4), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=10, color="dimgrey")
+
+
+def _parameter_axis(ax: Any) -> None:
+    """Log scale, ticks at round parameter counts written out in full."""
+    from matplotlib.ticker import FixedLocator, NullLocator, StrMethodFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator([5_000, 7_000, 10_000, 15_000, 20_000, 30_000]))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("parameters (log scale)")

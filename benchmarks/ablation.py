@@ -2,10 +2,13 @@
 
 Each run is a plain `python train.py --seed N <the variant's flags> --metrics
 results/ablation/<variant>_seed<N>.json --no-save --quiet`, so any row can be reproduced on its
-own. Runs whose JSON already exists are skipped (delete the file, or pass --force), so an
-interrupted batch continues where it stopped. `--report` rebuilds the table and the figure
-from the JSON files alone; the notebook imports `load_results`, `summarise`, `format_table`
-and `plot_ablation` to show the same.
+own. Runs whose JSON is complete are skipped (delete the file, or pass --force), so an
+interrupted batch continues where it stopped; Ctrl-C stops the runs in flight and says which
+finished. `--report` rebuilds the table and the two figures (images/ablation.png, and
+images/parameters.png: accuracy against parameters) from the JSON files alone, skipping a file
+it cannot use with a warning naming it; the notebook imports `load_results`, `summarise` and
+`format_table` from here, and the figures' `plot_ablation` and `plot_parameters` from utils,
+to show the same.
 
     python benchmarks/ablation.py --seeds 1 2 3 --jobs 2 --threads 1
     python benchmarks/ablation.py --report
@@ -15,21 +18,26 @@ and `plot_ablation` to show the same.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script, it sees only benchmarks/
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
+from utils import plot_ablation, plot_parameters  # noqa: E402
+
 RESULTS = ROOT / "results" / "ablation"
 FIGURE = ROOT / "images" / "ablation.png"
-TARGET = 99.4  # the assignment's test accuracy
+PARAMETERS_FIGURE = "parameters.png"  # written next to the ablation's figure unless told
+# What the table and the figures read from a result file.
+NEEDS = common.Needs(("parameters", "final_test_acc"), columns=("epoch", "test_acc", "train_acc"))
 
 
 @dataclass(frozen=True)
@@ -71,31 +79,28 @@ def metrics_path(out: Path, variant: str, seed: int) -> Path:
     return Path(out) / f"{variant}_seed{seed}.json"
 
 
-def run_one(variant: str, seed: int, args: argparse.Namespace) -> int:
-    """One train.py run in its own process, its log next to its JSON; returns the exit code."""
+def job(variant: str, seed: int, args: argparse.Namespace) -> common.Job:
+    """One train.py run, its log next to its JSON."""
     path = metrics_path(args.out, variant, seed)
     cmd = [sys.executable, str(ROOT / "train.py"), "--seed", str(seed), *train_flags(variant),
            "--metrics", str(path), "--no-save", "--quiet", *args.train_args]
-    # Several runs share the cores: give each its own threads rather than let them fight.
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    log = path.with_suffix(".log")
-    with open(log, "w") as f:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    print(f"{variant} seed {seed}: exit {done.returncode}, log in {log}", flush=True)
-    return done.returncode
+    return common.Job(f"{variant} seed {seed}", cmd, path.with_suffix(".log"))
 
 
 # ---------------------------------------------------------------------------------------------
 # The report, from the JSON files alone.
 # ---------------------------------------------------------------------------------------------
 def load_results(out: str | os.PathLike = RESULTS) -> dict[str, dict[int, dict[str, Any]]]:
-    """{variant: {seed: train.py's metrics}} for every variant; {} where none has run yet."""
+    """{variant: {seed: train.py's metrics}} for every variant; {} where none has run yet.
+
+    A file the report cannot use (cut short, NaN, a key missing) is skipped with a warning.
+    """
     results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in VARIANTS}
     for name in VARIANTS:
-        for path in Path(out).glob(f"{name}_seed*.json"):
+        for path in sorted(Path(out).glob(f"{name}_seed*.json")):
             seed = re.fullmatch(rf"{re.escape(name)}_seed(\d+)\.json", path.name)
-            if seed:
-                results[name][int(seed.group(1))] = json.loads(path.read_text())
+            if seed and (metrics := common.load_result(path, NEEDS)) is not None:
+                results[name][int(seed.group(1))] = metrics
     return results
 
 
@@ -150,44 +155,14 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot_ablation(results: dict[str, dict[int, dict[str, Any]]],
-                  path: str | os.PathLike | None = None) -> Any:
-    """Final test accuracy per variant, each seed a dot and the mean a bar, against 99.4%."""
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
-    for y, name in enumerate(names):
-        finals = [m["final_test_acc"] for m in results[name].values()]
-        if finals:
-            # Seeds spread a little up and down, so that equal accuracies stay visible as dots.
-            spread = [0.2 * (i / (len(finals) - 1) - 0.5) if len(finals) > 1 else 0.0
-                      for i in range(len(finals))]
-            ax.plot(finals, [y + d for d in spread], "o", color="tab:blue", alpha=0.7)
-            ax.plot([statistics.mean(finals)] * 2, [y - 0.3, y + 0.3], "-", color="black")
-        else:
-            ax.annotate("no results yet", (0.02, y), xycoords=("axes fraction", "data"),
-                        va="center", color="grey")
-    ax.axvline(TARGET, color="tab:red", linestyle="--", label=f"target {TARGET}%")
-    ax.set_yticks(range(len(names)), names)
-    ax.invert_yaxis()  # the recipe on top
-    ax.set(xlabel="final test accuracy (%), each dot a seed, the bar their mean",
-           title="What each part buys: the recipe with one ingredient changed")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="best")  # where it covers the fewest dots
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
-
-
-def report(out: str | os.PathLike = RESULTS, figure: str | os.PathLike | None = FIGURE) -> str:
-    """The table as Markdown; the figure is written to `figure` (when given) and closed."""
+def report(out: str | os.PathLike = RESULTS, figure: str | os.PathLike | None = FIGURE,
+           parameters_figure: str | os.PathLike | None = None) -> str:
+    """The table as Markdown; the figures are written where given, and closed."""
     import matplotlib.pyplot as plt
 
     results = load_results(out)
     plt.close(plot_ablation(results, figure))
+    plt.close(plot_parameters(results, parameters_figure))
     return format_table(summarise(results))
 
 
@@ -198,18 +173,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--jobs", type=int, default=1, help="runs at once")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--jobs", type=common.positive_int, default=1, help="runs at once")
+    p.add_argument("--threads", type=common.positive_int, default=None,
                    help="threads per run (default: cores/jobs)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON files")
-    p.add_argument("--figure", type=Path, default=FIGURE, help="where the figure is written")
+    p.add_argument("--figure", type=Path, default=FIGURE,
+                   help="where the ablation's figure is written")
+    p.add_argument("--parameters-figure", type=Path, default=None,
+                   help="where the accuracy-against-parameters figure is written (default: "
+                        f"{PARAMETERS_FIGURE} next to --figure)")
     p.add_argument("--force", action="store_true", help="re-run runs that already have results")
     p.add_argument("--report", action="store_true",
-                   help="run nothing: rebuild the table and the figure from --out")
+                   help="run nothing: rebuild the table and the figures from --out")
     p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
     args = p.parse_args(argv)
-    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args.threads = args.threads or common.default_threads(args.jobs)
+    args.parameters_figure = args.parameters_figure or args.figure.with_name(PARAMETERS_FIGURE)
     return args
+
+
+def to_run(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(variant, seed) of each run still to do: seed by seed, so that a batch stopped half-way
+    leaves every variant with some seeds."""
+    todo = []
+    for seed in args.seeds:
+        for variant in args.variants:
+            label = f"{variant} seed {seed}"
+            if common.still_to_run(metrics_path(args.out, variant, seed), NEEDS, label,
+                                   args.force):
+                todo.append((variant, seed))
+            else:
+                print(f"{label}: skipped, results exist", flush=True)
+    return todo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,19 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.report:
         args.out.mkdir(parents=True, exist_ok=True)
-        todo = []
-        # Seed by seed, so that a batch stopped half-way leaves every variant with some seeds.
-        for seed in args.seeds:
-            for variant in args.variants:
-                if args.force or not metrics_path(args.out, variant, seed).exists():
-                    todo.append((variant, seed))
-                else:
-                    print(f"{variant} seed {seed}: skipped, results exist", flush=True)
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            codes = list(pool.map(lambda vs: run_one(*vs, args), todo))
+        todo = to_run(args)
+        try:
+            codes = common.run_batch([job(v, s, args) for v, s in todo], args.jobs,
+                                     args.threads)
+        except common.Interrupted as stop:
+            print(stop, file=sys.stderr)
+            return 130
         failed = [vs for vs, rc in zip(todo, codes, strict=True) if rc != 0]
-    print(report(args.out, args.figure))
-    print(f"figure: {args.figure}")
+    print(report(args.out, args.figure, args.parameters_figure))
+    print(f"figures: {args.figure}, {args.parameters_figure}")
     return 1 if failed else 0
 
 

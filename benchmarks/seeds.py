@@ -3,9 +3,10 @@
 Each seed is a plain `python train.py --seed N --loader L --dropout-plan P --metrics
 results/<name>_seed<N>.json`, so any row of the table can be reproduced on its own; <name> is
 the loader, with `-dropout-<plan>` added for a model other than the write-up's table. Seeds whose
-JSON already exists are not re-run (delete the file, or pass --force), so an interrupted batch
-continues where it stopped. `--report` only prints the tables of what is there: one per kind of
-run, then all of them side by side.
+JSON is complete are not re-run (delete the file, or pass --force), so an interrupted batch
+continues where it stopped; Ctrl-C stops the runs in flight and says which finished. `--report`
+only prints the tables of what is there: one per kind of run, then all of them side by side
+(a result file it cannot use is skipped, with a warning naming it).
 
     python benchmarks/seeds.py --seeds 1 2 3 4 5 --jobs 2 --threads 1
     python benchmarks/seeds.py --loader torchvision --seeds 1 2 3 --jobs 2 --threads 1
@@ -16,16 +17,18 @@ run, then all of them side by side.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script, it sees only benchmarks/
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
+
+NEEDS = common.Needs(("final_test_acc", "best_test_acc"))  # what the tables read
 
 
 def run_name(loader: str, dropout_plan: str) -> str:
@@ -37,27 +40,21 @@ def metrics_path(out: Path, name: str, seed: int) -> Path:
     return out / f"{name}_seed{seed}.json"
 
 
-def run_seed(seed: int, args: argparse.Namespace) -> tuple[int, int]:
+def job(seed: int, args: argparse.Namespace) -> common.Job:
     path = metrics_path(args.out, args.name, seed)
     cmd = [sys.executable, str(ROOT / "train.py"), "--seed", str(seed), "--loader", args.loader,
            "--dropout-plan", args.dropout_plan, "--metrics", str(path), "--no-save", "--quiet",
            *args.train_args]
-    # Several runs share the cores: give each its own threads rather than let them fight.
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    log = args.out / f"{args.name}_seed{seed}.log"
-    with open(log, "w") as f:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    print(f"seed {seed}: exit {done.returncode}, log in {log}", flush=True)
-    return seed, done.returncode
+    return common.Job(f"seed {seed}", cmd, args.out / f"{args.name}_seed{seed}.log")
 
 
 def load_runs(out: Path) -> dict[str, dict[int, dict]]:
-    """{name: {seed: metrics}} of every results/<name>_seed<N>.json."""
+    """{name: {seed: metrics}} of every usable results/<name>_seed<N>.json."""
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted(out.glob("*_seed*.json")):
         match = re.fullmatch(r"(.+)_seed(\d+)\.json", path.name)
-        if match:
-            runs.setdefault(match[1], {})[int(match[2])] = json.loads(path.read_text())
+        if match and (metrics := common.load_result(path, NEEDS)) is not None:
+            runs.setdefault(match[1], {})[int(match[2])] = metrics
     return runs
 
 
@@ -112,28 +109,37 @@ def report(out: Path) -> str:
     return "\n".join(lines) + "\n\n" + side_by_side(runs, names)
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--loader", default="fast", choices=["fast", "torchvision"])
     p.add_argument("--dropout-plan", default="table", choices=["table", "every", "none"])
-    p.add_argument("--jobs", type=int, default=1, help="runs at once")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--jobs", type=common.positive_int, default=1, help="runs at once")
+    p.add_argument("--threads", type=common.positive_int, default=None,
                    help="threads per run (default: cores/jobs)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--force", action="store_true", help="re-run seeds that already have results")
     p.add_argument("--report", action="store_true", help="only print the tables")
     p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
-    args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args = p.parse_args(argv)
+    args.threads = args.threads or common.default_threads(args.jobs)
     args.name = run_name(args.loader, args.dropout_plan)
-    todo = [s for s in args.seeds
-            if args.force or not metrics_path(args.out, args.name, s).exists()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     failed = []
-    if todo and not args.report:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            failed = [s for s, rc in pool.map(lambda s: run_seed(s, args), todo) if rc != 0]
+    if not args.report:
+        todo = [s for s in args.seeds if common.still_to_run(
+            metrics_path(args.out, args.name, s), NEEDS, f"seed {s}", args.force)]
+        try:
+            codes = common.run_batch([job(s, args) for s in todo], args.jobs, args.threads)
+        except common.Interrupted as stop:
+            print(stop, file=sys.stderr)
+            return 130
+        failed = [s for s, rc in zip(todo, codes, strict=True) if rc != 0]
     print(report(args.out))
     return 1 if failed else 0
 

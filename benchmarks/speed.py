@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import devices  # noqa: E402
 import mnist_files  # noqa: E402
 import utils  # noqa: E402
+from benchmarks.common import non_negative_int, positive_int  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -69,16 +70,18 @@ def one_epoch(run: utils.Run) -> float:
     return run.history["seconds"][-1]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=utils.RECIPE["batch_size"])
-    p.add_argument("--steps", type=int, default=100, help="timed training steps per loader")
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=utils.RECIPE["batch_size"])
+    p.add_argument("--steps", type=positive_int, default=100,
+                   help="timed training steps per loader")
+    p.add_argument("--warmup", type=non_negative_int, default=10,
+                   help="untimed steps before them")
     p.add_argument("--epoch", action="store_true", help="also time one full epoch of each")
     p.add_argument("--compile", action="store_true", help="also time fast + torch.compile")
     p.add_argument("--data-dir", default=str(ROOT / "data"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     device = utils.get_device(args.device)
     if device.type == "cuda":

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import devices  # noqa: E402
 import utils  # noqa: E402
+from benchmarks.common import positive_int  # noqa: E402
 from model import Net  # noqa: E402
 
 Step = Callable[[], None]
@@ -111,13 +112,13 @@ def matmul_gflops(n: int = 2048) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-size", type=int, default=utils.RECIPE["batch_size"])
-    p.add_argument("--steps", type=int, default=25, help="timed steps per form per round")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=utils.RECIPE["batch_size"])
+    p.add_argument("--steps", type=positive_int, default=25, help="timed steps per form per round")
+    p.add_argument("--rounds", type=positive_int, default=4)
     p.add_argument("--form", choices=FORMS, help=argparse.SUPPRESS)  # one form, one process
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.form:
         print(f"{time_form(args.form, args.batch_size, args.steps):.3f}")
         return 0

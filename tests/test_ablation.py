@@ -230,7 +230,7 @@ def test_figure_has_a_dot_per_seed_and_the_target_line(tmp_path):
     write(tmp_path, "recipe", 1, fake_metrics([98.0, 99.4], 99.0))
     write(tmp_path, "recipe", 2, fake_metrics([98.0, 99.6], 99.2))
     write(tmp_path, "crop-only", 7, fake_metrics([98.0, 99.2], 99.5))
-    fig = ablation.plot_ablation(ablation.load_results(tmp_path), tmp_path / "a.png")
+    fig = utils.plot_ablation(ablation.load_results(tmp_path), tmp_path / "a.png")
     ax = fig.axes[0]
     dots = sorted(x for line in ax.get_lines() if line.get_marker() == "o"
                   for x in line.get_xdata())
@@ -245,9 +245,74 @@ def test_figure_has_a_dot_per_seed_and_the_target_line(tmp_path):
 
 
 def test_report_with_no_results_yet_lists_every_variant_as_missing(tmp_path):
-    table = ablation.report(tmp_path / "nothing", tmp_path / "a.png")
+    table = ablation.report(tmp_path / "nothing", tmp_path / "a.png", tmp_path / "p.png")
     assert table.count("missing") == len(ablation.VARIANTS)
-    assert (tmp_path / "a.png").exists()
+    assert (tmp_path / "a.png").exists() and (tmp_path / "p.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameters figure: how many parameters does 99.4% need?
+# ---------------------------------------------------------------------------------------------
+WIDTHS = {"recipe": (19_200, [99.55, 99.48, 99.55]), "width-0.85": (14_193, [99.50, 99.47]),
+          "width-0.7": (9_920, [99.44]), "width-0.55": (6_744, [99.33, 99.38, 99.30])}
+GAP = (16_640, [99.45, 99.50])
+
+
+def sweep_results(tmp_path: Path) -> dict:
+    for name, (params, finals) in {**WIDTHS, "gap-head": GAP}.items():
+        for seed, acc in enumerate(finals, 1):
+            write(tmp_path, name, seed, fake_metrics([98.0, acc], 99.0, params=params))
+    write(tmp_path, "no-dropout", 1, fake_metrics([98.0, 99.9], 99.0))  # not in this figure
+    return ablation.load_results(tmp_path)
+
+
+def line_labelled(ax, label: str):
+    (line,) = [line for line in ax.get_lines() if line.get_label() == label]
+    return line
+
+
+def test_parameters_figure_has_a_dot_per_seed_and_the_means_joined_across_widths(tmp_path):
+    fig = utils.plot_parameters(sweep_results(tmp_path), tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    dots = line_labelled(ax, "our runs, a dot per seed")
+    assert sorted(dots.get_ydata()) == sorted(a for _, finals in WIDTHS.values() for a in finals)
+    params = {p for p, _ in WIDTHS.values()}
+    assert all(any(abs(x / p - 1) <= 0.02 + 1e-9 for p in params) for x in dots.get_xdata())
+    means = line_labelled(ax, "mean over seeds")
+    assert list(means.get_xdata()) == [6_744, 9_920, 14_193, 19_200]
+    assert list(means.get_ydata()) == pytest.approx([99.33667, 99.44, 99.485, 99.52667],
+                                                    abs=1e-4)
+    gap = line_labelled(ax, "gap head, a dot per seed")
+    assert gap.get_marker() != dots.get_marker() and list(gap.get_ydata()) == GAP[1]
+    assert any(line.get_linestyle() == "--" and set(line.get_ydata()) == {99.4}
+               for line in ax.get_lines())
+    names = {t.get_text().split("\n")[0] for t in ax.texts}
+    assert {"recipe", "width-0.85", "width-0.7", "width-0.55", "gap-head"} <= names
+    assert "no-dropout" not in names
+
+
+def test_parameters_figure_marks_the_published_runs_as_other_peoples(tmp_path):
+    ax = utils.plot_parameters(sweep_results(tmp_path)).axes[0]
+    stars = line_labelled(ax, "published by others (single runs)")
+    assert stars.get_color() != line_labelled(ax, "our runs, a dot per seed").get_color()
+    assert list(zip(stars.get_xdata(), stars.get_ydata(), strict=True)) == [(8_932, 99.50),
+                                                                            (9_404, 99.52)]
+    span = [line for line in ax.get_lines() if list(line.get_xdata()) == [7_070, 7_979]]
+    assert len(span) == 1 and list(span[0].get_ydata()) == [99.4, 99.4]
+    texts = " ".join(t.get_text() for t in ax.texts)
+    assert "course reference\n8,932: 99.50%\n(epoch 15 of 15)" in texts
+    assert "deepanshudashora/ERAV1\n9,404: 99.52%\n(epoch 20)" in texts
+    assert "next session's target\nmet by peers: 7,070-7,979\n(<= 15 epochs)" in texts
+
+
+def test_parameters_figure_without_results_still_shows_the_published_runs(tmp_path):
+    ax = utils.plot_parameters(ablation.load_results(tmp_path / "nothing"),
+                               tmp_path / "p.png").axes[0]
+    assert (tmp_path / "p.png").exists()
+    assert "no results yet for the recipe's widths" in [t.get_text() for t in ax.texts]
+    assert len(line_labelled(ax, "published by others (single runs)").get_xdata()) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +331,7 @@ def test_script_runs_a_variant_skips_it_when_done_and_reports(tmp_path, mnist_di
     done = run_script("--variants", "no-dropout", "--seeds", "5", "--out", str(out),
                       "--figure", str(fig), "--threads", "1", *tiny)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "parameters.png").read_bytes()[:4] == b"\x89PNG"  # next to --figure
     result = out / "no-dropout_seed5.json"
     metrics = json.loads(result.read_text())
     assert metrics["recipe"]["dropout_plan"] == "none" and metrics["recipe"]["seed"] == 5
@@ -281,9 +347,13 @@ def test_script_runs_a_variant_skips_it_when_done_and_reports(tmp_path, mnist_di
     assert result.stat().st_mtime_ns == stamp
 
     fig.unlink()
-    reported = run_script("--report", "--out", str(out), "--figure", str(fig))
+    params = tmp_path / "elsewhere" / "p.png"
+    reported = run_script("--report", "--out", str(out), "--figure", str(fig),
+                          "--parameters-figure", str(params))
     assert reported.returncode == 0, reported.stdout + reported.stderr
     assert fig.exists() and "| no-dropout | no dropout | 19,200 | 1 |" in reported.stdout
+    assert params.read_bytes()[:4] == b"\x89PNG"
+    assert f"figures: {fig}, {params}" in reported.stdout
     assert reported.stdout.count("missing") == len(ablation.VARIANTS) - 1
 
 

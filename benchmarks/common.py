@@ -1,0 +1,251 @@
+"""What the benchmark scripts share: argparse types, reading train.py's result files, and running
+a batch of train.py runs that Ctrl-C stops cleanly.
+
+A result file is usable when it is valid JSON, an object holding the numbers a report reads,
+each finite, and a history whose columns have one length. seeds.py and ablation.py skip a file
+that is not (naming it in one warning line), and count a run as done only when its file is
+usable: a file left empty or cut short by a failed write is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_INT = 2**31 - 1  # as train.py: far above any sensible count
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse types: a bad count is a one-line usage error (exit 2), not a traceback later.
+# ---------------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    return _int_from(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_from(text, 0)
+
+
+def _int_from(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not low <= value <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be an integer from {low} to {MAX_INT:,}, "
+                                         f"got {text}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Result files.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Needs:
+    """What a report reads from a result file: top-level numbers, and history columns."""
+
+    numbers: tuple[str, ...]
+    columns: tuple[str, ...] = ()
+
+
+class Unusable(ValueError):
+    """A result file a report cannot use; the message says why."""
+
+
+def read_result(path: Path, needs: Needs) -> dict[str, Any]:
+    """train.py's metrics from `path`, checked against `needs`; Unusable if they fail."""
+    try:
+        text = Path(path).read_bytes().decode()
+    except OSError as err:
+        raise Unusable(f"cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise Unusable("not valid JSON (not even text)") from None
+    if not text.strip():
+        raise Unusable("empty file (a write that failed?)")
+    try:
+        metrics = json.loads(text)
+    except json.JSONDecodeError:
+        raise Unusable("not valid JSON (truncated?)") from None
+    check(metrics, needs)
+    return metrics
+
+
+def check(metrics: Any, needs: Needs) -> None:
+    """Raise Unusable unless `metrics` holds every number and history column in `needs`."""
+    if not isinstance(metrics, dict):
+        raise Unusable("not a JSON object")
+    wanted = [*needs.numbers, *(["history"] if needs.columns else [])]
+    missing = [k for k in wanted if k not in metrics]
+    if missing:
+        raise Unusable(f"no {', '.join(map(repr, missing))}")
+    for key in needs.numbers:
+        _finite(metrics[key], repr(key))
+    if needs.columns:
+        _check_history(metrics["history"], needs.columns)
+
+
+def _check_history(history: Any, columns: tuple[str, ...]) -> None:
+    if not isinstance(history, dict):
+        raise Unusable("'history' is not a JSON object")
+    missing = [c for c in columns if not isinstance(history.get(c), list)]
+    if missing:
+        raise Unusable(f"no history column {', '.join(map(repr, missing))}")
+    lengths = {name: len(col) for name, col in history.items() if isinstance(col, list)}
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{name} {n}" for name, n in lengths.items())
+        raise Unusable(f"history columns differ in length ({shown})")
+    if not lengths[columns[0]]:
+        raise Unusable("empty history")
+    for name in columns:
+        for value in history[name]:
+            _finite(value, f"history {name!r}")
+
+
+def _finite(value: Any, what: str) -> None:
+    # bool is an int to Python, but true is no accuracy.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Unusable(f"{what} is not a number ({json.dumps(value)[:20]})")
+    if not math.isfinite(value):
+        raise Unusable(f"{what} is {json.dumps(value)}, not a finite number")
+
+
+def load_result(path: Path, needs: Needs) -> dict[str, Any] | None:
+    """The metrics in `path`, or None after one warning line on stderr naming the file."""
+    try:
+        return read_result(path, needs)
+    except Unusable as err:
+        print(f"warning: skipped {shown(path)}: {err}", file=sys.stderr, flush=True)
+        return None
+
+
+def still_to_run(path: Path, needs: Needs, label: str, force: bool = False) -> bool:
+    """Whether a run must run: forced, no result file yet, or one it cannot use (said in one
+    line), e.g. a file a failed write left empty, which would otherwise count as done forever."""
+    if force or not Path(path).exists():
+        return True
+    try:
+        read_result(path, needs)
+    except Unusable as err:
+        print(f"{label}: {shown(path)} is unusable ({err}); running it again", flush=True)
+        return True
+    return False
+
+
+def shown(path: Path) -> str:
+    """The path as the user would type it: relative to the working directory when inside it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a batch.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """One train.py run: what to call it, its command, and the file its output goes to."""
+
+    label: str
+    command: list[str]
+    log: Path
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped a batch; the message says what finished and that re-running continues."""
+
+    def __init__(self, finished: list[str], total: int) -> None:
+        self.finished, self.total = finished, total
+        names = f" ({', '.join(finished)})" if finished else ""
+        left = total - len(finished)
+        super().__init__(f"interrupted (Ctrl-C) after {len(finished)} of {total} runs "
+                         f"finished{names}; the same command again runs the other {left} "
+                         "(finished runs are skipped)")
+
+
+class Batch:
+    """Runs jobs `jobs` at a time, each in its own process; on Ctrl-C, stops those in flight,
+    starts no more, and raises Interrupted."""
+
+    def __init__(self, jobs: int, env: dict[str, str]) -> None:
+        self.jobs, self.env = jobs, env
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.running: set[subprocess.Popen] = set()
+        self.finished: list[str] = []
+
+    def run(self, todo: list[Job]) -> list[int | None]:
+        """Each job's exit code, in order (None for a job the interrupt kept from starting)."""
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        try:
+            futures = [pool.submit(self._one, job) for job in todo]
+            codes = [f.result() for f in futures]
+        except KeyboardInterrupt:
+            self._stop(pool)
+            raise Interrupted(list(self.finished), len(todo)) from None
+        pool.shutdown()
+        return codes
+
+    def _one(self, job: Job) -> int | None:
+        with self.lock:
+            if self.stopping:
+                return None
+            with open(job.log, "w") as log:
+                proc = subprocess.Popen(job.command, cwd=ROOT, env=self.env, stdout=log,
+                                        stderr=subprocess.STDOUT)
+            self.running.add(proc)
+        code = proc.wait()
+        with self.lock:
+            self.running.discard(proc)
+            if self.stopping:  # the interrupt's line is the last one printed
+                return code
+            if code == 0:
+                self.finished.append(job.label)
+            print(f"{job.label}: exit {code}, log in {job.log}", flush=True)
+        return code
+
+    def _stop(self, pool: ThreadPoolExecutor) -> None:
+        # A second Ctrl-C meanwhile would turn the one-line ending into a traceback.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self._stop_running(pool)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_running(self, pool: ThreadPoolExecutor) -> None:
+        with self.lock:
+            self.stopping = True
+            running = list(self.running)
+        for proc in running:
+            # Ctrl-C at a terminal reached them already; `kill -INT` of this process did not.
+            # train.py ignores a second one while it says what it saved.
+            proc.send_signal(signal.SIGINT)
+        for proc in running:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_batch(todo: list[Job], jobs: int, threads: int) -> list[int | None]:
+    """Run the jobs, `jobs` at a time with `threads` threads each; Interrupted on Ctrl-C."""
+    # Several runs share the cores: give each its own threads rather than let them fight.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return Batch(jobs, env).run(todo)
+
+
+def default_threads(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
