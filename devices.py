@@ -8,6 +8,7 @@ the CPU, CUDA and MPS, or between the two loaders, is decided here (README, "Spe
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,3 +117,38 @@ def compiled(model: nn.Module, device: torch.device) -> nn.Module:
     if device.type == "mps":
         raise ValueError("compile is not supported on MPS here: train without it")
     return torch.compile(model, dynamic=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device choice.
+# ---------------------------------------------------------------------------------------------
+def get_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; a named device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if name not in available:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    if not available[name]:
+        raise ValueError(f"device {name!r} is not available on this machine")
+    return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    """What the notebook prints first: the device it got, and in Colab on a CPU runtime how
+    to get a GPU (the recipe's 20 epochs take minutes on a GPU, far longer on Colab's CPU)."""
+    if device.type == "cuda":
+        return f"device: cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "mps":
+        return "device: mps (Apple GPU)"
+    threads = torch.get_num_threads()
+    line = f"device: cpu ({threads} thread{'' if threads == 1 else 's'})"
+    if "google.colab" in sys.modules:
+        line += ("\nThis Colab runtime has no GPU, so training runs on its CPU (slowly). For a "
+                 "GPU: Runtime > Change runtime type > T4 GPU > Save, then run all cells again.")
+    return line

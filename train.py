@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 import checkpoints
+import devices
 import mnist_files
 import utils
 from augment import AUGMENTATIONS
@@ -271,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, torch
     args = parser.parse_args(argv)
     check_combinations(parser, args)
     try:
-        device = utils.get_device(args.device)
+        device = devices.get_device(args.device)
     except ValueError as err:
         parser.error(str(err))
     if args.compile and device.type == "mps":

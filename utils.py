@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from augment import (
     sample_augment_params,
 )
 from devices import FastPath, compiled, fast_path, prepare, to_device
+from figures import TARGET_ACC, finish, legible, whole_epochs
 from mnist_files import load_mnist_tensors
 from model import Net
 
@@ -420,143 +420,13 @@ def format_recipe(recipe: dict[str, Any]) -> str:
     return "\n".join(f"  {key:<{width}}  {value}" for key, value in recipe.items())
 
 
-def figures_dir(run: Run, images: str | os.PathLike | None) -> str | os.PathLike | None:
-    """Where the notebook saves `run`'s figures: `images` once the run has all its epochs, else
-    None (drawn inline only, with a word why), so a half-trained model never replaces them."""
-    done, total = len(run.history["epoch"]), run.recipe["epochs"]
-    if images is None or done == total:
-        return images
-    print(f"the run is incomplete ({done} of {total} epochs): its figures are drawn here, not "
-          f"saved in {images}/; run the training cell again to finish it")
-    return None
-
-
-def save_figure(fig: Any, folder: str | os.PathLike | None, name: str) -> None:
-    """Save a figure drawn earlier into `folder` (None: nowhere), as the plot helpers save."""
-    if folder is not None:
-        _finish(fig, Path(folder) / name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Device choice.
-# ---------------------------------------------------------------------------------------------
-def get_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA, then Apple's MPS, then the CPU; a named device must be available."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
-    if name not in available:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
-    if not available[name]:
-        raise ValueError(f"device {name!r} is not available on this machine")
-    return torch.device(name)
-
-
-def describe_device(device: torch.device) -> str:
-    """What the notebook prints first: the device it got, and in Colab on a CPU runtime how
-    to get a GPU (the recipe's 20 epochs take minutes on a GPU, far longer on Colab's CPU)."""
-    if device.type == "cuda":
-        return f"device: cuda ({torch.cuda.get_device_name(device)})"
-    if device.type == "mps":
-        return "device: mps (Apple GPU)"
-    threads = torch.get_num_threads()
-    line = f"device: cpu ({threads} thread{'' if threads == 1 else 's'})"
-    if "google.colab" in sys.modules:
-        line += ("\nThis Colab runtime has no GPU, so training runs on its CPU (slowly). For a "
-                 "GPU: Runtime > Change runtime type > T4 GPU > Save, then run all cells again.")
-    return line
-
-
 # ---------------------------------------------------------------------------------------------
 # Pictures: training curves, sample grids, and what the model gets wrong.
 # Each helper draws with pyplot (so a notebook shows it inline), saves it when given a path,
 # and returns the figure.
 # ---------------------------------------------------------------------------------------------
-TARGET_ACC = 99.4  # the assignment's test accuracy, drawn on the accuracy plot
 ZOOM_FROM = 98.5  # the accuracy plot's second panel starts here, so the last 0.1% shows
-# Every figure's text, in points. The notebook draws inline at 80 dpi, where 1 pt is 1.1 px:
-# under 10 pt, a digit is less than 8 px high.
-TEXT_SIZES = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
-              "xtick.labelsize": 11, "ytick.labelsize": 11, "legend.fontsize": 10.5,
-              "figure.titlesize": 13}
-
-
-def _legible(draw: Callable) -> Callable:
-    """Draw with TEXT_SIZES; a text's size is fixed when it is created, so it outlives this."""
-    import functools
-
-    @functools.wraps(draw)
-    def drawn(*args: Any, **kwargs: Any) -> Any:
-        import matplotlib.pyplot as plt
-
-        with plt.rc_context(TEXT_SIZES):
-            return draw(*args, **kwargs)
-
-    return drawn
-
-
-def _finish(fig: Any, path: str | os.PathLike | None) -> Any:
-    if fig.get_layout_engine() is None:  # a figure made with its own layout keeps it
-        fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
-
-
-def png_bytes(fig: Any, dpi: float | None = None, colours: int | None = 256) -> bytes:
-    """The figure as the notebook shows it (tight box), at `dpi` (default: the figure's own).
-
-    With `colours`, a palette PNG of at most that many colours: a plot has few, and the file is
-    about 2.5 times smaller than matplotlib's RGBA one, with no difference to see.
-    """
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi or fig.dpi, bbox_inches="tight")
-    if colours is None:
-        return buf.getvalue()
-    image = Image.open(buf).convert("RGB")
-    # No dithering: its noise would cost bytes and blur thin lines.
-    palette = image.quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    out = io.BytesIO()
-    palette.save(out, format="png", optimize=True)
-    return out.getvalue()
-
-
-def show(fig: Any, alt: str, dpi: float | None = None) -> None:
-    """Show a figure in the notebook as a PNG output whose alt text is `alt`, and close it.
-
-    nbconvert's classic HTML template writes the output's metadata "alt" into the <img> tag; its
-    default (lab) template does not. Closing the figure keeps the inline backend from showing it
-    a second time at the end of the cell.
-    """
-    import base64
-
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-
-    data = base64.b64encode(png_bytes(fig, dpi)).decode("ascii")
-    display({"image/png": data, "text/plain": alt}, raw=True,
-            metadata={"image/png": {"alt": alt}})
-    plt.close(fig)
-
-
-def _whole_epochs(ax: Any) -> None:
-    """Epoch ticks at whole numbers only: there is no epoch 2.5."""
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
-
-
-@_legible
+@legible
 def plot_history(history: dict[str, list[float]],
                  save_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
     """The original's two figures: train/test loss, and train/test accuracy, per epoch.
@@ -580,10 +450,10 @@ def plot_history(history: dict[str, list[float]],
                        label=f"target {TARGET_ACC}%")
             _zoomed_accuracy(axes[0, 1], history)
         for a in axes.flat:
-            _whole_epochs(a)
+            whole_epochs(a)
             a.grid(alpha=0.3)
         ax.legend()
-        figs.append(_finish(fig, Path(save_dir) / name if save_dir else None))
+        figs.append(finish(fig, Path(save_dir) / name if save_dir else None))
     return figs[0], figs[1]
 
 
@@ -630,7 +500,7 @@ def epoch_ranges(epochs: list[int]) -> str:
     return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
-@_legible
+@legible
 def image_grid(images: torch.Tensor, titles: list[str], cols: int = 8,
                path: str | os.PathLike | None = None, suptitle: str | None = None) -> Any:
     """A grid of (N, 1, 28, 28) or (N, 28, 28) images with a caption under each."""
@@ -649,7 +519,7 @@ def image_grid(images: torch.Tensor, titles: list[str], cols: int = 8,
         ax.set_title(title, fontsize=10.5)
     if suptitle:
         fig.suptitle(suptitle)
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def augmented_samples(loader: Any, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -706,7 +576,7 @@ def per_class_accuracy(cm: torch.Tensor) -> list[float]:
     return (100.0 * cm.diag() / cm.sum(1).clamp(min=1)).tolist()
 
 
-@_legible
+@legible
 def plot_confusion_matrix(cm: torch.Tensor, path: str | os.PathLike | None = None) -> Any:
     """Counts with the diagonal uncoloured, so the few mistakes stand out; per-class accuracy in
     the row labels."""
@@ -730,7 +600,7 @@ def plot_confusion_matrix(cm: torch.Tensor, path: str | os.PathLike | None = Non
     # layout pushed the y-label off the figure's left edge. Counts are whole: integer ticks.
     cax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.15)
     fig.colorbar(im, cax=cax, ticks=MaxNLocator(integer=True), format="%d", label="mistakes")
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def _count(ax: Any, im: Any, true: int, pred: int, value: int) -> None:
@@ -755,161 +625,3 @@ def save_analysis(model: nn.Module, test_loader: Any, device: torch.device,
         "confusion": plot_confusion_matrix(cm, path=out / "confusion_matrix.png" if out else None),
     }
     return {"confusion_matrix": cm, "per_class_accuracy": per_class_accuracy(cm), "figures": figs}
-
-
-# ---------------------------------------------------------------------------------------------
-# The ablation's figures, from benchmarks/ablation.py's results: {variant: {seed: metrics}},
-# where metrics is what train.py --metrics writes.
-# ---------------------------------------------------------------------------------------------
-@_legible
-def plot_ablation(results: dict[str, dict[int, dict[str, Any]]],
-                  path: str | os.PathLike | None = None) -> Any:
-    """Final test accuracy per variant, each seed a dot and the mean a bar, against 99.4%."""
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
-    for y, name in enumerate(names):
-        finals = [m["final_test_acc"] for m in results[name].values()]
-        if finals:
-            # Seeds spread a little up and down, so that equal accuracies stay visible as dots.
-            ax.plot(finals, [y + 0.2 * d for d in _spread(len(finals))], "o", color="tab:blue",
-                    alpha=0.7)
-            ax.plot([sum(finals) / len(finals)] * 2, [y - 0.3, y + 0.3], "-", color="black")
-        else:
-            ax.annotate("no results yet", (0.02, y), xycoords=("axes fraction", "data"),
-                        va="center", color="grey")
-    ax.axvline(TARGET_ACC, color="tab:red", linestyle="--", label=f"target {TARGET_ACC}%")
-    ax.set_yticks(range(len(names)), names)
-    # The recipe on top, and half a row's room below the last, whose "no results yet" would
-    # otherwise sit on the axis.
-    ax.set_ylim(len(names) - 0.5, -0.5)
-    ax.set(xlabel="final test accuracy (%), each dot a seed, the bar their mean",
-           title="What each part buys: the recipe with one ingredient changed")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="best")  # where it covers the fewest dots
-    return _finish(fig, path)
-
-
-def _spread(n: int) -> list[float]:
-    """n offsets from -0.5 to 0.5 (0 for one): a variant's seeds side by side, not on top."""
-    return [i / (n - 1) - 0.5 if n > 1 else 0.0 for i in range(n)]
-
-
-# Published single runs by other people, for plot_parameters: parameters as (low, high), equal
-# for one model; test accuracy in %; and the epoch it was reached at.
-PUBLISHED_RUNS = (
-    # The course's reference solution to this assignment (Session 6).
-    {"label": "course reference", "parameters": (8_932, 8_932), "test_acc": 99.50,
-     "epochs": "epoch 15 of 15"},
-    # github.com/deepanshudashora/ERAV1, session6/part2/README.md (its training log).
-    {"label": "deepanshudashora/ERAV1", "parameters": (9_404, 9_404), "test_acc": 99.52,
-     "epochs": "epoch 20"},
-    # The next session's assignment (99.4% in at most 15 epochs), as peers met it.
-    {"label": "next session's target\nmet by peers", "parameters": (7_070, 7_979),
-     "test_acc": 99.4, "epochs": "<= 15 epochs"},
-)
-PARAMETER_SWEEP = "width-"  # the variants that scale every channel count: width-0.85, ...
-GAP_HEAD = "gap-head"
-
-
-@_legible
-def plot_parameters(results: dict[str, dict[int, dict[str, Any]]],
-                    path: str | os.PathLike | None = None) -> Any:
-    """How many parameters does 99.4% need? Final test accuracy against parameters (log scale).
-
-    A dot per seed for the recipe and its narrower widths (the variants named width-*), their
-    means joined by a line; the gap-head variant apart; the dashed 99.4% target; and, marked
-    as such, single runs other people published (PUBLISHED_RUNS).
-    """
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    sweep = {n: r for n, r in results.items()
-             if r and (n == "recipe" or n.startswith(PARAMETER_SWEEP))}
-    means = _seed_dots(ax, sweep, "o", "tab:blue", "our runs, a dot per seed")
-    _name_variants(ax, {**sweep, GAP_HEAD: results.get(GAP_HEAD)})
-    if means:
-        xs, ys = zip(*sorted(means), strict=True)
-        ax.plot(xs, ys, "-_", color="black", linewidth=1.2, markersize=16, markeredgewidth=2,
-                label="mean over seeds")
-    else:
-        ax.annotate("no results yet for the recipe's widths", (0.5, 0.5), ha="center",
-                    xycoords="axes fraction", color="grey")
-    if results.get(GAP_HEAD):
-        (params, mean), = _seed_dots(ax, {GAP_HEAD: results[GAP_HEAD]}, "^", "tab:green",
-                                     "gap head, a dot per seed")
-        ax.plot([params], [mean], "_", color="black", markersize=16, markeredgewidth=2)
-    _published(ax)
-    ax.axhline(TARGET_ACC, color="tab:red", linestyle="--", linewidth=1,
-               label=f"target {TARGET_ACC}%")
-    _parameter_axis(ax)
-    ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("How many parameters does 99.4% need?", pad=34)  # over the variants' names
-    ax.margins(x=0.08, y=0.15)  # room for the names under the dots and over the stars
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")  # where it covers the fewest points
-    return _finish(fig, path)
-
-
-def _seed_dots(ax: Any, runs: dict[str, dict[int, dict[str, Any]]], marker: str, colour: str,
-               label: str) -> list[tuple[float, float]]:
-    """One dot per seed at its variant's parameter count; returns each variant's (parameters,
-    mean)."""
-    xs, ys, means = [], [], []
-    for by_seed in runs.values():
-        ms = [by_seed[s] for s in sorted(by_seed)]
-        params = ms[0]["parameters"]
-        finals = [m["final_test_acc"] for m in ms]
-        # Seeds side by side (4% apart at most), so that equal accuracies stay visible as dots.
-        xs += [params * (1 + 0.04 * d) for d in _spread(len(ms))]
-        ys += finals
-        means.append((params, sum(finals) / len(finals)))
-    ax.plot(xs, ys, marker, linestyle="none", color=colour, markersize=7, label=label)
-    return means
-
-
-def _published(ax: Any) -> None:
-    """PUBLISHED_RUNS: a star per published model, a bar for a range of them, each named."""
-    singles = [r for r in PUBLISHED_RUNS if r["parameters"][0] == r["parameters"][1]]
-    ax.plot([r["parameters"][0] for r in singles], [r["test_acc"] for r in singles], "*",
-            linestyle="none", color="tab:purple", markersize=15,
-            label="published by others (single runs)")
-    # The two stars are close: one name to the left, the other to the right.
-    for r, side in zip(singles, (-1, 1), strict=False):
-        ax.annotate(f"{r['label']}\n{r['parameters'][0]:,}: {r['test_acc']:.2f}%\n"
-                    f"({r['epochs']})", (r["parameters"][0], r["test_acc"]),
-                    textcoords="offset points", xytext=(8 * side, 6),
-                    ha="right" if side < 0 else "left", va="bottom", fontsize=10,
-                    color="tab:purple")
-    for r in PUBLISHED_RUNS:
-        low, high = r["parameters"]
-        if low == high:
-            continue
-        ax.plot([low, high], [r["test_acc"]] * 2, "-", color="tab:purple", linewidth=8,
-                solid_capstyle="butt", alpha=0.5)
-        ax.annotate(f"{r['label']}: {low:,}-{high:,}\n({r['epochs']})",
-                    ((low * high) ** 0.5, r["test_acc"]), textcoords="offset points",
-                    xytext=(0, 7), ha="center", va="bottom", fontsize=10, color="tab:purple")
-
-
-def _name_variants(ax: Any, runs: dict[str, dict[int, dict[str, Any]] | None]) -> None:
-    """Each variant's name and parameter count over the axes, above its dots: names next to
-    the dots would collide with them."""
-    for name, by_seed in runs.items():
-        if by_seed:
-            params = next(iter(by_seed.values()))["parameters"]
-            ax.annotate(f"{name}\n{params:,}", (params, 1), xycoords=("data", "axes fraction"),
-                        xytext=(0, 4), textcoords="offset points", ha="center", va="bottom",
-                        fontsize=10, color="dimgrey")
-
-
-def _parameter_axis(ax: Any) -> None:
-    """Log scale, ticks at round parameter counts written out in full."""
-    from matplotlib.ticker import FixedLocator, NullLocator, StrMethodFormatter
-
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(FixedLocator([5_000, 7_000, 10_000, 15_000, 20_000, 30_000]))
-    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("parameters (log scale)")

@@ -7,8 +7,7 @@ interrupted batch continues where it stopped; Ctrl-C stops the runs in flight an
 finished. `--report` rebuilds the table and the two figures (images/ablation.png, and
 images/parameters.png: accuracy against parameters) from the JSON files alone, skipping a file
 it cannot use with a warning naming it; the notebook imports `load_results`, `summarise` and
-`format_table` from here, and the figures' `plot_ablation` and `plot_parameters` from utils,
-to show the same.
+`format_table`, `plot_ablation` and `plot_parameters` from here to show the same.
 
     python benchmarks/ablation.py --seeds 1 2 3 --jobs 2 --threads 1
     python benchmarks/ablation.py --report
@@ -31,7 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script, it sees only benchmarks/
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
-from utils import plot_ablation, plot_parameters  # noqa: E402
+from figures import TARGET_ACC, finish, legible  # noqa: E402
 
 RESULTS = ROOT / "results" / "ablation"
 FIGURE = ROOT / "images" / "ablation.png"
@@ -153,6 +152,164 @@ def format_table(rows: list[Row]) -> str:
                      f"| {r.mean_test:.2f} | {sd} | {r.mean_best_epoch:.1f} "
                      f"| {r.mean_train:.2f} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The figures, from the results alone: {variant: {seed: metrics}}, where metrics is what
+# train.py --metrics writes.
+# ---------------------------------------------------------------------------------------------
+@legible
+def plot_ablation(results: dict[str, dict[int, dict[str, Any]]],
+                  path: str | os.PathLike | None = None) -> Any:
+    """Final test accuracy per variant, each seed a dot and the mean a bar, against 99.4%."""
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    for y, name in enumerate(names):
+        finals = [m["final_test_acc"] for m in results[name].values()]
+        if finals:
+            # Seeds spread a little up and down, so that equal accuracies stay visible as dots.
+            ax.plot(finals, [y + 0.2 * d for d in _spread(len(finals))], "o", color="tab:blue",
+                    alpha=0.7)
+            ax.plot([sum(finals) / len(finals)] * 2, [y - 0.3, y + 0.3], "-", color="black")
+        else:
+            ax.annotate("no results yet", (0.02, y), xycoords=("axes fraction", "data"),
+                        va="center", color="grey")
+    ax.axvline(TARGET_ACC, color="tab:red", linestyle="--", label=f"target {TARGET_ACC}%")
+    ax.set_yticks(range(len(names)), names)
+    # The recipe on top, and half a row's room below the last, whose "no results yet" would
+    # otherwise sit on the axis.
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set(xlabel="final test accuracy (%), each dot a seed, the bar their mean",
+           title="What each part buys: the recipe with one ingredient changed")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="best")  # where it covers the fewest dots
+    return finish(fig, path)
+
+
+def _spread(n: int) -> list[float]:
+    """n offsets from -0.5 to 0.5 (0 for one): a variant's seeds side by side, not on top."""
+    return [i / (n - 1) - 0.5 if n > 1 else 0.0 for i in range(n)]
+
+
+# Published single runs by other people, for plot_parameters: parameters as (low, high), equal
+# for one model; test accuracy in %; and the epoch it was reached at.
+PUBLISHED_RUNS = (
+    # The course's reference solution to this assignment (Session 6).
+    {"label": "course reference", "parameters": (8_932, 8_932), "test_acc": 99.50,
+     "epochs": "epoch 15 of 15"},
+    # github.com/deepanshudashora/ERAV1, session6/part2/README.md (its training log).
+    {"label": "deepanshudashora/ERAV1", "parameters": (9_404, 9_404), "test_acc": 99.52,
+     "epochs": "epoch 20"},
+    # The next session's assignment (99.4% in at most 15 epochs), as peers met it.
+    {"label": "next session's target\nmet by peers", "parameters": (7_070, 7_979),
+     "test_acc": 99.4, "epochs": "<= 15 epochs"},
+)
+PARAMETER_SWEEP = "width-"  # the variants that scale every channel count: width-0.85, ...
+GAP_HEAD = "gap-head"
+
+
+@legible
+def plot_parameters(results: dict[str, dict[int, dict[str, Any]]],
+                    path: str | os.PathLike | None = None) -> Any:
+    """How many parameters does 99.4% need? Final test accuracy against parameters (log scale).
+
+    A dot per seed for the recipe and its narrower widths (the variants named width-*), their
+    means joined by a line; the gap-head variant apart; the dashed 99.4% target; and, marked
+    as such, single runs other people published (PUBLISHED_RUNS).
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    sweep = {n: r for n, r in results.items()
+             if r and (n == "recipe" or n.startswith(PARAMETER_SWEEP))}
+    means = _seed_dots(ax, sweep, "o", "tab:blue", "our runs, a dot per seed")
+    _name_variants(ax, {**sweep, GAP_HEAD: results.get(GAP_HEAD)})
+    if means:
+        xs, ys = zip(*sorted(means), strict=True)
+        ax.plot(xs, ys, "-_", color="black", linewidth=1.2, markersize=16, markeredgewidth=2,
+                label="mean over seeds")
+    else:
+        ax.annotate("no results yet for the recipe's widths", (0.5, 0.5), ha="center",
+                    xycoords="axes fraction", color="grey")
+    if results.get(GAP_HEAD):
+        (params, mean), = _seed_dots(ax, {GAP_HEAD: results[GAP_HEAD]}, "^", "tab:green",
+                                     "gap head, a dot per seed")
+        ax.plot([params], [mean], "_", color="black", markersize=16, markeredgewidth=2)
+    _published(ax)
+    ax.axhline(TARGET_ACC, color="tab:red", linestyle="--", linewidth=1,
+               label=f"target {TARGET_ACC}%")
+    _parameter_axis(ax)
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title("How many parameters does 99.4% need?", pad=34)  # over the variants' names
+    ax.margins(x=0.08, y=0.15)  # room for the names under the dots and over the stars
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")  # where it covers the fewest points
+    return finish(fig, path)
+
+
+def _seed_dots(ax: Any, runs: dict[str, dict[int, dict[str, Any]]], marker: str, colour: str,
+               label: str) -> list[tuple[float, float]]:
+    """One dot per seed at its variant's parameter count; returns each variant's (parameters,
+    mean)."""
+    xs, ys, means = [], [], []
+    for by_seed in runs.values():
+        ms = [by_seed[s] for s in sorted(by_seed)]
+        params = ms[0]["parameters"]
+        finals = [m["final_test_acc"] for m in ms]
+        # Seeds side by side (4% apart at most), so that equal accuracies stay visible as dots.
+        xs += [params * (1 + 0.04 * d) for d in _spread(len(ms))]
+        ys += finals
+        means.append((params, sum(finals) / len(finals)))
+    ax.plot(xs, ys, marker, linestyle="none", color=colour, markersize=7, label=label)
+    return means
+
+
+def _published(ax: Any) -> None:
+    """PUBLISHED_RUNS: a star per published model, a bar for a range of them, each named."""
+    singles = [r for r in PUBLISHED_RUNS if r["parameters"][0] == r["parameters"][1]]
+    ax.plot([r["parameters"][0] for r in singles], [r["test_acc"] for r in singles], "*",
+            linestyle="none", color="tab:purple", markersize=15,
+            label="published by others (single runs)")
+    # The two stars are close: one name to the left, the other to the right.
+    for r, side in zip(singles, (-1, 1), strict=False):
+        ax.annotate(f"{r['label']}\n{r['parameters'][0]:,}: {r['test_acc']:.2f}%\n"
+                    f"({r['epochs']})", (r["parameters"][0], r["test_acc"]),
+                    textcoords="offset points", xytext=(8 * side, 6),
+                    ha="right" if side < 0 else "left", va="bottom", fontsize=10,
+                    color="tab:purple")
+    for r in PUBLISHED_RUNS:
+        low, high = r["parameters"]
+        if low == high:
+            continue
+        ax.plot([low, high], [r["test_acc"]] * 2, "-", color="tab:purple", linewidth=8,
+                solid_capstyle="butt", alpha=0.5)
+        ax.annotate(f"{r['label']}: {low:,}-{high:,}\n({r['epochs']})",
+                    ((low * high) ** 0.5, r["test_acc"]), textcoords="offset points",
+                    xytext=(0, 7), ha="center", va="bottom", fontsize=10, color="tab:purple")
+
+
+def _name_variants(ax: Any, runs: dict[str, dict[int, dict[str, Any]] | None]) -> None:
+    """Each variant's name and parameter count over the axes, above its dots: names next to
+    the dots would collide with them."""
+    for name, by_seed in runs.items():
+        if by_seed:
+            params = next(iter(by_seed.values()))["parameters"]
+            ax.annotate(f"{name}\n{params:,}", (params, 1), xycoords=("data", "axes fraction"),
+                        xytext=(0, 4), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=10, color="dimgrey")
+
+
+def _parameter_axis(ax: Any) -> None:
+    """Log scale, ticks at round parameter counts written out in full."""
+    from matplotlib.ticker import FixedLocator, NullLocator, StrMethodFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator([5_000, 7_000, 10_000, 15_000, 20_000, 30_000]))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("parameters (log scale)")
 
 
 def report(out: str | os.PathLike = RESULTS, figure: str | os.PathLike | None = FIGURE,

@@ -175,6 +175,9 @@ class Interrupted(Exception):
                          "(finished runs are skipped)")
 
 
+INTERRUPT_GRACE = 1.0  # seconds a failed run waits to learn whether Ctrl-C ended it
+
+
 class Batch:
     """Runs jobs `jobs` at a time, each in its own process; on Ctrl-C, stops those in flight,
     starts no more, and raises Interrupted."""
@@ -183,6 +186,7 @@ class Batch:
         self.jobs, self.env = jobs, env
         self.lock = threading.Lock()
         self.stopping = False
+        self.stopped = threading.Event()  # set with `stopping`, for a worker to wait on
         self.running: set[subprocess.Popen] = set()
         self.finished: list[str] = []
 
@@ -207,6 +211,10 @@ class Batch:
                                         stderr=subprocess.STDOUT)
             self.running.add(proc)
         code = proc.wait()
+        if code != 0:
+            # Ctrl-C at a terminal reaches the run too, which may end before the main thread
+            # has taken the interrupt: give it a moment, so the run is not reported as failed.
+            self.stopped.wait(INTERRUPT_GRACE)
         with self.lock:
             self.running.discard(proc)
             if self.stopping:  # the interrupt's line is the last one printed
@@ -227,6 +235,7 @@ class Batch:
     def _stop_running(self, pool: ThreadPoolExecutor) -> None:
         with self.lock:
             self.stopping = True
+            self.stopped.set()
             running = list(self.running)
         for proc in running:
             # Ctrl-C at a terminal reached them already; `kill -INT` of this process did not.

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=str(ROOT / "data"))
     args = p.parse_args(argv)
 
-    device = utils.get_device(args.device)
+    device = devices.get_device(args.device)
     if device.type == "cuda":
         args.epoch = True  # on a GPU the figure that matters is what fit costs, syncs included
     mnist_files.ensure_mnist(args.data_dir, verbose=False)

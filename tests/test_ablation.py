@@ -230,7 +230,7 @@ def test_figure_has_a_dot_per_seed_and_the_target_line(tmp_path):
     write(tmp_path, "recipe", 1, fake_metrics([98.0, 99.4], 99.0))
     write(tmp_path, "recipe", 2, fake_metrics([98.0, 99.6], 99.2))
     write(tmp_path, "crop-only", 7, fake_metrics([98.0, 99.2], 99.5))
-    fig = utils.plot_ablation(ablation.load_results(tmp_path), tmp_path / "a.png")
+    fig = ablation.plot_ablation(ablation.load_results(tmp_path), tmp_path / "a.png")
     ax = fig.axes[0]
     dots = sorted(x for line in ax.get_lines() if line.get_marker() == "o"
                   for x in line.get_xdata())
@@ -272,7 +272,7 @@ def line_labelled(ax, label: str):
 
 
 def test_parameters_figure_has_a_dot_per_seed_and_the_means_joined_across_widths(tmp_path):
-    fig = utils.plot_parameters(sweep_results(tmp_path), tmp_path / "p.png")
+    fig = ablation.plot_parameters(sweep_results(tmp_path), tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
@@ -294,7 +294,7 @@ def test_parameters_figure_has_a_dot_per_seed_and_the_means_joined_across_widths
 
 
 def test_parameters_figure_marks_the_published_runs_as_other_peoples(tmp_path):
-    ax = utils.plot_parameters(sweep_results(tmp_path)).axes[0]
+    ax = ablation.plot_parameters(sweep_results(tmp_path)).axes[0]
     stars = line_labelled(ax, "published by others (single runs)")
     assert stars.get_color() != line_labelled(ax, "our runs, a dot per seed").get_color()
     assert list(zip(stars.get_xdata(), stars.get_ydata(), strict=True)) == [(8_932, 99.50),
@@ -308,7 +308,7 @@ def test_parameters_figure_marks_the_published_runs_as_other_peoples(tmp_path):
 
 
 def test_parameters_figure_without_results_still_shows_the_published_runs(tmp_path):
-    ax = utils.plot_parameters(ablation.load_results(tmp_path / "nothing"),
+    ax = ablation.plot_parameters(ablation.load_results(tmp_path / "nothing"),
                                tmp_path / "p.png").axes[0]
     assert (tmp_path / "p.png").exists()
     assert "no results yet for the recipe's widths" in [t.get_text() for t in ax.texts]

@@ -210,9 +210,9 @@ def test_notebook_metadata_asks_colab_for_a_gpu(repo_root):
 
 
 def test_in_colab_on_a_cpu_the_notebook_says_how_to_get_a_gpu(monkeypatch):
-    assert "Change runtime type" not in utils.describe_device(CPU)
+    assert "Change runtime type" not in devices.describe_device(CPU)
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    text = utils.describe_device(CPU)
+    text = devices.describe_device(CPU)
     assert text.startswith("device: cpu")
     assert "Runtime > Change runtime type > T4 GPU" in text
 
@@ -221,4 +221,4 @@ def test_in_colab_on_a_cpu_the_notebook_says_how_to_get_a_gpu(monkeypatch):
                                                (2, "device: cpu (2 threads)")])
 def test_describe_device_counts_cpu_threads_in_words(monkeypatch, threads, expected):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert utils.describe_device(CPU) == expected
+    assert devices.describe_device(CPU) == expected

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoints
+import figures
 import utils
 
 CPU = torch.device("cpu")
@@ -61,19 +62,19 @@ def a_run(done: int, epochs: int) -> SimpleNamespace:
 
 
 def test_a_complete_run_saves_its_figures_in_images(capsys):
-    assert utils.figures_dir(a_run(3, 3), "images") == "images"
+    assert figures.figures_dir(a_run(3, 3), "images") == "images"
     assert capsys.readouterr().out == ""
 
 
 def test_an_incomplete_run_draws_its_figures_but_does_not_save_them(capsys):
-    assert utils.figures_dir(a_run(1, 3), "images") is None
+    assert figures.figures_dir(a_run(1, 3), "images") is None
     out = capsys.readouterr().out
     assert "incomplete (1 of 3 epochs)" in out and "not saved in images/" in out
     assert "run the training cell again" in out
 
 
 def test_no_images_folder_means_nothing_is_saved_and_nothing_said(capsys):
-    assert utils.figures_dir(a_run(1, 3), None) is None
+    assert figures.figures_dir(a_run(1, 3), None) is None
     assert capsys.readouterr().out == ""
 
 
@@ -84,8 +85,8 @@ def test_save_figure_saves_into_a_folder_or_nowhere(tmp_path):
     import matplotlib.pyplot as plt
 
     fig = plt.figure()
-    utils.save_figure(fig, None, "nowhere.png")
-    utils.save_figure(fig, tmp_path / "images", "samples.png")
+    figures.save_figure(fig, None, "nowhere.png")
+    figures.save_figure(fig, tmp_path / "images", "samples.png")
     assert [p.name for p in tmp_path.rglob("*.png")] == ["samples.png"]
     plt.close(fig)
 

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import figures  # noqa: E402
 import utils  # noqa: E402
 from model import Net  # noqa: E402
 
@@ -290,7 +291,7 @@ def test_png_bytes_is_a_palette_png_smaller_than_matplotlibs_own():
     from PIL import Image
 
     fig = utils.plot_history(history_of(20))[1]
-    palette, rgba = utils.png_bytes(fig, dpi=80), utils.png_bytes(fig, dpi=80, colours=None)
+    palette, rgba = figures.png_bytes(fig, dpi=80), figures.png_bytes(fig, dpi=80, colours=None)
     assert palette[:8] == rgba[:8] == PNG_MAGIC
     assert Image.open(io.BytesIO(palette)).mode == "P"
     assert Image.open(io.BytesIO(palette)).size == Image.open(io.BytesIO(rgba)).size
@@ -314,7 +315,7 @@ def displayed(monkeypatch) -> list[tuple[dict, dict]]:
 
 def test_show_displays_a_png_with_its_alt_text_and_closes_the_figure(displayed):
     fig = utils.plot_history(history_of(20))[0]
-    utils.show(fig, "Loss per epoch: both curves fall.")
+    figures.show(fig, "Loss per epoch: both curves fall.")
     ((data, metadata),) = displayed
     assert base64.b64decode(data["image/png"])[:8] == PNG_MAGIC
     assert data["text/plain"] == "Loss per epoch: both curves fall."
@@ -328,7 +329,7 @@ def test_nbconverts_classic_template_writes_the_alt_text(displayed):
     from nbconvert import HTMLExporter
 
     alt = 'Loss "per" epoch <falling>'
-    utils.show(utils.plot_history(history_of(3))[0], alt)
+    figures.show(utils.plot_history(history_of(3))[0], alt)
     ((data, metadata),) = displayed
     output = nbformat.v4.new_output("display_data", data=data, metadata=metadata)
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("show()", outputs=[output])])
