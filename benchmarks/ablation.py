@@ -221,7 +221,7 @@ def plot_parameters(results: dict[str, dict[int, dict[str, Any]]],
     """
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 6))
     sweep = {n: r for n, r in results.items()
              if r and (n == "recipe" or n.startswith(PARAMETER_SWEEP))}
     means = _seed_dots(ax, sweep, "o", "tab:blue", "our runs, a dot per seed")
@@ -245,7 +245,8 @@ def plot_parameters(results: dict[str, dict[int, dict[str, Any]]],
     ax.set_title("How many parameters does 99.4% need?", pad=34)  # over the variants' names
     ax.margins(x=0.08, y=0.15)  # room for the names under the dots and over the stars
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")  # where it covers the fewest points
+    # Below the axes: inside, "best" still hid a published star.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=10)
     return finish(fig, path)
 
 
