@@ -18,6 +18,7 @@ from test_cli import TINY, assert_no_traceback, env, train
 
 import checkpoints
 import mnist_files
+import stopping
 import train as cli
 import utils
 from model import Net
@@ -162,7 +163,7 @@ def test_interrupted_save_reports_what_is_on_disk(tmp_path, mnist_dir, monkeypat
 
 
 def test_report_names_only_a_checkpoint_that_loads(checkpoint):
-    status = cli.Status()
+    status = stopping.Status()
     status.expect(str(checkpoint), 1)
     assert status.saved() == (str(checkpoint), 1)
     assert "epoch 1 is saved" in status.report("none")
@@ -275,7 +276,7 @@ def test_resume_refuses_a_changed_recipe_flag(checkpoint):
 def test_resume_with_no_epochs_left_is_refused(checkpoint):
     done = train("--resume", str(checkpoint), "--epochs", "1", "--device", "cpu", "--quiet")
     assert done.returncode == 2
-    assert "already holds 1 epochs" in one_line_error(done)
+    assert "already holds 1 epoch of 1:" in one_line_error(done)
 
 
 def test_resume_honours_lr_and_accepts_unchanged_flags(checkpoint):
