@@ -20,18 +20,19 @@ does not fit. A key the running torch does not write is not applied; a key it ne
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import sys
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+import locks
+import outputs
 import utils
 from augment import AUGMENTATIONS
 from mnist_files import strip_colour
@@ -190,29 +191,19 @@ def fit_and_save(run: utils.Run, path: str | os.PathLike) -> dict[str, list[floa
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write to a temporary file in the same folder, then rename over the old checkpoint:
     a crash or Ctrl-C mid-write leaves the previous checkpoint whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    outputs.atomic_write(path, lambda f: torch.save(state, f))
 
 
 def partial_saves(path: str | os.PathLike) -> list[Path]:
-    """The temporary files of `save_checkpoint` for `path`: left behind only when a process was
-    killed mid-write (SIGKILL, a power cut), since every other failure removes its own."""
-    path = Path(path)
-    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.partial"))
+    """The temporary files of `save_checkpoint` for `path`: a save in progress, or one that
+    was killed mid-write (SIGKILL, a power cut), since every other failure removes its own."""
+    return outputs.scratch_files(path)
 
 
 def remove_partial_saves(path: str | os.PathLike) -> list[Path]:
-    """Delete the leftovers of an earlier crashed save of `path`; return what was deleted."""
+    """Delete the leftovers of an earlier crashed save of `path`; return what was deleted.
+    Only a holder of checkpoint_lock(path) may call it: otherwise a leftover may be another
+    run's save in progress."""
     removed = []
     for leftover in partial_saves(path):
         try:
@@ -221,6 +212,41 @@ def remove_partial_saves(path: str | os.PathLike) -> list[Path]:
             continue
         removed.append(leftover)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock: one run at a time on a checkpoint.
+# ---------------------------------------------------------------------------------------------
+class CheckpointInUse(RuntimeError):
+    """Another process holds the checkpoint's lock; the message names its PID."""
+
+
+def lock_file(path: str | os.PathLike) -> Path:
+    """`.NAME.lock` beside the checkpoint (its target, so every name of one file shares it)."""
+    file = outputs.target(path)
+    return file.with_name(f".{file.name}.lock")
+
+
+@contextmanager
+def checkpoint_lock(path: str | os.PathLike) -> Iterator[list[Path]]:
+    """Hold `path` for a run that saves to it: a second process refuses at once with
+    CheckpointInUse. Inside, the temporary files of a killed save of `path` are deleted
+    (yielded, so the caller can say so): no save of another run can be in progress.
+
+        with checkpoints.checkpoint_lock("checkpoints/last.pt"):
+            run.fit(on_epoch_end=lambda history: checkpoints.save_run(run, path))
+    """
+    try:
+        lock = locks.acquire(lock_file(path), wait=False)
+    except locks.Busy as err:
+        holder = f"process {err.pid}" if err.pid else "another process"
+        raise CheckpointInUse(f"{path} is in use by {holder}, which is training into it: wait "
+                              f"for it to finish or stop it, or save to another file "
+                              f"(--save-model OTHER.pt)") from None
+    try:
+        yield remove_partial_saves(path)
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+import locks
+import outputs
+
 # Uncompressed IDX files in torchvision's layout (DATA/MNIST/raw), with their published MD5s.
 MNIST_FILES: dict[str, tuple[int, str]] = {
     "train-images-idx3-ubyte": (47_040_016, "6bbc9ace898e44ae57da46a324031adb"),
@@ -112,26 +115,30 @@ def _check_all(directory: Path, files: dict[str, tuple[int, str]]) -> None:
 
 
 def _install(files: dict[str, bytes], dest: Path) -> None:
-    """Write each file under a temporary name, then rename: a reader never sees half a file,
+    """Write each file atomically (outputs.atomic_write): a reader never sees half a file,
     and a failed write (disk full, Ctrl-C) leaves no temporary file behind."""
     dest.mkdir(parents=True, exist_ok=True)
     for name, payload in files.items():
-        tmp = dest / f".{name}.partial"
-        try:
-            tmp.write_bytes(payload)
-            os.replace(tmp, dest / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        outputs.atomic_write(dest / name, lambda f, payload=payload: f.write(payload))
+
+
+def leftovers(dest: Path, files: dict[str, tuple[int, str]] = MNIST_FILES) -> list[Path]:
+    """What a fetch left in `dest` and beside it: temporary files of its writes (`.NAME.partial`
+    from older versions of this file) and `.fetch-*` scratch folders. Only a fetch killed
+    mid-way (SIGKILL, power cut) leaves any, unless one is running now."""
+    found = [p for name in files for p in [dest / f".{name}.partial",
+                                           *outputs.scratch_files(dest / name)] if p.exists()]
+    return found + sorted(dest.parent.glob(f"{SCRATCH_PREFIX}*"))
 
 
 def remove_leftovers(dest: Path, files: dict[str, tuple[int, str]] = MNIST_FILES) -> None:
-    """Delete what a fetch killed mid-way (SIGKILL, power cut) left: `.NAME.partial` files in
-    `dest` and `.fetch-*` scratch folders beside it. Nothing else is touched."""
-    for name in files:
-        (dest / f".{name}.partial").unlink(missing_ok=True)
-    for scratch in dest.parent.glob(f"{SCRATCH_PREFIX}*"):
-        shutil.rmtree(scratch, ignore_errors=True)
+    """Delete `leftovers`; nothing else is touched. Only the holder of the fetch lock may
+    call it, since another fetch's files in progress look the same."""
+    for path in leftovers(dest, files):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def check_folders(data_dir: str | os.PathLike, files: dict[str, tuple[int, str]] = MNIST_FILES
@@ -284,11 +291,47 @@ def ensure_mnist(
 
     Order: files already there (checked), then each fetch source in `sources`. A file that
     exists but fails its check is an error unless `refetch` is set, in which case it is replaced.
+    A fetch holds the folder's lock, so a second one waits for the first and then finds its
+    files; checking files that are all there needs no lock (a fetch only renames whole files in).
     """
     check_folders(data_dir, files)
     dest = raw_dir(data_dir)
-    if dest.is_dir() and os.access(dest, os.W_OK):
-        remove_leftovers(dest, files)
+    complete = all((dest / name).is_file() for name in files)
+    # Leftovers are cleaned up under the lock; a folder we cannot write keeps them.
+    if complete and not refetch and not (leftovers(dest, files) and os.access(dest, os.W_OK)):
+        return _use_local(dest, files, verbose)
+    lock = _fetch_lock(dest, verbose)
+    try:
+        remove_leftovers(dest, files)  # no other fetch is running: these are a killed one's
+        return _fetch(dest, refetch, sources, files, verbose)
+    finally:
+        lock.release()
+
+
+def _use_local(dest: Path, files: dict[str, tuple[int, str]], verbose: bool) -> str:
+    _check_all(dest, files)  # raises DataFileError, naming the file
+    if verbose:
+        print(f"MNIST: using verified files in {dest}")
+    return "local"
+
+
+def _fetch_lock(dest: Path, verbose: bool) -> locks.Lock:
+    """The lock of fetches into `dest`, `.raw.lock` beside it: waited for, saying who holds it."""
+    def say(pid: int | None) -> None:
+        if verbose:
+            print(f"MNIST: waiting for {f'process {pid}' if pid else 'another process'}, "
+                  f"which is fetching into {dest}")
+
+    try:
+        return locks.acquire(dest.parent / ".raw.lock", wait=True, on_wait=say)
+    except OSError as err:
+        raise MnistUnavailable(f"cannot fetch MNIST into {dest}: {err.strerror or err}") from None
+
+
+def _fetch(dest: Path, refetch: bool, sources: tuple[str, ...],
+           files: dict[str, tuple[int, str]], verbose: bool) -> str:
+    """Files already there (another fetch may have finished while we waited), then each
+    source in turn; MnistUnavailable lists every failure."""
     present = [name for name in files if (dest / name).exists()]
     if present and not refetch:
         _check_all(dest, {n: files[n] for n in present})  # raises DataFileError, naming the file

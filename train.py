@@ -7,10 +7,12 @@
     python train.py --help                           # every flag
 
 Flags follow pytorch/examples' mnist/main.py. A checkpoint is written after every epoch. Every
-flag and path is checked before any work starts, an existing checkpoint is never replaced
-without `--force`, and every message about what was saved is checked against the file on disk.
-Read top to bottom: the flags, `main`, the checks of flags and paths, resume and evaluate, what
-is on disk when a run stops, and the run itself.
+flag and path is checked before any work starts (outputs.py's policy: no output replaces a file
+that is not its own without `--force`), one run at a time trains into a checkpoint, and every
+message about what was saved is checked against the file on disk. A failure a user can cause
+or meet is one line (failures.py recognises them); a bug keeps its traceback.
+Read top to bottom: the flags, `main` and its error boundary, the checks of flags and paths,
+resume and evaluate, and the run itself; stopping.py says what a run that stops early says.
 """
 
 from __future__ import annotations
@@ -26,20 +28,24 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
     signal.signal(signal.SIGINT, lambda signum, frame: _ctrl_c_while_starting.append(signum))
 
 import argparse
-import json
 import math
 import os
-import platform
 import shlex
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 import checkpoints
 import devices
+import failures
+import metrics
 import mnist_files
+import outputs
+import stopping
 import utils
 from augment import AUGMENTATIONS
 from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, count_parameters
@@ -54,6 +60,7 @@ if _ctrl_c_while_starting:
 DEFAULT_CHECKPOINT = "checkpoints/last.pt"
 DEFAULT_DATA_DIR = "data"
 MAX_INT = 2**31 - 1  # far above any sensible size, and safe for every tensor index
+MAX_THREADS = 1024  # more than any machine here has cores; each thread costs memory
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 # With --resume, these flags change the run from the next epoch on; every other recipe flag
 # must match the checkpoint's recipe (README, "Interrupted? Resume").
@@ -62,11 +69,15 @@ HONOURED_ON_RESUME = ("epochs", "lr", "compile")
 HONOURED_ON_EVALUATE = ("test_batch_size", "limit_test")
 
 
-def positive_int(text: str) -> int:
+def positive_int(text: str, most: int = MAX_INT) -> int:
     value = int(text)
-    if not 0 < value <= MAX_INT:
-        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {MAX_INT:,}, got {text}")
+    if not 0 < value <= most:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {most:,}, got {text}")
     return value
+
+
+def threads_int(text: str) -> int:
+    return positive_int(text, MAX_THREADS)
 
 
 def seed_int(text: str) -> int:
@@ -98,24 +109,42 @@ def width_float(text: str) -> float:
     return value
 
 
+def path_text(text: str) -> str:
+    """An empty path would mean the current folder, or no flag at all (`--evaluate ""` used
+    to start a training): refused."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Recipe flags default to None, so a flag the user gave can be told from a default (a
     resume honours or refuses it); recipe_from fills in utils.RECIPE."""
     r = utils.RECIPE
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=positive_int,
                    help=f"total epochs to train (default: {r['epochs']})")
-    p.add_argument("--batch-size", type=positive_int, help=f"(default: {r['batch_size']})")
+    p.add_argument("--batch-size", type=positive_int,
+                   help=f"training images per SGD step (default: {r['batch_size']})")
     p.add_argument("--test-batch-size", type=positive_int,
-                   help=f"(default: {r['test_batch_size']})")
-    p.add_argument("--lr", type=positive_float, help=f"(default: {r['lr']})")
-    p.add_argument("--momentum", type=non_negative_float, help=f"(default: {r['momentum']})")
+                   help=f"test images per forward pass (default: {r['test_batch_size']})")
+    p.add_argument("--lr", type=positive_float,
+                   help=f"SGD's learning rate (default: {r['lr']})")
+    p.add_argument("--momentum", type=non_negative_float,
+                   help=f"SGD's momentum (default: {r['momentum']})")
     p.add_argument("--step-size", type=positive_int,
                    help=f"StepLR: epochs between learning-rate drops (default: {r['step_size']})")
     p.add_argument("--gamma", type=positive_float,
                    help=f"StepLR: factor of each drop (default: {r['gamma']})")
-    p.add_argument("--seed", type=seed_int, help=f"(default: {r['seed']})")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--seed", type=seed_int,
+                   help="fixes the weights, the shuffling, the augmentation and the dropout "
+                        f"masks (default: {r['seed']})")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to train: auto picks cuda, then mps, then cpu (default: auto)")
+    p.add_argument("--threads", type=threads_int,
+                   help="CPU threads for torch (torch.set_num_threads; default: torch's own, "
+                        "one per core). The README's timings and histories depend on it: on "
+                        "the CPU another thread count gives other last digits")
     p.add_argument("--loader", choices=["fast", "torchvision"],
                    help="fast: data kept and augmented on the device, and the model run with "
                         "fused ReLU-dropout (plus, on the CPU, channels-last memory and "
@@ -140,13 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augmentation", choices=list(AUGMENTATIONS),
                    help="both = the original's 10%% crop-resize and ±15° rotation; rotate or "
                         f"crop = only one of them; none (ablation) (default: {r['augmentation']})")
-    p.add_argument("--compile", action="store_true", default=None,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="train through torch.compile (needs a C++ compiler on the CPU; not on "
-                        "MPS)")
+                        "MPS); on --resume, --no-compile continues a compiled run without it "
+                        "(default: off, or the checkpoint's)")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="deterministic kernels and no TF32 on CUDA (slower); the CPU is "
                         "deterministic for a given thread count anyway")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    p.add_argument("--data-dir", type=path_text, default=DEFAULT_DATA_DIR,
+                   help="folder that holds MNIST/raw; the files are fetched into it when "
+                        f"missing (default: {DEFAULT_DATA_DIR})")
     p.add_argument("--refetch", action="store_true",
                    help="replace MNIST files that fail their checks")
     p.add_argument("--limit-train", type=positive_int,
@@ -155,20 +187,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="one training batch and one test batch, to check the set-up; "
                         "writes no checkpoint")
-    p.add_argument("--save-model", metavar="PATH", default=None,
+    p.add_argument("--save-model", metavar="PATH", type=path_text,
                    help=f"checkpoint written after every epoch (default: {DEFAULT_CHECKPOINT}, "
                         "or the --resume file)")
     p.add_argument("--no-save", action="store_true", help="write no checkpoint")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing checkpoint of another run at the --save-model path")
-    p.add_argument("--resume", metavar="PATH",
+                   help="let --save-model or --metrics replace an existing file that is not "
+                        "this run's own")
+    p.add_argument("--resume", metavar="PATH", type=path_text,
                    help="continue the run saved in this checkpoint; only --epochs, --lr and "
                         "--compile may change it")
-    p.add_argument("--evaluate", metavar="PATH",
-                   help="score a checkpoint on the test set, then exit")
-    p.add_argument("--metrics", metavar="PATH", help="write the run's history and facts as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--evaluate", metavar="PATH", type=path_text,
+                   help="score a checkpoint on the test set, then exit; writes nothing")
+    p.add_argument("--metrics", metavar="PATH", type=path_text,
+                   help="write the run's history and facts as JSON (replaces an earlier "
+                        "metrics file of train.py; any other file only with --force)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (bars are shown only when stderr is a terminal)")
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# main, and its error boundary: every failure a user can cause or meet is one line.
+# ---------------------------------------------------------------------------------------------
+class UsageError(ValueError):
+    """A flag or path refused after parsing: one line, exit 2 (see `refuse`)."""
+
+
+def refuse(message: str) -> NoReturn:
+    """A usage error in argparse's form and exit code, without its 13-line usage block: that
+    block helps with a malformed flag (argparse's own errors keep it), not with a refusal."""
+    print(f"{stopping.PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def error(message: str) -> int:
@@ -177,36 +227,55 @@ def error(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    stop_on_signals()
-    status = Status()
-    try:
-        args, device = parse_args(argv)
-        status.data_dir = args.data_dir
-        return execute(args, device, status)
-    except KeyboardInterrupt as err:
-        return report_interrupt(err, status)
+    line_buffered()
+    status = stopping.Status()
+    with stopping.stopping_on_signals():
+        try:
+            args, device = parse_args(argv)
+            if args.data_dir != DEFAULT_DATA_DIR:
+                status.data_dir = args.data_dir
+            status.evaluating = bool(args.evaluate)
+            with checkpoint_held(args):
+                check_replacements(args)
+                return execute(args, device, status)
+        except KeyboardInterrupt as err:
+            return stopping.report_interrupt(err, status)
+        except UsageError as err:
+            refuse(str(err))
+        except BrokenPipeError:
+            return stopping.stop_quietly(status)
+        except Exception as err:
+            message = stopping.failure_message(err, status)
+            if message is None:
+                raise  # a bug: its traceback is what a fix needs
+            return error(message)
 
 
-def execute(args: argparse.Namespace, device: torch.device, status: Status) -> int:
+def line_buffered() -> None:
+    """Each line reaches a pipe or a file when it is printed (`| tee log`, `> log` followed
+    with tail -f): Python buffers a redirected stdout in 8 KB blocks otherwise."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+
+
+def execute(args: argparse.Namespace, device: torch.device, status: stopping.Status) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     checkpoint = None
     if args.resume or args.evaluate:
         status.doing = "reading the checkpoint"
-        try:
-            checkpoint = checkpoints.load_checkpoint(args.resume or args.evaluate)
-        except checkpoints.CheckpointError as err:
-            return error(str(err))
-    try:
-        if args.evaluate:
-            recipe = evaluation_recipe(args, checkpoint)
-        else:
-            recipe = resume_recipe(args, checkpoint) if checkpoint else recipe_from(args)
-    except UsageError as err:
-        build_parser().error(str(err))
+        checkpoint = checkpoints.load_checkpoint(args.resume or args.evaluate)
+    if args.evaluate:
+        recipe = evaluation_recipe(args, checkpoint)
+    else:
+        recipe = resume_recipe(args, checkpoint) if checkpoint else recipe_from(args)
+    if recipe["compile"] and device.type == "mps":
+        raise UsageError("--compile is not supported on MPS here: "
+                         + ("resume with --no-compile" if args.resume else "train without it"))
+    status.recipe = recipe
     status.doing = "getting MNIST"
-    try:
-        mnist_files.ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet)
-    except (mnist_files.DataFileError, mnist_files.MnistUnavailable) as err:
-        return error(str(err))
+    mnist_files.ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet)
     if args.evaluate:
         status.doing = "evaluating"
         return score_checkpoint(args, device, checkpoint["model"], recipe)
@@ -216,78 +285,156 @@ def execute(args: argparse.Namespace, device: torch.device, status: Status) -> i
 # ---------------------------------------------------------------------------------------------
 # Checks of every flag and path, before any work: each failure is a one-line usage error.
 # ---------------------------------------------------------------------------------------------
-def check_writable_dir(parser: argparse.ArgumentParser, path: Path, what: str) -> None:
+def check_writable_dir(path: Path, what: str) -> None:
     """Fail early, as a usage error, rather than after an epoch of training."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as err:
-        parser.error(f"{what} {path} is not writable: {err.strerror or err}")
+        raise UsageError(f"{what} {path} is not writable: {err.strerror or err}") from None
 
 
-def check_output_file(parser: argparse.ArgumentParser, path: str, flag: str) -> None:
-    """An output must be a file path in a writable folder: found now, not after training."""
-    if path.endswith(("/", os.sep)) or Path(path).is_dir():
-        parser.error(f"{flag} {path} is a folder; give a file path, such as "
-                     f"{os.path.join(path, 'last.pt' if flag == '--save-model' else 'out.json')}")
-    check_writable_dir(parser, Path(path).resolve().parent, f"the folder of {flag}")
-
-
-def check_data_dir(parser: argparse.ArgumentParser, data_dir: str) -> None:
+def check_data_dir(data_dir: str) -> None:
     """The data folder needs to be writable only when a file must be fetched."""
     try:
         mnist_files.check_folders(data_dir)
+        fetch = mnist_files.needs_fetch(data_dir)
     except mnist_files.DataFileError as err:
-        parser.error(str(err))
-    if mnist_files.needs_fetch(data_dir):
-        check_writable_dir(parser, Path(data_dir), "--data-dir")
+        raise UsageError(str(err)) from None
+    except OSError as err:
+        raise UsageError(f"--data-dir {data_dir}: {err.strerror or err}") from None
+    if fetch:
+        check_writable_dir(Path(data_dir), "--data-dir")
+
+
+def check_input(flag_name: str, path: str | None) -> None:
+    """A path that cannot even be looked at (a name too long, a loop of links) is a usage
+    error; a missing or damaged file is load_checkpoint's to explain."""
+    if path is None:
+        return
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as err:
+        raise UsageError(f"{flag_name} {path}: {err.strerror or err}") from None
+
+
+def planned_outputs(args: argparse.Namespace) -> dict[str, str]:
+    """The files this run writes, by the flag that names them (a resume saves to its own)."""
+    checkpoint = "--resume" if args.resume and same_file(args.resume, args.save_model) else (
+        "--save-model")
+    return {name: path for name, path in ((checkpoint, args.save_model),
+                                          ("--metrics", args.metrics)) if path}
+
+
+def inputs(args: argparse.Namespace) -> dict[str, str]:
+    """The files this run reads, by what they are; a --resume checkpoint saved to again is
+    the one input an output may be."""
+    found = {f"the MNIST file {name}": str(mnist_files.raw_dir(args.data_dir) / name)
+             for name in mnist_files.MNIST_FILES}
+    if args.evaluate:
+        found["the --evaluate checkpoint"] = args.evaluate
+    if args.resume and not same_file(args.resume, args.save_model):
+        found["the --resume checkpoint"] = args.resume
+    return found
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """outputs.py's policy, up to what needs the lock: every output a writable file, none an
+    input, no two the same."""
+    check_input("--resume", args.resume)
+    check_input("--evaluate", args.evaluate)
+    planned = planned_outputs(args)
+    try:
+        for name, path in planned.items():
+            outputs.check_writable(name, path, "out.json" if name == "--metrics" else "last.pt")
+        outputs.check_distinct(planned, inputs(args))
+    except outputs.Refused as err:
+        raise UsageError(str(err)) from None
 
 
 def same_file(a: str, b: str | None) -> bool:
-    return b is not None and Path(a).resolve() == Path(b).resolve()
+    return b is not None and outputs.target(a) == outputs.target(b)
 
 
-def check_not_replacing(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """A trained model is never overwritten by accident: only its own --resume or --force."""
-    path = args.save_model
-    if not path or args.force or not os.path.lexists(path) or same_file(path, args.resume):
+def check_replacements(args: argparse.Namespace) -> None:
+    """No existing file is replaced unless it is the run's own: the checkpoint it resumes,
+    or a metrics file of train.py; --force replaces any. Checked while the lock is held."""
+    if args.force:
         return
-    parser.error(f"{path} already exists and would be replaced; resume it with "
-                 f"`{resume_command(path, args.data_dir)}`, keep it with --save-model OTHER.pt, "
-                 f"or replace it with --force")
+    if args.save_model and outputs.would_replace(args.save_model,
+                                                 lambda file: same_file(file, args.resume)):
+        raise UsageError(existing_checkpoint(args.save_model, args.data_dir))
+    if args.metrics and outputs.would_replace(args.metrics, metrics.is_metrics_file):
+        raise UsageError(f"--metrics {args.metrics} already exists and is not a metrics file of "
+                         f"train.py, so it is kept: choose another path, or replace it with "
+                         f"--force")
 
 
-def check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def existing_checkpoint(path: str, data_dir: str) -> str:
+    """Why --save-model PATH is refused, and what to do: resume the run (or train it further,
+    or score it, if it is finished), keep it, or replace it."""
+    keep = "keep it with --save-model OTHER.pt, or replace it with --force"
+    try:
+        saved = checkpoints.load_checkpoint(path)
+    except checkpoints.CheckpointError:
+        return f"{path} already exists and is not a checkpoint of this model: {keep}"
+    done, total = len(saved["history"]["epoch"]), saved["recipe"]["epochs"]
+    resume = stopping.resume_command(path, None if data_dir == DEFAULT_DATA_DIR else data_dir)
+    if done < total:
+        return (f"{path} already exists and holds {epochs_text(done)} of {total}; resume it with "
+                f"`{resume}`, {keep}")
+    return (f"{path} already exists and holds a finished run ({epochs_text(done)} of {total}); "
+            f"train it further with `{resume} --epochs {done + 5}`, score it with "
+            f"`{shlex.join(['python', stopping.PROG, '--evaluate', path])}`, {keep}")
+
+
+def check_combinations(args: argparse.Namespace) -> None:
     if args.evaluate and args.resume:
-        parser.error("--evaluate and --resume exclude each other: score a checkpoint, "
-                     "or continue its training")
+        raise UsageError("--evaluate and --resume exclude each other: score a checkpoint, "
+                         "or continue its training")
     if args.dry_run and (args.resume or args.evaluate):
-        parser.error("--dry-run checks a new run's set-up; it cannot be combined with "
-                     "--resume or --evaluate")
+        raise UsageError("--dry-run checks a new run's set-up; it cannot be combined with "
+                         "--resume or --evaluate")
+    if args.evaluate and args.metrics:
+        raise UsageError("--evaluate prints its score and writes no file: drop --metrics")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, torch.device]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_combinations(parser, args)
+    """The flags, checked: argparse's own errors for a malformed flag, a one-line `refuse`
+    (SystemExit 2) for everything after."""
+    args = build_parser().parse_args(argv)
     try:
-        device = devices.get_device(args.device)
-    except ValueError as err:
-        parser.error(str(err))
-    if args.compile and device.type == "mps":
-        parser.error("--compile is not supported on MPS here: train without it")
-    check_data_dir(parser, args.data_dir)
-    if args.no_save or args.dry_run or args.evaluate:
-        args.save_model = None  # a dry run or an evaluation never writes a checkpoint
-    elif args.save_model is None:
-        args.save_model = args.resume or DEFAULT_CHECKPOINT
-    if args.save_model:
-        check_output_file(parser, args.save_model, "--save-model")
-        check_not_replacing(parser, args)
-    if args.metrics and not args.evaluate:
-        check_output_file(parser, args.metrics, "--metrics")
+        check_combinations(args)
+        try:
+            device = devices.get_device(args.device)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        if args.compile and device.type == "mps":
+            raise UsageError("--compile is not supported on MPS here: train without it")
+        check_data_dir(args.data_dir)
+        if args.no_save or args.dry_run or args.evaluate:
+            args.save_model = None  # a dry run or an evaluation never writes a checkpoint
+        elif args.save_model is None:
+            args.save_model = args.resume or DEFAULT_CHECKPOINT
+        check_paths(args)
+    except UsageError as err:
+        refuse(str(err))
     return args, device
+
+
+@contextmanager
+def checkpoint_held(args: argparse.Namespace) -> Iterator[None]:
+    """The --save-model checkpoint's lock for the whole run (checkpoints.checkpoint_lock)."""
+    if not args.save_model:
+        yield
+        return
+    with checkpoints.checkpoint_lock(args.save_model) as removed:
+        for leftover in removed:
+            print(f"removed {leftover}, left by a save that was killed")
+        yield
 
 
 def recipe_from(args: argparse.Namespace) -> dict:
@@ -297,12 +444,12 @@ def recipe_from(args: argparse.Namespace) -> dict:
     return utils.full_recipe({k: v for k, v in given.items() if v is not None})
 
 
-class UsageError(ValueError):
-    """A flag that contradicts the checkpoint it is given with."""
-
-
 def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
+
+
+def epochs_text(n: int) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
 
 
 def refuse_ignored_flags(args: argparse.Namespace, saved: dict, honoured: tuple[str, ...],
@@ -326,11 +473,11 @@ def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
     if args.epochs is not None:
         recipe["epochs"] = args.epochs
     if recipe["epochs"] <= done:
-        raise UsageError(f"{args.resume} already holds {done} epochs of {recipe['epochs']}: "
+        raise UsageError(f"{args.resume} already holds {epochs_text(done)} of {recipe['epochs']}: "
                          f"give --epochs more than {done} to train further, "
                          f"or score it with --evaluate")
-    if args.compile:
-        recipe["compile"] = True
+    if args.compile is not None:
+        recipe["compile"] = args.compile
     return recipe
 
 
@@ -347,121 +494,15 @@ def evaluation_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# What is on disk: every message about a saved epoch is checked against the file itself.
-# ---------------------------------------------------------------------------------------------
-def resume_command(path: str, data_dir: str) -> str:
-    """A command that can be pasted as it is: quoted, and with the run's data folder."""
-    words = ["python", "train.py", "--resume", path]
-    if data_dir != DEFAULT_DATA_DIR:
-        words += ["--data-dir", data_dir]
-    return shlex.join(words)
-
-
-@dataclass
-class Status:
-    """What the run is doing, and which checkpoint epochs it may have completed on disk."""
-
-    doing: str = "starting"
-    data_dir: str = DEFAULT_DATA_DIR
-    # path -> the epoch counts that file may hold from this run (a save may be cut short)
-    candidates: dict[str, set[int]] = field(default_factory=dict)
-
-    def expect(self, path: str | None, epochs: int) -> None:
-        if path and epochs:
-            self.candidates.setdefault(path, set()).add(epochs)
-
-    def saved(self) -> tuple[str, int] | None:
-        """The newest complete checkpoint of this run: (path, epochs), or None."""
-        best = None
-        for path, epochs in self.candidates.items():
-            try:
-                n = len(checkpoints.load_checkpoint(path)["history"]["epoch"])
-            except checkpoints.CheckpointError:
-                continue
-            if n in epochs and (best is None or n > best[1]):
-                best = (path, n)
-        return best
-
-    def report(self, no_epoch: str) -> str:
-        found = self.saved()
-        if found is None:
-            return no_epoch
-        path, n = found
-        return (f"epoch {n} is saved in {path}; continue with:\n"
-                f"  {resume_command(path, self.data_dir)}")
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM (or SIGHUP), handled as Ctrl-C: the same clean stop and the same report."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def stop_on_signals() -> None:
-    def stop(signum: int, frame: object) -> None:
-        raise Stopped(signum)
-
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), stop)
-
-
-def report_interrupt(err: KeyboardInterrupt, status: Status) -> int:
-    """Say what stopped the run and which epoch is on disk; a second Ctrl-C while this checks
-    the file would only turn the report into a traceback, so it is ignored meanwhile."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\ninterrupted ({name}) while {status.doing}.", file=sys.stderr)
-        print(status.report("no complete epoch was saved."), file=sys.stderr)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    return 128 + signum
-
-
-# ---------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------
-def git_commit() -> str | None:
-    """The code a result came from (with -dirty if the tree had changes), when run from git."""
-    import subprocess
-
-    try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
-
-
-def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict) -> dict:
-    import torchvision
-
-    return {"model": {"channels": list(model.channels), **utils.net_options(recipe)},
-            # the fast loader's pixels are the original's (PIL's arithmetic); older runs
-            # of this project resampled bilinearly
-            "augmentation_pixels": "pil-exact",
-            "commit": git_commit(),
-            "parameters": count_parameters(model), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__}
-
-
-def start_run(args: argparse.Namespace, device: torch.device, status: Status, recipe: dict,
-              checkpoint: dict | None) -> utils.Run:
+def start_run(args: argparse.Namespace, device: torch.device, status: stopping.Status,
+              recipe: dict, checkpoint: dict | None) -> utils.Run:
     """The Run, restored from the checkpoint and with a new --lr when resuming."""
     if args.dry_run:
         recipe.update(epochs=1, limit_train=recipe["batch_size"],
                       limit_test=recipe["test_batch_size"])
         print("dry run: one batch each way; no checkpoint is written")
-    if args.save_model:
-        for leftover in checkpoints.remove_partial_saves(args.save_model):
-            print(f"removed {leftover}, left by a save that was killed")
     status.doing = "loading the data"
     run = utils.Run(recipe, device, args.data_dir)
     if checkpoint is not None:
@@ -477,63 +518,57 @@ def start_run(args: argparse.Namespace, device: torch.device, status: Status, re
     return run
 
 
-def run_training(args: argparse.Namespace, device: torch.device, status: Status, recipe: dict,
-          checkpoint: dict | None) -> int:
+def run_training(args: argparse.Namespace, device: torch.device, status: stopping.Status,
+                 recipe: dict, checkpoint: dict | None) -> int:
     run = start_run(args, device, status, recipe, checkpoint)
     print(f"device: {device} | loader: {recipe['loader']} | "
           f"parameters: {count_parameters(run.model):,}")
+    last_saved = len(run.history["epoch"])
 
     def save(history: dict) -> None:
-        status.doing = f"saving epoch {len(history['epoch'])}"
+        nonlocal last_saved
+        n = len(history["epoch"])
+        status.doing = f"saving epoch {n}"
         if args.save_model:
-            status.expect(args.save_model, len(history["epoch"]))
-            checkpoints.save_run(run, args.save_model)
-        status.doing = f"training epoch {len(history['epoch']) + 1}"
+            status.expect(args.save_model, n)
+            failures.written(f"save epoch {n} in {args.save_model}",
+                             lambda: checkpoints.save_run(run, outputs.target(args.save_model)))
+        last_saved = n
+        status.doing = f"training epoch {n + 1}"
 
     status.doing = f"training epoch {len(run.history['epoch']) + 1}"
     try:
-        run.fit(on_epoch_end=save, progress=not args.quiet)
+        # Bars only on a terminal: a redirected log gets one line per epoch, not every refresh.
+        run.fit(on_epoch_end=save, progress=sys.stderr.isatty() and not args.quiet)
     except utils.NonFiniteLoss as err:
-        return report_divergence(err, run, status)
-    except OSError as err:
-        return error(f"could not write the checkpoint {args.save_model}: "
-                     f"{err.strerror or err}. {status.report('no complete epoch was saved.')}")
+        return error(stopping.report_divergence(err, run.optimizer.param_groups[0]["lr"], status))
+    except BrokenPipeError:
+        if len(run.history["epoch"]) > last_saved:
+            save(run.history)  # the epoch whose line could not be printed is whole: keep it
+        raise
     if args.metrics:
         status.doing = "writing --metrics"
-        try:
-            write_metrics(args.metrics, run, run.recipe, device)
-        except OSError as err:
-            return error(f"could not write --metrics {args.metrics}: {err.strerror or err}. "
-                         f"{status.report('no checkpoint of this run is on disk.')}")
-    final, epochs = run.history["test_acc"][-1], len(run.history["epoch"])
-    print(f"final test accuracy: {final:.2f}% after {epochs} epoch{'' if epochs == 1 else 's'}")
+        failures.written(f"write --metrics {args.metrics}",
+                         lambda: metrics.write_metrics(args.metrics, run, device))
+    print(final_line(args, run.history))
     return 0
 
 
-def report_divergence(err: utils.NonFiniteLoss, run: utils.Run, status: Status) -> int:
-    """Point to a checkpoint only after load_checkpoint found it whole and finite."""
-    lr = run.optimizer.param_groups[0]["lr"]
-    found = status.saved()
-    if found is None:
-        advice = f"no good epoch was saved; start again with a smaller --lr (say {lr / 10:g})"
-    else:
-        path, n = found
-        command = resume_command(path, status.data_dir) + f" --lr {lr / 10:g}"
-        advice = (f"the last good checkpoint (epoch {n}) is {path}; continue it with a smaller "
-                  f"learning rate: {command}")
-    return error(f"{err}; stopped. {advice}")
-
-
-def write_metrics(path: str, run: utils.Run, recipe: dict, device: torch.device) -> None:
-    out = {"recipe": recipe, **run_facts(device, run.model, recipe), "history": run.history,
-           "final_test_acc": run.history["test_acc"][-1],
-           "best_test_acc": max(run.history["test_acc"])}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(out, indent=2) + "\n")
+def final_line(args: argparse.Namespace, history: dict) -> str:
+    """The final accuracy first (tests and the README read it), then the best epoch and
+    where the run is kept."""
+    acc, n = history["test_acc"], len(history["epoch"])
+    best = max(range(n), key=lambda i: acc[i])  # the first epoch of the best accuracy
+    kept = (f"checkpoint: {args.save_model}" if args.save_model else
+            f"no checkpoint ({'--dry-run' if args.dry_run else '--no-save'})")
+    if args.metrics:
+        kept += f"; metrics: {args.metrics}"
+    return (f"final test accuracy: {acc[-1]:.2f}% after {epochs_text(n)} "
+            f"(best {acc[best]:.2f}% at epoch {history['epoch'][best]}); {kept}")
 
 
 def score_checkpoint(args: argparse.Namespace, device: torch.device, weights: dict,
-                        recipe: dict) -> int:
+                     recipe: dict) -> int:
     """Score saved weights on --limit-test images (default: the whole test set)."""
     model = utils.build_model(recipe, device)
     model.load_state_dict(weights)
@@ -545,5 +580,4 @@ def score_checkpoint(args: argparse.Namespace, device: torch.device, weights: di
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -124,11 +125,17 @@ def torchvision_loaders(
         num_workers = min(2, os.cpu_count() or 1)
     # Workers are not persistent: each epoch re-seeds them from `generator`, so a resumed run
     # draws the same augmentations as an uninterrupted one.
-    common = dict(num_workers=num_workers, pin_memory=pin_memory)
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=leave_ctrl_c)
     gen = torch.Generator().manual_seed(seed)
     train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=gen, **common)
     test = DataLoader(test_ds, batch_size=test_batch_size, shuffle=False, **common)
     return train, test
+
+
+def leave_ctrl_c(worker_id: int) -> None:
+    """A DataLoader worker leaves Ctrl-C to the main process, which stops the workers: one that
+    took it could die mid-batch, and its ConnectionResetError reach the user as a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import fcntl
 import json
 import math
 import os
+import pty
 import re
+import shlex
 import signal
 import stat
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +25,7 @@ import torch
 
 import checkpoints
 import model
+import train as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every training here is a few batches; none writes to the repository's checkpoints/.
@@ -45,11 +53,20 @@ def _mnist(mnist_dir):
     return mnist_dir
 
 
+def last_line(done: subprocess.CompletedProcess) -> str:
+    return done.stdout.rstrip().splitlines()[-1]
+
+
+# The final line: the final accuracy first (the README reads it), the best epoch, what is kept.
+FINAL = r"final test accuracy: [\d.]+% after {} \(best [\d.]+% at epoch \d+\); {}"
+
+
 def test_dry_run(tmp_path):
     done = train("--dry-run", "--no-save", "--device", "cpu", "--quiet")
     assert done.returncode == 0, done.stderr
     assert "final test accuracy" in done.stdout
-    assert done.stdout.rstrip().endswith("after 1 epoch")
+    assert re.fullmatch(FINAL.format("1 epoch", re.escape("no checkpoint (--dry-run)")),
+                        last_line(done)), done.stdout
     assert_no_traceback(done)
 
 
@@ -72,6 +89,9 @@ def _regular_file(tmp: Path) -> Path:
     return f
 
 
+# Refused after parsing: one line, without argparse's usage block (the others keep it).
+POLICY_REFUSALS = {"device-cuda-unavailable", "data-dir-read-only", "data-dir-under-a-file",
+                   "save-model-under-a-file"}
 BAD_ARGS = {
     "epochs-0": lambda tmp: ["--epochs", "0"],
     "epochs-negative": lambda tmp: ["--epochs", "-1"],
@@ -97,7 +117,11 @@ def test_bad_arguments_are_usage_errors(tmp_path, case):
         args.append("--no-save")
     done = train(*args, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "usage" in done.stderr
+    if case in POLICY_REFUSALS:
+        assert done.stderr.startswith("train.py: error: "), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    else:
+        assert "usage" in done.stderr
     assert "error" in done.stderr
     assert_no_traceback(done)
     assert "final test accuracy" not in done.stdout
@@ -254,7 +278,8 @@ def test_sigint_then_resume(tmp_path):
     assert done.returncode == 0, done.stderr
     assert_no_traceback(done)
     assert f"after epoch {epochs} of {epochs + 1}" in done.stdout
-    assert done.stdout.rstrip().endswith(f"after {epochs + 1} epochs")
+    assert re.fullmatch(FINAL.format(f"{epochs + 1} epochs", re.escape(f"checkpoint: {path}")),
+                        last_line(done)), done.stdout
     resumed = checkpoints.load_checkpoint(path)
     assert resumed["history"]["epoch"] == list(range(1, epochs + 2))
     # The finished epochs are kept as they were; the recipe is the interrupted run's.
@@ -262,3 +287,135 @@ def test_sigint_then_resume(tmp_path):
         assert resumed["history"][key][:epochs] == saved["history"][key]
     assert resumed["recipe"]["limit_train"] == 2048
     assert resumed["recipe"]["batch_size"] == 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 20: the CLI as a learner lives it.
+# ---------------------------------------------------------------------------------------------
+def test_epoch_lines_arrive_as_they_happen_through_a_pipe(tmp_path):
+    """Without PYTHONUNBUFFERED, a piped stdout used to hold every line until the run ended."""
+    child_env = {k: v for k, v in env().items() if k != "PYTHONUNBUFFERED"}
+    args = ["--device", "cpu", "--quiet", "--limit-train", "1024", "--limit-test", "200",
+            "--batch-size", "32", "--epochs", "50", "--no-save"]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=child_env,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+    watchdog = threading.Timer(300, proc.kill)  # a line that never comes ends the wait
+    watchdog.start()
+    try:
+        first = next((line for line in proc.stdout if line.startswith("epoch  1:")), None)
+        assert first is not None, (tmp_path / "stderr.txt").read_text()
+        assert proc.poll() is None  # epoch 1 of 50 arrived while the run went on
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
+
+
+def test_a_redirected_log_has_no_bars(tmp_path):
+    """A redirected 20-epoch log used to get 1,900 bar refreshes (203 KB)."""
+    done = train(*[a for a in TINY if a != "--quiet"], "--epochs", "2", "--no-save")
+    assert done.returncode == 0, done.stderr
+    assert "epoch  1 train" not in done.stderr and "\r" not in done.stderr, done.stderr
+    assert [line[:9] for line in done.stdout.splitlines() if line.startswith("epoch")] == [
+        "epoch  1:", "epoch  2:"]
+
+
+def test_a_terminal_gets_bars_unless_quiet(tmp_path):
+    def stderr_on_a_terminal(*flags: str) -> str:
+        main_end, child_end = pty.openpty()
+        # A terminal of 24 x 80 (a new pty is 0 x 0, where tqdm draws an empty bar).
+        fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        proc = subprocess.Popen([sys.executable, "train.py", "--device", "cpu", *flags,
+                                 "--limit-train", "256", "--limit-test", "200",
+                                 "--epochs", "1", "--no-save"], cwd=ROOT, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=child_end)
+        os.close(child_end)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main_end, 4096)
+            except OSError:  # the child closed its end
+                break
+            if not chunk:
+                break
+            seen += chunk
+        os.close(main_end)
+        assert proc.wait(timeout=300) == 0, seen
+        return seen.decode(errors="replace")
+
+    assert "epoch  1 train" in stderr_on_a_terminal()
+    assert "epoch  1 train" not in stderr_on_a_terminal("--quiet")
+
+
+def test_the_last_line_says_where_the_run_is_kept(tiny_run):
+    done = tiny_run["done"]
+    kept = f"checkpoint: {tiny_run['checkpoint']}; metrics: {tiny_run['metrics']}"
+    assert re.fullmatch(FINAL.format("1 epoch", re.escape(kept)), last_line(done)), done.stdout
+
+
+def one_usage_line(done: subprocess.CompletedProcess) -> str:
+    """A policy refusal: exit 2 and one line, without argparse's 13-line usage block."""
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert_no_traceback(done)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), done.stderr
+    return lines[0]
+
+
+def pasted(hint: str, *more: str) -> subprocess.CompletedProcess:
+    """Run the command a message suggests in backticks, as a user pastes it."""
+    command = re.search(r"`python (train\.py [^`]+)`", hint).group(1)
+    return subprocess.run(f"{shlex.quote(sys.executable)} {command} {' '.join(more)}",
+                          shell=True, cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_second_run_on_a_finished_checkpoint_suggests_what_works(tiny_run, tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(tiny_run["checkpoint"].read_bytes())  # a finished run: 1 epoch of 1
+    line = one_usage_line(train(*TINY, "--epochs", "1", "--save-model", str(path)))
+    assert line == (f"train.py: error: {path} already exists and holds a finished run (1 epoch "
+                    f"of 1); train it further with `python train.py --resume {path} --epochs 6`"
+                    f", score it with `python train.py --evaluate {path}`, keep it with "
+                    f"--save-model OTHER.pt, or replace it with --force")
+    done = pasted(line, "--device", "cpu", "--quiet")  # accepted, not refused in turn
+    assert done.returncode == 0, done.stderr
+    assert checkpoints.load_checkpoint(path)["history"]["epoch"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_second_run_on_an_unfinished_checkpoint_suggests_resuming(tiny_run, tmp_path):
+    state = torch.load(tiny_run["checkpoint"], weights_only=True)
+    state["recipe"]["epochs"] = 2  # as a run of 2 epochs stopped after the first
+    path = tmp_path / "last.pt"
+    torch.save(state, path)
+    line = one_usage_line(train(*TINY, "--save-model", str(path)))
+    assert line == (f"train.py: error: {path} already exists and holds 1 epoch of 2; resume it "
+                    f"with `python train.py --resume {path}`, keep it with --save-model "
+                    f"OTHER.pt, or replace it with --force")
+    done = pasted(line, "--device", "cpu", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert checkpoints.load_checkpoint(path)["history"]["epoch"] == [1, 2]
+
+
+def test_a_policy_refusal_is_one_line_without_the_usage_block(tmp_path):
+    path = tmp_path / "x.pt"
+    line = one_usage_line(train(*TINY, "--save-model", str(path), "--metrics", str(path)))
+    assert line == (f"train.py: error: --save-model and --metrics name the same file {path}: "
+                    f"give each its own path")
+    assert not path.exists()
+
+
+def test_threads_flag_sets_and_records_the_thread_count(tmp_path):
+    metrics = tmp_path / "m.json"
+    done = train(*TINY, "--epochs", "1", "--no-save", "--threads", "2", "--metrics",
+                 str(metrics))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(metrics.read_text())["threads"] == 2
+    help_text = " ".join(cli.build_parser().format_help().split())
+    assert "The README's timings and histories depend on it" in help_text
+
+
+def test_every_flag_has_help():
+    for action in cli.build_parser()._actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings

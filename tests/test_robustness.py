@@ -18,6 +18,7 @@ from test_cli import TINY, assert_no_traceback, env, train
 
 import checkpoints
 import mnist_files
+import stopping
 import train as cli
 import utils
 from model import Net
@@ -162,7 +163,7 @@ def test_interrupted_save_reports_what_is_on_disk(tmp_path, mnist_dir, monkeypat
 
 
 def test_report_names_only_a_checkpoint_that_loads(checkpoint):
-    status = cli.Status()
+    status = stopping.Status()
     status.expect(str(checkpoint), 1)
     assert status.saved() == (str(checkpoint), 1)
     assert "epoch 1 is saved" in status.report("none")
@@ -275,7 +276,7 @@ def test_resume_refuses_a_changed_recipe_flag(checkpoint):
 def test_resume_with_no_epochs_left_is_refused(checkpoint):
     done = train("--resume", str(checkpoint), "--epochs", "1", "--device", "cpu", "--quiet")
     assert done.returncode == 2
-    assert "already holds 1 epochs" in one_line_error(done)
+    assert "already holds 1 epoch of 1:" in one_line_error(done)
 
 
 def test_resume_honours_lr_and_accepts_unchanged_flags(checkpoint):
@@ -495,3 +496,69 @@ def test_argparse_types_refuse_out_of_range_values():
             parse(text)
     assert cli.seed_int(str(2**64 - 1)) == 2**64 - 1
 
+
+
+# ---------------------------------------------------------------------------------------------
+# 9 (issue 19). Hand-edited checkpoints, end to end: --evaluate and --resume refuse them in one
+# line, and no message calls a refused file the last good checkpoint.
+# ---------------------------------------------------------------------------------------------
+def _negative_running_variance(state: dict) -> None:
+    state["model"]["features.conv3.1.running_var"].fill_(-1.0)
+
+
+HAND_EDITED = {
+    "cpu-generator-of-wrong-size": (
+        lambda s: s["rng"].update(torch=torch.zeros(100, dtype=torch.uint8)), "rng torch"),
+    "weight-decay-a-string": (
+        lambda s: s["optimizer"]["param_groups"][0].update(weight_decay="0"), "weight_decay"),
+    "maximize": (lambda s: s["optimizer"]["param_groups"][0].update(maximize=True), "maximize"),
+    "negative-running-variance": (_negative_running_variance, "negative running variance"),
+}
+
+
+@pytest.mark.parametrize("flag", ["--evaluate", "--resume"])
+@pytest.mark.parametrize("edit", list(HAND_EDITED))
+def test_a_hand_edited_checkpoint_is_refused_in_one_line(one_epoch, tmp_path, flag, edit):
+    state = torch.load(_write(tmp_path / "good.pt", one_epoch), weights_only=True)
+    change, named = HAND_EDITED[edit]
+    change(state)
+    path = tmp_path / "edited.pt"
+    torch.save(state, path)
+    before = path.read_bytes()
+    done = train(flag, str(path), "--epochs", "2", "--device", "cpu", "--quiet")
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = one_line_error(done)
+    assert line.startswith(f"error: {path}: not a checkpoint of this model (") and named in line
+    assert "last good checkpoint" not in done.stderr
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("stop", ["divergence", "ctrl-c"])
+def test_a_refused_file_is_never_reported_as_saved(tmp_path, mnist_dir, monkeypatch, capsys,
+                                                   signals_restored, stop):
+    """Epoch 1's file on disk is refused (someone edited it, say) when epoch 2 stops the run:
+    the report must not point to it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    real_save, real_epoch = checkpoints.save_checkpoint, utils.train_epoch
+
+    def save_then_damage(state, path):
+        real_save(state, path)
+        damaged = torch.load(path, weights_only=True)
+        _negative_running_variance(damaged)
+        torch.save(damaged, path)
+
+    def epoch_2_stops(model, loader, optimizer, device, epoch=1, *args, **kwargs):
+        if epoch == 2:
+            raise utils.NonFiniteLoss(2, 1) if stop == "divergence" else KeyboardInterrupt
+        return real_epoch(model, loader, optimizer, device, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_damage)
+    monkeypatch.setattr(utils, "train_epoch", epoch_2_stops)
+    path = tmp_path / "last.pt"
+    code = cli.main(["--device", "cpu", "--quiet", "--limit-train", "64", "--limit-test", "64",
+                     "--batch-size", "64", "--epochs", "3", "--save-model", str(path)])
+    stderr = capsys.readouterr().err
+    assert code == (1 if stop == "divergence" else 130)
+    assert "last good checkpoint" not in stderr and "is saved" not in stderr
+    assert ("no good epoch was saved" if stop == "divergence"
+            else "no complete epoch was saved") in stderr

@@ -1,0 +1,67 @@
+"""The --metrics file: a run's recipe, history and facts as JSON, and how to know one.
+
+The benchmarks (benchmarks/ablation.py, seeds.py) and the README's tables read these files;
+`is_metrics_file` tells one from any other file, so that --metrics replaces an earlier run's
+without --force but never a checkpoint, a data file or anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+import outputs
+import utils
+from model import count_parameters
+
+KEYS = ("recipe", "history", "final_test_acc")  # what every metrics file has
+MAX_BYTES = 10 * 2**20  # far above any run's history; a larger file is not one
+
+
+def git_commit() -> str | None:
+    """The code a result came from (with -dirty if the tree had changes), when run from git."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict) -> dict:
+    import torchvision
+
+    return {"model": {"channels": list(model.channels), **utils.net_options(recipe)},
+            # the fast loader's pixels are the original's (PIL's arithmetic); older runs
+            # of this project resampled bilinearly
+            "augmentation_pixels": "pil-exact",
+            "commit": git_commit(),
+            "parameters": count_parameters(model), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__}
+
+
+def write_metrics(path: str, run: utils.Run, device: torch.device) -> None:
+    """The run's recipe, facts and history, written atomically (outputs.atomic_write)."""
+    out = {"recipe": run.recipe, **run_facts(device, run.model, run.recipe),
+           "history": run.history, "final_test_acc": run.history["test_acc"][-1],
+           "best_test_acc": max(run.history["test_acc"])}
+    text = json.dumps(out, indent=2) + "\n"
+    outputs.atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def is_metrics_file(path: Path) -> bool:
+    """A JSON object with the keys write_metrics writes."""
+    try:
+        if path.stat().st_size > MAX_BYTES:
+            return False
+        found = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(found, dict) and set(KEYS) <= set(found)

@@ -1,0 +1,122 @@
+"""The files a run writes: one policy for all of them, and the atomic write each goes through.
+
+The policy, checked before any work (train.py applies it to --save-model and --metrics):
+
+- an output names a file: not empty, not a folder, in a folder that can be written, under a
+  name the file system accepts, for the final name and the temporary one alike;
+- no two outputs name the same file, and no output is a file the run reads;
+- an existing file is replaced only when it is the run's own (train.py says which: the
+  checkpoint a --resume continues, a metrics file of train.py), or when the user says so.
+
+Paths are compared and written as `target` resolves them, so the name checked is the name the
+write uses (a symlink's target, not the link). `atomic_write` writes a temporary file in the
+same folder, then renames it over the target: a crash or Ctrl-C mid-write leaves the previous
+file whole, and a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+SCRATCH_SUFFIX = ".partial"
+
+
+class Refused(ValueError):
+    """A path the policy refuses; the message is one line that names the flag and the fix."""
+
+
+def target(path: str | os.PathLike) -> Path:
+    """The file a write of `path` replaces: absolute, with every symlink followed."""
+    return Path(path).resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+# The atomic write.
+# ---------------------------------------------------------------------------------------------
+def _scratch(path: Path) -> tuple[int, str]:
+    """A new temporary file beside `path`, named so that `scratch_files` finds it."""
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=SCRATCH_SUFFIX)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> None:
+    """Call `write` on a temporary file in `path`'s folder, flush it to disk, then rename it
+    over `path`; on any failure (disk full, Ctrl-C) the temporary file is deleted and `path`
+    is as it was."""
+    path = target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _scratch(path)
+    try:
+        os.chmod(tmp, _mode_of_a_new_file())  # mkstemp's 0600 would hide it from the group
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _mode_of_a_new_file() -> int:
+    """What open() would give a new file: 0666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def scratch_files(path: str | os.PathLike) -> list[Path]:
+    """The temporary files of `atomic_write` for `path` that exist now: a write in progress,
+    or one that was killed (SIGKILL, a power cut), since every other failure removes its own."""
+    path = target(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*{SCRATCH_SUFFIX}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks, before any work.
+# ---------------------------------------------------------------------------------------------
+def check_writable(flag: str, path: str, example: str) -> Path:
+    """The target of output `path`, after making its folder and creating and deleting the
+    temporary file a write would use; Refused (one line) if any of it fails."""
+    try:
+        if path.endswith(("/", os.sep)) or Path(path).is_dir():
+            raise Refused(f"{flag} {path} is a folder; give a file path, such as "
+                          f"{os.path.join(path, example)}")
+        file = target(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _scratch(file)
+        os.close(fd)
+        os.unlink(tmp)
+    except (FileExistsError, NotADirectoryError):
+        raise Refused(f"{flag} {path} is not writable: a folder on its path is a file") from None
+    except OSError as err:
+        raise Refused(f"{flag} {path} is not writable: {err.strerror or err}") from None
+    return file
+
+
+def check_distinct(outputs: dict[str, str], inputs: dict[str, str]) -> None:
+    """No two outputs share a file, and no output is an input; each dict maps a flag (or
+    what an input is) to its path."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        file = target(path)
+        if file in seen:
+            raise Refused(f"{seen[file]} and {flag} name the same file {path}: give each its "
+                          f"own path")
+        seen[file] = flag
+    for what, path in inputs.items():
+        flag = seen.get(target(path))
+        if flag is not None:
+            raise Refused(f"{flag} {outputs[flag]} is {what}, which this run reads: an output "
+                          f"must be another file")
+
+
+def would_replace(path: str | os.PathLike, is_own: Callable[[Path], bool]) -> bool:
+    """A write of `path` would replace an existing file that is not the run's own (`is_own`
+    of its target); train.py then refuses unless given --force."""
+    file = target(path)
+    return os.path.lexists(file) and not is_own(file)

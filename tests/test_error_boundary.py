@@ -1,0 +1,334 @@
+"""Issue 19: one error boundary in train.py. Each failure a user can cause or meet is one line
+that says what happened and what is on disk; a bug keeps its traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import TINY, assert_no_traceback, env
+from test_outputs import SMALL, main
+from test_robustness import finish, spawn, wait_for
+
+import checkpoints
+import failures
+import stopping
+import train as cli
+import utils
+from model import Net
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _signals_restored():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+@pytest.fixture
+def here(tmp_path, mnist_dir, monkeypatch) -> Path:
+    """A folder to run in, whose data/ is the repository's MNIST."""
+    (tmp_path / "data").symlink_to(mnist_dir.resolve(), target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk during a checkpoint save.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_disk(tmp_path) -> Path:
+    """A 300 KB tmpfs: room for one checkpoint, not for the next beside it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_disk_full_during_a_save_is_one_line(here, tiny_disk, capsys):
+    path = tiny_disk / "last.pt"
+    code, _, err = main(capsys, *SMALL, "--epochs", "3", "--save-model", str(path))
+    assert code == 1
+    assert one_error_line(err) == (
+        f"error: could not save epoch 2 in {path}: No space left on device; epoch 1 is saved "
+        f"in {path}; continue with `python train.py --resume {path}`")
+    assert checkpoints.load_checkpoint(path)["history"]["epoch"] == [1]
+    assert os.listdir(tiny_disk) == ["last.pt"]
+
+
+def test_torchs_report_of_a_failed_write_is_recognised(here, capsys, monkeypatch):
+    """torch.save reports a full disk as RuntimeError "unexpected pos", with the OSError as
+    its context; the line says the OSError's words, and the epoch that is on disk."""
+    real_save = torch.save
+
+    def save_fills_the_disk(obj, f, *args, **kwargs):
+        if len(obj["history"]["epoch"]) == 2:
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:  # torch's writer fails in turn, the OSError its context
+                raise RuntimeError(  # noqa: B904
+                    "[enforce fail at inline_container.cc:672] . unexpected pos 89152 vs 89040")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.torch, "save", save_fills_the_disk)
+    code, _, err = main(capsys, *SMALL, "--epochs", "3", "--save-model", "last.pt")
+    assert code == 1
+    assert one_error_line(err).startswith(
+        "error: could not save epoch 2 in last.pt: No space left on device; epoch 1 is saved")
+    assert sorted(os.listdir(".")) == ["data", "last.pt"]
+
+
+def test_a_bug_in_a_save_keeps_its_traceback(here, capsys, monkeypatch):
+    def buggy(obj, f, *args, **kwargs):
+        raise TypeError("a bug, not the user's")
+
+    monkeypatch.setattr(checkpoints.torch, "save", buggy)
+    with pytest.raises(TypeError, match="a bug"):
+        cli.main([*SMALL, "--save-model", "last.pt"])
+
+
+def test_write_failure_reads_the_whole_chain():
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("unexpected pos 1 vs 2")  # noqa: B904 - as torch raises it
+    except RuntimeError as err:
+        assert failures.write_failure(err) == "No space left on device"
+    assert failures.write_failure(RuntimeError("file write failed")) is not None
+    assert failures.write_failure(RuntimeError("something else")) is None
+    assert failures.write_failure(BrokenPipeError(32, "Broken pipe")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Out of memory: which flag to lower.
+# ---------------------------------------------------------------------------------------------
+def allocate_too_much(monkeypatch, when_training: bool) -> None:
+    """The CPU allocator's own failure, raised in a training step or in a test batch."""
+    real_forward = Net.forward
+
+    def forward(self, x):
+        if self.training == when_training:
+            torch.empty(2**50)  # DefaultCPUAllocator: can't allocate memory
+        return real_forward(self, x)
+
+    monkeypatch.setattr(Net, "forward", forward)
+
+
+@pytest.mark.parametrize("when_training,doing,flag", [(True, "training", "--batch-size"),
+                                                      (False, "testing", "--test-batch-size")])
+def test_out_of_memory_names_the_flag_to_lower(here, capsys, monkeypatch, when_training, doing,
+                                               flag):
+    allocate_too_much(monkeypatch, when_training)
+    code, _, err = main(capsys, *SMALL, "--save-model", "last.pt")
+    assert code == 1
+    assert one_error_line(err) == (
+        f"error: out of memory while {doing} epoch 1 with {flag} 64: run again with a "
+        f"smaller {flag}; no complete epoch was saved.")
+
+
+def test_out_of_memory_after_a_saved_epoch_says_a_new_run_is_needed(here, capsys, monkeypatch):
+    real_forward, calls = Net.forward, []
+
+    def forward(self, x):
+        calls.append(self.training)
+        if calls.count(True) > 1:  # epoch 1 (one training batch) went through
+            torch.empty(2**50)
+        return real_forward(self, x)
+
+    monkeypatch.setattr(Net, "forward", forward)
+    code, _, err = main(capsys, *SMALL, "--epochs", "2", "--save-model", "last.pt")
+    assert code == 1
+    assert one_error_line(err) == (
+        "error: out of memory while training epoch 2 with --batch-size 64: start a new run "
+        "with a smaller --batch-size and --save-model NEW.pt (a resume keeps the saved "
+        "--batch-size); epoch 1 is saved in last.pt")
+
+
+def test_out_of_memory_while_evaluating(here, capsys, monkeypatch):
+    assert main(capsys, *SMALL, "--save-model", "last.pt")[0] == 0
+    allocate_too_much(monkeypatch, when_training=False)
+    code, _, err = main(capsys, "--evaluate", "last.pt", "--device", "cpu", "--quiet",
+                        "--limit-test", "64", "--test-batch-size", "32")
+    assert code == 1
+    assert one_error_line(err) == (
+        "error: out of memory while evaluating with --test-batch-size 32: run again with a "
+        "smaller --test-batch-size; an evaluation writes nothing.")
+
+
+def test_out_of_memory_is_recognised_in_each_form():
+    assert failures.out_of_memory(MemoryError())
+    assert failures.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to ..."))
+    assert failures.out_of_memory(RuntimeError("MPS backend out of memory"))
+    assert not failures.out_of_memory(RuntimeError("shape mismatch"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A closed stdout: stop quietly, keeping what is saved, never blaming the checkpoint.
+# ---------------------------------------------------------------------------------------------
+def test_a_closed_stdout_stops_quietly(tmp_path):
+    path = tmp_path / "last.pt"
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--epochs", "3",
+                             "--save-model", str(path)], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("device: cpu")
+    proc.stdout.close()  # as `| head -1` does
+    rc = proc.wait(timeout=300)
+    err = proc.stderr.read()
+    assert rc == 128 + signal.SIGPIPE, err
+    assert_no_traceback(err)
+    assert "checkpoint" not in err.split(";")[0]  # the output's fault, not the checkpoint's
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stopped: the output was closed;"), err
+    done = len(checkpoints.load_checkpoint(path)["history"]["epoch"])
+    assert done >= 1  # the epoch whose line could not be printed was saved all the same
+    assert f"epoch {done} is saved in {path}" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# --compile without a C++ compiler; --no-compile resumes a compiled run without it.
+# ---------------------------------------------------------------------------------------------
+def test_no_compiler_is_one_line_that_says_the_run_can_go_on(here, capsys, monkeypatch):
+    from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+    class NeedsACompiler(torch.nn.Module):
+        def forward(self, x):
+            raise InductorError(InvalidCxxCompiler(), None)
+
+    monkeypatch.setattr(utils, "compiled", lambda model, device: NeedsACompiler())
+    code, _, err = main(capsys, *SMALL, "--compile", "--save-model", "last.pt")
+    assert code == 1
+    assert one_error_line(err) == (
+        "error: --compile found no C++ compiler (No working C++ compiler found in "
+        f"torch._inductor.config.cpp.cxx: {torch._inductor.config.cpp.cxx}): run again "
+        "without --compile, or install a C++ compiler (g++ or clang++); no complete epoch "
+        "was saved.")
+
+
+def test_no_compile_resumes_a_compiled_run_without_compiling(here, capsys, monkeypatch):
+    assert main(capsys, *SMALL, "--save-model", "last.pt")[0] == 0
+    state = torch.load("last.pt", weights_only=True)
+    state["recipe"]["compile"] = True  # as a run with --compile saves it
+    torch.save(state, "last.pt")
+
+    def no_compiling(model, device):
+        raise AssertionError("--no-compile must not compile")
+
+    monkeypatch.setattr(utils, "compiled", no_compiling)
+    code, out, _ = main(capsys, "--resume", "last.pt", "--epochs", "2", "--no-compile",
+                        "--device", "cpu", "--quiet")
+    assert code == 0, out
+    assert checkpoints.load_checkpoint("last.pt")["recipe"]["compile"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals: a second one while the report is written is ignored; nohup's SIGHUP stays ignored.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gap", [0.0, 0.03])
+def test_a_second_sigterm_cannot_cut_the_report_short(tmp_path, gap):
+    path = tmp_path / "last.pt"
+    args = ["--device", "cpu", "--quiet", "--limit-train", "2048", "--limit-test", "200",
+            "--batch-size", "32", "--epochs", "50", "--save-model", str(path)]
+    proc, out, err = spawn(args, tmp_path)
+    wait_for(path, proc, err)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(gap)
+    proc.send_signal(signal.SIGTERM)  # used to give a traceback and lose the report, 4 in 8
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc) == 128 + signal.SIGTERM
+    stderr = err.read_text()
+    assert_no_traceback(stderr + out.read_text())
+    epochs = len(checkpoints.load_checkpoint(path)["history"]["epoch"])
+    assert f"epoch {epochs} is saved in {path}" in stderr
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "stderr.txt", "stdout.txt"]
+
+
+def test_the_first_signal_ignores_the_rest_until_main_returns():
+    found = {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS}
+    with stopping.stopping_on_signals():
+        with pytest.raises(stopping.Stopped):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in stopping.STOP_SIGNALS)
+    assert {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS} == found
+
+
+def test_a_signal_ignored_at_the_start_stays_ignored():
+    """nohup ignores SIGHUP; a run started under it must not stop when the terminal closes."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with stopping.stopping_on_signals():
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C while the torchvision loader's workers run: no worker's traceback.
+# ---------------------------------------------------------------------------------------------
+def test_workers_leave_ctrl_c_to_the_main_process(tmp_path, mnist_dir):
+    train, test = utils.torchvision_loaders(mnist_dir, 64, 64, seed=1, limit_train=64,
+                                            limit_test=64, num_workers=1)
+    assert train.worker_init_fn is utils.leave_ctrl_c is test.worker_init_fn
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        utils.leave_ctrl_c(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_ctrl_c_during_a_torchvision_evaluation(tmp_path, mnist_dir):
+    if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
+        pytest.skip("no /proc/PID/task/PID/children here")
+    path = tmp_path / "tv.pt"
+    run = utils.Run({**utils.RECIPE, "loader": "torchvision", "epochs": 1, "limit_train": 64,
+                     "limit_test": 64, "batch_size": 64}, torch.device("cpu"), mnist_dir)
+    run.fit(progress=False, log=False)
+    checkpoints.save_run(run, path)
+    # A terminal's Ctrl-C goes to the whole process group: the workers get it too.
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "--evaluate", str(path), "--device", "cpu", "--quiet",
+         "--test-batch-size", "100"], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while len(children(proc.pid)) < 2:  # the evaluation's two workers have started
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no DataLoader workers within 120 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_no_traceback(output)
+    if proc.returncode == 0:
+        pytest.skip("the evaluation ended before the Ctrl-C")
+    assert proc.returncode == 130, output
+    assert "interrupted (Ctrl-C) while evaluating." in output
+    assert "an evaluation writes nothing." in output
