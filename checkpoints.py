@@ -534,7 +534,9 @@ def _load_failure(err: BaseException) -> str:
         lines = [s.strip() for s in text.splitlines() if s.strip()]
         reasons = [s for s in lines if not any(a in s for a in TORCH_ADVICE)]
     reason = reasons[0][:200] if reasons and reasons[0] else type(err).__name__
-    if any(word in reason for word in ("GLOBAL", "global", "Unsupported")):
+    if reason.isdigit():  # e.g. a text file: torch says only which byte it could not read
+        reason = f"{type(err).__name__} at byte value {reason}"
+    if any(word in reason for word in ("GLOBAL", "global", "Unsupported class")):
         return (f"it holds code or objects that are not plain tensors ({reason}), so it was "
                 f"refused and nothing in it ran")
     if isinstance(err, IsADirectoryError):

@@ -199,7 +199,7 @@ def test_fast_runs_with_the_same_seed_are_identical(mnist_dir):
 # keep_freed_memory: freed activation memory is reused, not faulted in afresh every step.
 # ---------------------------------------------------------------------------------------------
 PAGE_FAULTS = """
-import resource, sys, torch, utils
+import resource, sys, torch, devices
 from model import Net
 torch.set_num_threads(1)
 if sys.argv[1] == "on":

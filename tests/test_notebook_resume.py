@@ -209,7 +209,7 @@ def test_only_the_complete_run_writes_images(seen):
     before, after = seen["images committed"], seen["images after complete"]
     assert set(after) == set(before)
     for name in ("samples.png", "loss.png", "accuracy.png", "misclassified.png",
-                 "confusion_matrix.png", "ablation.png"):
+                 "confusion_matrix.png", "ablation.png", "parameters.png"):
         assert after[name][1] > before[name][1], f"{name} was not saved"
     assert after["loss.png"][0] != before["loss.png"][0]  # this run's curves, not the committed
     plots = seen["after complete"][0]
