@@ -97,9 +97,6 @@ def test_committed_notebook_is_executed_light_and_shows_every_result():
     assert any("image/png" in o.get("data", {}) for o in ablation.outputs)
 
 
-@pytest.mark.xfail(strict=True, reason="the committed notebook's run predates the one-line-per-"
-                   "epoch log: re-execute it (README's command, no checkpoints/notebook.pt), "
-                   "then remove this mark")
 def test_committed_training_log_is_one_line_per_epoch_with_no_stderr_block():
     """A whole new run, as the README's command saves it: the bars cleared themselves, so one
     stdout block holds the start line, one line per epoch and the final accuracy."""
