@@ -28,7 +28,12 @@ PROG = "train.py"
 def resume_command(path: str, data_dir: str | None, *more: str) -> str:
     """A command that can be pasted as it is: quoted, and with the run's data folder when it
     is not the default."""
-    words = ["python", PROG, "--resume", path]
+    return checkpoint_command("--resume", path, data_dir, *more)
+
+
+def checkpoint_command(flag: str, path: str, data_dir: str | None, *more: str) -> str:
+    """`python train.py FLAG PATH`, with the run's data folder when it is not the default."""
+    words = ["python", PROG, flag, path]
     if data_dir is not None:
         words += ["--data-dir", data_dir]
     return shlex.join([*words, *more])

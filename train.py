@@ -30,7 +30,6 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 import argparse
 import math
 import os
-import shlex
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -382,13 +381,14 @@ def existing_checkpoint(path: str, data_dir: str) -> str:
     except checkpoints.CheckpointError:
         return f"{path} already exists and is not a checkpoint of this model: {keep}"
     done, total = len(saved["history"]["epoch"]), saved["recipe"]["epochs"]
-    resume = stopping.resume_command(path, None if data_dir == DEFAULT_DATA_DIR else data_dir)
+    data_dir = None if data_dir == DEFAULT_DATA_DIR else data_dir
+    resume = stopping.resume_command(path, data_dir)
     if done < total:
         return (f"{path} already exists and holds {epochs_text(done)} of {total}; resume it with "
                 f"`{resume}`, {keep}")
     return (f"{path} already exists and holds a finished run ({epochs_text(done)} of {total}); "
             f"train it further with `{resume} --epochs {done + 5}`, score it with "
-            f"`{shlex.join(['python', stopping.PROG, '--evaluate', path])}`, {keep}")
+            f"`{stopping.checkpoint_command('--evaluate', path, data_dir)}`, {keep}")
 
 
 def check_combinations(args: argparse.Namespace) -> None:

@@ -384,6 +384,24 @@ def test_a_second_run_on_a_finished_checkpoint_suggests_what_works(tiny_run, tmp
     assert checkpoints.load_checkpoint(path)["history"]["epoch"] == [1, 2, 3, 4, 5, 6]
 
 
+def test_both_hints_for_a_finished_checkpoint_keep_the_runs_data_folder(tiny_run, tmp_path):
+    data = tmp_path / "mnist"
+    data.symlink_to(ROOT / "data", target_is_directory=True)  # another --data-dir, same files
+    path = tmp_path / "last.pt"
+    path.write_bytes(tiny_run["checkpoint"].read_bytes())
+    line = one_usage_line(train(*TINY, "--epochs", "1", "--data-dir", str(data),
+                                "--save-model", str(path)))
+    assert f"`python train.py --resume {path} --data-dir {data} --epochs 6`" in line, line
+    assert f"`python train.py --evaluate {path} --data-dir {data}`" in line, line
+    scored = re.search(r"`python (train\.py --evaluate [^`]+)`", line).group(1)
+    done = subprocess.run(f"{shlex.quote(sys.executable)} {scored} --device cpu --limit-test 200",
+                          shell=True, cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(rf"{re.escape(str(path))}: test loss \d\.\d{{4}}, accuracy "
+                        rf"\d+\.\d\d% on 200 images", done.stdout.splitlines()[-1]), done.stdout
+
+
 def test_a_second_run_on_an_unfinished_checkpoint_suggests_resuming(tiny_run, tmp_path):
     state = torch.load(tiny_run["checkpoint"], weights_only=True)
     state["recipe"]["epochs"] = 2  # as a run of 2 epochs stopped after the first
