@@ -398,8 +398,12 @@ def check_combinations(args: argparse.Namespace) -> None:
     if args.dry_run and (args.resume or args.evaluate):
         raise UsageError("--dry-run checks a new run's set-up; it cannot be combined with "
                          "--resume or --evaluate")
-    if args.evaluate and args.metrics:
-        raise UsageError("--evaluate prints its score and writes no file: drop --metrics")
+    writing = [flag for flag, given in (("--save-model", args.save_model),
+                                        ("--metrics", args.metrics), ("--force", args.force))
+               if given]
+    if args.evaluate and writing:
+        raise UsageError(f"--evaluate prints its score and writes no file: drop "
+                         f"{' and '.join(writing)}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, torch.device]:

@@ -135,6 +135,18 @@ def test_an_output_is_never_an_input(files, capsys, monkeypatch):
     assert mnist_files.md5sum(data_file) == mnist_files.MNIST_FILES[data_file.name][1]
 
 
+def test_evaluate_refuses_every_flag_that_would_write_a_file(files, capsys, monkeypatch):
+    monkeypatch.chdir(files["text"].parent)
+    ck = str(files["checkpoint"])
+    before = {k: p.read_bytes() for k, p in files.items()}
+    for flags, named in ((["--save-model", "x.pt"], "--save-model"), (["--force"], "--force"),
+                         (["--save-model", ck, "--force"], "--save-model and --force")):
+        line = refused(capsys, "--evaluate", ck, *flags)
+        assert line.endswith(f"--evaluate prints its score and writes no file: drop {named}")
+    assert unchanged(files, before)
+    assert not Path("x.pt").exists()
+
+
 def test_no_save_metrics_keeps_a_checkpoint(files, capsys, monkeypatch):
     """`--no-save --metrics keep.pt` used to turn a checkpoint into JSON."""
     monkeypatch.chdir(files["text"].parent)
