@@ -114,6 +114,14 @@ def _check_all(directory: Path, files: dict[str, tuple[int, str]]) -> None:
         check_idx_file(directory / name, size, md5)
 
 
+def _all_pass(directory: Path, files: dict[str, tuple[int, str]]) -> bool:
+    try:
+        _check_all(directory, files)
+    except DataFileError:
+        return False
+    return True
+
+
 def _install(files: dict[str, bytes], dest: Path) -> None:
     """Write each file atomically (outputs.atomic_write): a reader never sees half a file,
     and a failed write (disk full, Ctrl-C) leaves no temporary file behind."""
@@ -332,13 +340,14 @@ def _fetch(dest: Path, refetch: bool, sources: tuple[str, ...],
            files: dict[str, tuple[int, str]], verbose: bool) -> str:
     """Files already there (another fetch may have finished while we waited), then each
     source in turn; MnistUnavailable lists every failure."""
-    present = [name for name in files if (dest / name).exists()]
+    present = {name: files[name] for name in files if (dest / name).exists()}
     if present and not refetch:
-        _check_all(dest, {n: files[n] for n in present})  # raises DataFileError, naming the file
-        if len(present) == len(files):
-            if verbose:
-                print(f"MNIST: using verified files in {dest}")
-            return "local"
+        _check_all(dest, present)  # raises DataFileError, naming the file
+    # --refetch replaces files that fail their checks; when every file passes, none is.
+    if len(present) == len(files) and (not refetch or _all_pass(dest, files)):
+        if verbose:
+            print(f"MNIST: using verified files in {dest}")
+        return "local"
     failures = []
     for source in sources:
         try:

@@ -135,6 +135,19 @@ def test_ensure_mnist_refuses_a_corrupt_file_without_refetch(tmp_path, small_mni
     assert (raw / TRAIN_LABELS).read_bytes() == small_mnist.blobs[TRAIN_LABELS][:-1]
 
 
+def test_ensure_mnist_refetch_keeps_files_that_pass_their_checks(tmp_path, small_mnist,
+                                                                  monkeypatch):
+    raw = small_mnist.write(tmp_path)
+    calls: list = []
+    monkeypatch.setitem(mnist_files.SOURCES, "good", fake_source(small_mnist.blobs, calls))
+    source = mnist_files.ensure_mnist(tmp_path, refetch=True, files=small_mnist.files,
+                                      sources=("good",), verbose=False)
+    assert source == "local"
+    assert calls == []  # nothing to replace, so nothing fetched (offline, it would fail)
+    assert {n: (raw / n).read_bytes() for n in small_mnist.files} == {
+        n: small_mnist.blobs[n] for n in small_mnist.files}
+
+
 def test_ensure_mnist_refetch_replaces_a_corrupt_file(tmp_path, small_mnist, monkeypatch):
     raw = small_mnist.write(tmp_path)
     (raw / TEST_IMAGES).write_bytes(b"garbage")
