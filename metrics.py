@@ -7,6 +7,7 @@ without --force but never a checkpoint, a data file or anything else.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import subprocess
@@ -22,8 +23,15 @@ KEYS = ("recipe", "history", "final_test_acc")  # what every metrics file has
 MAX_BYTES = 10 * 2**20  # far above any run's history; a larger file is not one
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """The code a result came from (with -dirty if the tree had changes), when run from git."""
+    """The code a result came from (with -dirty if the tree had changes), when run from git.
+    Read once: train.py reads it as a run starts, so that a commit made while the run trains
+    (20 minutes on a CPU) is not the one its metrics file names."""
+    return describe_tree()
+
+
+def describe_tree() -> str | None:
     try:
         done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                               text=True, cwd=Path(__file__).parent, timeout=10)

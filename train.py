@@ -525,6 +525,8 @@ def start_run(args: argparse.Namespace, device: torch.device, status: stopping.S
 def run_training(args: argparse.Namespace, device: torch.device, status: stopping.Status,
                  recipe: dict, checkpoint: dict | None) -> int:
     run = start_run(args, device, status, recipe, checkpoint)
+    if args.metrics:
+        metrics.git_commit()  # the code this run starts from, whatever is committed meanwhile
     print(f"device: {device} | loader: {recipe['loader']} | "
           f"parameters: {count_parameters(run.model):,}")
     last_saved = len(run.history["epoch"])

@@ -19,6 +19,7 @@ from test_robustness import TINY_RECIPE
 
 import checkpoints
 import locks
+import metrics
 import mnist_files
 import outputs
 import train as cli
@@ -145,6 +146,22 @@ def test_evaluate_refuses_every_flag_that_would_write_a_file(files, capsys, monk
         assert line.endswith(f"--evaluate prints its score and writes no file: drop {named}")
     assert unchanged(files, before)
     assert not Path("x.pt").exists()
+
+
+def test_a_metrics_file_names_the_commit_its_run_started_from(tmp_path, capsys, monkeypatch):
+    trained = []
+    fit = utils.Run.fit
+    monkeypatch.setattr(utils.Run, "fit", lambda run, **kw: trained.append(1) or fit(run, **kw))
+    # What `git describe` says: the commit checked out as the run starts, another once it trains.
+    monkeypatch.setattr(metrics, "describe_tree", lambda: "def5678" if trained else "abc1234")
+    metrics.git_commit.cache_clear()
+    try:
+        code, _, err = main(capsys, *SMALL, "--no-save", "--metrics", str(tmp_path / "m.json"))
+    finally:
+        metrics.git_commit.cache_clear()
+    assert code == 0, err
+    assert trained
+    assert json.loads((tmp_path / "m.json").read_text())["commit"] == "abc1234"
 
 
 def test_no_save_metrics_keeps_a_checkpoint(files, capsys, monkeypatch):
