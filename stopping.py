@@ -77,21 +77,21 @@ class Status:
             return "an evaluation writes nothing."
         return "no complete epoch was saved."
 
-    def report(self, no_epoch: str | None = None) -> str:
-        """What is on disk, with the command that continues it on a line of its own."""
+    def report(self, no_epoch: str | None = None, one_line: bool = False) -> str:
+        """What is on disk, with the command that continues it on a line of its own, or in
+        backticks when the message must stay one line."""
         found = self.saved()
         if found is None:
             return no_epoch or self.nothing()
         path, n = found
-        return f"epoch {n} is saved in {path}; continue with:\n  {self.command(path)}"
+        saved = f"epoch {n} is saved in {path}; continue with"
+        if one_line:
+            return f"{saved} `{self.command(path)}`"
+        return f"{saved}:\n  {self.command(path)}"
 
     def summary(self, no_epoch: str | None = None) -> str:
-        """`report` on one line, for a message that must stay one line."""
-        found = self.saved()
-        if found is None:
-            return no_epoch or self.nothing()
-        path, n = found
-        return f"epoch {n} is saved in {path}; continue with `{self.command(path)}`"
+        """`report` on one line."""
+        return self.report(no_epoch, one_line=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,10 +110,12 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 
 @contextmanager
-def stopping_on_signals() -> Iterator[None]:
+def stopping_on_signals(then_exit: bool = False) -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP raise Stopped, each unless it was ignored when the run
     started (nohup ignores SIGHUP; a background job, SIGINT). The handlers found are restored
-    at the end."""
+    at the end, for a caller that goes on (a test); a process that exits after (`then_exit`)
+    ignores the signals instead, since the default action of a second Ctrl-C or SIGTERM during
+    the interpreter's shutdown would replace the exit code, or add a traceback."""
     found = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for s, handler in found.items():
         if handler is not signal.SIG_IGN:
@@ -121,8 +123,11 @@ def stopping_on_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, handler in found.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if then_exit:
+            ignore_stop_signals()
+        else:
+            for s, handler in found.items():
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -137,7 +142,7 @@ def ignore_stop_signals() -> None:
 
 def report_interrupt(err: KeyboardInterrupt, status: Status) -> int:
     """Say what stopped the run and which epoch is on disk; further signals are ignored
-    meanwhile (stopping_on_signals restores the handlers after)."""
+    meanwhile (stopping_on_signals sets the handlers after)."""
     ignore_stop_signals()
     signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name

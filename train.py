@@ -225,10 +225,11 @@ def error(message: str) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, then_exit: bool = False) -> int:
+    """The command; `then_exit` when the process ends after it (stopping_on_signals)."""
     line_buffered()
     status = stopping.Status()
-    with stopping.stopping_on_signals():
+    with stopping.stopping_on_signals(then_exit):
         try:
             args, device = parse_args(argv)
             if args.data_dir != DEFAULT_DATA_DIR:
@@ -586,4 +587,4 @@ def score_checkpoint(args: argparse.Namespace, device: torch.device, weights: di
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(then_exit=True))

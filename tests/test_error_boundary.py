@@ -272,6 +272,21 @@ def test_the_first_signal_ignores_the_rest_until_main_returns():
     assert {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS} == found
 
 
+def test_a_command_that_exits_after_a_stop_ignores_the_signals_until_it_exits():
+    """Since a second SIGTERM during the interpreter's shutdown killed the process (-15, not
+    143) once in a full suite's run."""
+    found = {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS}
+    try:
+        with stopping.stopping_on_signals(then_exit=True):
+            with pytest.raises(stopping.Stopped):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises here
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in stopping.STOP_SIGNALS)
+    finally:
+        for s, handler in found.items():
+            signal.signal(s, handler)
+
+
 def test_a_signal_ignored_at_the_start_stays_ignored():
     """nohup ignores SIGHUP; a run started under it must not stop when the terminal closes."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
