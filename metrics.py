@@ -7,7 +7,6 @@ without --force but never a checkpoint, a data file or anything else.
 
 from __future__ import annotations
 
-import functools
 import json
 import platform
 import subprocess
@@ -23,15 +22,10 @@ KEYS = ("recipe", "history", "final_test_acc")  # what every metrics file has
 MAX_BYTES = 10 * 2**20  # far above any run's history; a larger file is not one
 
 
-@functools.cache
 def git_commit() -> str | None:
     """The code a result came from (with -dirty if the tree had changes), when run from git.
-    Read once: train.py reads it as a run starts, so that a commit made while the run trains
-    (20 minutes on a CPU) is not the one its metrics file names."""
-    return describe_tree()
-
-
-def describe_tree() -> str | None:
+    train.py reads it as a run starts, so that a commit made while the run trains (20 minutes
+    on a CPU) is not the one its metrics file names."""
     try:
         done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                               text=True, cwd=Path(__file__).parent, timeout=10)
@@ -40,14 +34,15 @@ def describe_tree() -> str | None:
     return done.stdout.strip() or None
 
 
-def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict) -> dict:
+def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict,
+              commit: str | None) -> dict:
     import torchvision
 
     return {"model": {"channels": list(model.channels), **utils.net_options(recipe)},
             # the fast loader's pixels are the original's (PIL's arithmetic); older runs
             # of this project resampled bilinearly
             "augmentation_pixels": "pil-exact",
-            "commit": git_commit(),
+            "commit": commit,
             "parameters": count_parameters(model), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine(),
@@ -55,9 +50,10 @@ def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict) -> dic
             "torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
-def write_metrics(path: str, run: utils.Run, device: torch.device) -> None:
-    """The run's recipe, facts and history, written atomically (outputs.atomic_write)."""
-    out = {"recipe": run.recipe, **run_facts(device, run.model, run.recipe),
+def write_metrics(path: str, run: utils.Run, device: torch.device, commit: str | None) -> None:
+    """The run's recipe, facts and history, written atomically (outputs.atomic_write);
+    `commit` is git_commit() as the run started."""
+    out = {"recipe": run.recipe, **run_facts(device, run.model, run.recipe, commit),
            "history": run.history, "final_test_acc": run.history["test_acc"][-1],
            "best_test_acc": max(run.history["test_acc"])}
     text = json.dumps(out, indent=2) + "\n"

@@ -318,6 +318,10 @@ def ensure_mnist(
 
 def _use_local(dest: Path, files: dict[str, tuple[int, str]], verbose: bool) -> str:
     _check_all(dest, files)  # raises DataFileError, naming the file
+    return _verified(dest, verbose)
+
+
+def _verified(dest: Path, verbose: bool) -> str:
     if verbose:
         print(f"MNIST: using verified files in {dest}")
     return "local"
@@ -345,9 +349,7 @@ def _fetch(dest: Path, refetch: bool, sources: tuple[str, ...],
         _check_all(dest, present)  # raises DataFileError, naming the file
     # --refetch replaces files that fail their checks; when every file passes, none is.
     if len(present) == len(files) and (not refetch or _all_pass(dest, files)):
-        if verbose:
-            print(f"MNIST: using verified files in {dest}")
-        return "local"
+        return _verified(dest, verbose)
     failures = []
     for source in sources:
         try:

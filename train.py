@@ -526,8 +526,8 @@ def start_run(args: argparse.Namespace, device: torch.device, status: stopping.S
 def run_training(args: argparse.Namespace, device: torch.device, status: stopping.Status,
                  recipe: dict, checkpoint: dict | None) -> int:
     run = start_run(args, device, status, recipe, checkpoint)
-    if args.metrics:
-        metrics.git_commit()  # the code this run starts from, whatever is committed meanwhile
+    # The code this run starts from, whatever is committed while it trains.
+    commit = metrics.git_commit() if args.metrics else None
     print(f"device: {device} | loader: {recipe['loader']} | "
           f"parameters: {count_parameters(run.model):,}")
     last_saved = len(run.history["epoch"])
@@ -556,7 +556,7 @@ def run_training(args: argparse.Namespace, device: torch.device, status: stoppin
     if args.metrics:
         status.doing = "writing --metrics"
         failures.written(f"write --metrics {args.metrics}",
-                         lambda: metrics.write_metrics(args.metrics, run, device))
+                         lambda: metrics.write_metrics(args.metrics, run, device, commit))
     print(final_line(args, run.history))
     return 0
 

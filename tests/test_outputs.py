@@ -153,12 +153,8 @@ def test_a_metrics_file_names_the_commit_its_run_started_from(tmp_path, capsys, 
     fit = utils.Run.fit
     monkeypatch.setattr(utils.Run, "fit", lambda run, **kw: trained.append(1) or fit(run, **kw))
     # What `git describe` says: the commit checked out as the run starts, another once it trains.
-    monkeypatch.setattr(metrics, "describe_tree", lambda: "def5678" if trained else "abc1234")
-    metrics.git_commit.cache_clear()
-    try:
-        code, _, err = main(capsys, *SMALL, "--no-save", "--metrics", str(tmp_path / "m.json"))
-    finally:
-        metrics.git_commit.cache_clear()
+    monkeypatch.setattr(metrics, "git_commit", lambda: "def5678" if trained else "abc1234")
+    code, _, err = main(capsys, *SMALL, "--no-save", "--metrics", str(tmp_path / "m.json"))
     assert code == 0, err
     assert trained
     assert json.loads((tmp_path / "m.json").read_text())["commit"] == "abc1234"
