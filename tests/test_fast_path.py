@@ -212,10 +212,12 @@ def step():
     net(x).sum().backward()
 for _ in range(3):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+per_step = []
+for _ in range(9):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
+    per_step.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(per_step)[len(per_step) // 2])
 """
 
 
@@ -226,8 +228,9 @@ def test_keep_freed_memory_stops_the_page_faults_of_reused_blocks(repo_root):
                              capture_output=True, text=True, check=True)
         return int(out.stdout)
 
-    # Per training step at batch 128: over a thousand fresh pages by default (1,500 to 4,200
-    # measured with the table's two dropout blocks; the model with five had more), next to
-    # none after.
+    # The median training step at batch 128: thousands of fresh pages by default (2,400 to 5,700
+    # per step measured), none after. The median, because with the setting on one step in a few
+    # still grows the heap to a new peak (476 to 1,828 pages, seen once or twice in 12 steps),
+    # and a mean over five steps caught one of those (596) on a CI machine.
     assert faults("off") > 1_000
-    assert faults("on") < 500
+    assert faults("on") < 100
