@@ -114,11 +114,11 @@ def resume_or_start(recipe: dict[str, Any], device: torch.device, path: str | os
     for leftover in remove_partial_saves(path):
         print(f"removed {leftover}, left by a save that was cut short")
     if not os.path.lexists(path):
-        print(f"a new run: {_epochs(recipe['epochs'])}, each saved in {path}")
+        print(f"a new run: {epochs_text(recipe['epochs'])}, each saved in {path}")
         return utils.Run(recipe, device, data_dir)
     checkpoint, replaced = _notebook_checkpoint(path, recipe, retrain)
     if checkpoint is None:
-        print(f"a new run (RETRAIN = True): {_epochs(recipe['epochs'])}, each saved in {path} "
+        print(f"a new run (RETRAIN = True): {epochs_text(recipe['epochs'])}, each saved in {path} "
               f"in place of {replaced}")
         return utils.Run(recipe, device, data_dir)
     run = utils.Run(recipe, device, data_dir)
@@ -127,12 +127,13 @@ def resume_or_start(recipe: dict[str, Any], device: torch.device, path: str | os
     if done < recipe["epochs"]:
         print(f"resuming {path} after epoch {done} of {recipe['epochs']}")
     else:
-        print(f"loaded the finished run in {path} ({_epochs(done)}): it is not trained again "
+        print(f"loaded the finished run in {path} ({epochs_text(done)}): it is not trained again "
               f"(set RETRAIN = True to train it from scratch)")
     return run
 
 
-def _epochs(n: int) -> str:
+def epochs_text(n: int) -> str:
+    """'1 epoch', '20 epochs': how every message counts a run's epochs."""
     return f"{n} epoch{'' if n == 1 else 's'}"
 
 

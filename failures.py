@@ -73,11 +73,6 @@ def missing_compiler(err: BaseException) -> str | None:
     return None
 
 
-def closed_output(err: BaseException) -> bool:
-    """The reader of stdout went away (`train.py | head -1`)."""
-    return isinstance(err, BrokenPipeError)
-
-
 class WriteFailed(RuntimeError):
     """A checkpoint or --metrics write failed for a reason the user can fix (disk full...)."""
 

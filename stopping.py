@@ -25,6 +25,11 @@ import utils
 PROG = "train.py"
 
 
+def flag(key: str) -> str:
+    """The command-line flag of a recipe key: batch_size is --batch-size."""
+    return "--" + key.replace("_", "-")
+
+
 def resume_command(path: str, data_dir: str | None, *more: str) -> str:
     """A command that can be pasted as it is: quoted, and with the run's data folder when it
     is not the default."""
@@ -184,7 +189,7 @@ def _out_of_memory(err: Exception, status: Status) -> str:
     """Which batch ran out of memory, and the flag that makes it smaller."""
     testing = failures.while_testing(err)
     key = "test_batch_size" if status.evaluating or testing else "batch_size"
-    name = "--" + key.replace("_", "-")
+    name = flag(key)
     # fit tests each epoch after training it, under the same "training epoch N"
     doing = status.doing.replace("training", "testing", 1) if testing else status.doing
     what = f"out of memory while {doing} with {name} {status.recipe.get(key, utils.RECIPE[key]):,}"

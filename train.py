@@ -47,7 +47,9 @@ import outputs
 import stopping
 import utils
 from augment import AUGMENTATIONS
+from checkpoints import epochs_text
 from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, count_parameters
+from stopping import flag
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -447,14 +449,6 @@ def recipe_from(args: argparse.Namespace) -> dict:
     RECIPE's defaults; a checkpoint carries them, so a resume repeats them."""
     given = {key: getattr(args, key, None) for key in utils.RECIPE}
     return utils.full_recipe({k: v for k, v in given.items() if v is not None})
-
-
-def flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def epochs_text(n: int) -> str:
-    return f"{n} epoch{'' if n == 1 else 's'}"
 
 
 def refuse_ignored_flags(args: argparse.Namespace, saved: dict, honoured: tuple[str, ...],

@@ -2,11 +2,12 @@
 
 The notebook and train.py share everything here, so both run exactly the same recipe. Read top
 to bottom: the recipe, the two loaders (the original torchvision pipeline and the fast one that
-reproduces its pixels on whole batches), the train/test loops, a Run that builds and fits,
-the notebook's switches (smoke mode, where a run's figures go), device choice, and the plots.
-The rest lives in a module of its own: the model in model.py, the MNIST files in
-mnist_files.py, the whole-batch augmentation in augment.py, what differs from device to device
-in devices.py, and checkpoints (and the notebook's resume) in checkpoints.py.
+reproduces its pixels on whole batches), the train/test loops, a Run that builds and fits, the
+notebook's switches (smoke mode, the recipe as it prints it), and the plots. The rest lives in
+a module of its own: the model in model.py, the MNIST files in mnist_files.py, the whole-batch
+augmentation in augment.py, what differs from device to device (and device choice) in
+devices.py, checkpoints (and the notebook's resume) in checkpoints.py, and how a figure is
+drawn, saved and shown (and where a run's figures go) in figures.py.
 """
 
 from __future__ import annotations
@@ -406,7 +407,7 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------
-# The notebook's switches: smoke mode, the recipe as it prints it, and where a run's figures go.
+# The notebook's switches: smoke mode, and the recipe as it prints it.
 # ---------------------------------------------------------------------------------------------
 SMOKE_VALUES = {None: False, "": False, "0": False, "1": True}  # S6_SMOKE: unset/""/0 or 1
 

@@ -167,7 +167,6 @@ class Interrupted(Exception):
     """Ctrl-C stopped a batch; the message says what finished and that re-running continues."""
 
     def __init__(self, finished: list[str], total: int) -> None:
-        self.finished, self.total = finished, total
         names = f" ({', '.join(finished)})" if finished else ""
         left = total - len(finished)
         super().__init__(f"interrupted (Ctrl-C) after {len(finished)} of {total} runs "
@@ -185,8 +184,7 @@ class Batch:
     def __init__(self, jobs: int, env: dict[str, str]) -> None:
         self.jobs, self.env = jobs, env
         self.lock = threading.Lock()
-        self.stopping = False
-        self.stopped = threading.Event()  # set with `stopping`, for a worker to wait on
+        self.stopped = threading.Event()  # set on Ctrl-C, under the lock; a worker waits on it
         self.running: set[subprocess.Popen] = set()
         self.finished: list[str] = []
 
@@ -204,7 +202,7 @@ class Batch:
 
     def _one(self, job: Job) -> int | None:
         with self.lock:
-            if self.stopping:
+            if self.stopped.is_set():
                 return None
             with open(job.log, "w") as log:
                 proc = subprocess.Popen(job.command, cwd=ROOT, env=self.env, stdout=log,
@@ -217,7 +215,7 @@ class Batch:
             self.stopped.wait(INTERRUPT_GRACE)
         with self.lock:
             self.running.discard(proc)
-            if self.stopping:  # the interrupt's line is the last one printed
+            if self.stopped.is_set():  # the interrupt's line is the last one printed
                 return code
             if code == 0:
                 self.finished.append(job.label)
@@ -228,25 +226,21 @@ class Batch:
         # A second Ctrl-C meanwhile would turn the one-line ending into a traceback.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            self._stop_running(pool)
+            with self.lock:
+                self.stopped.set()
+                running = list(self.running)
+            for proc in running:
+                # Ctrl-C at a terminal reached them already; `kill -INT` of this process did
+                # not. train.py ignores a second one while it says what it saved.
+                proc.send_signal(signal.SIGINT)
+            for proc in running:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            pool.shutdown(wait=True, cancel_futures=True)
         finally:
             signal.signal(signal.SIGINT, previous)
-
-    def _stop_running(self, pool: ThreadPoolExecutor) -> None:
-        with self.lock:
-            self.stopping = True
-            self.stopped.set()
-            running = list(self.running)
-        for proc in running:
-            # Ctrl-C at a terminal reached them already; `kill -INT` of this process did not.
-            # train.py ignores a second one while it says what it saved.
-            proc.send_signal(signal.SIGINT)
-        for proc in running:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_batch(todo: list[Job], jobs: int, threads: int) -> list[int | None]:

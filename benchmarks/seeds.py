@@ -45,7 +45,7 @@ def job(seed: int, args: argparse.Namespace) -> common.Job:
     cmd = [sys.executable, str(ROOT / "train.py"), "--seed", str(seed), "--loader", args.loader,
            "--dropout-plan", args.dropout_plan, "--metrics", str(path), "--no-save", "--quiet",
            *args.train_args]
-    return common.Job(f"seed {seed}", cmd, args.out / f"{args.name}_seed{seed}.log")
+    return common.Job(f"seed {seed}", cmd, path.with_suffix(".log"))
 
 
 def load_runs(out: Path) -> dict[str, dict[int, dict]]:
