@@ -36,9 +36,9 @@ def resume_command(path: str, data_dir: str | None, *more: str) -> str:
     return checkpoint_command("--resume", path, data_dir, *more)
 
 
-def checkpoint_command(flag: str, path: str, data_dir: str | None, *more: str) -> str:
-    """`python train.py FLAG PATH`, with the run's data folder when it is not the default."""
-    words = ["python", PROG, flag, path]
+def checkpoint_command(option: str, path: str, data_dir: str | None, *more: str) -> str:
+    """`python train.py OPTION PATH`, with the run's data folder when it is not the default."""
+    words = ["python", PROG, option, path]
     if data_dir is not None:
         words += ["--data-dir", data_dir]
     return shlex.join([*words, *more])
