@@ -11,7 +11,9 @@ import os
 import pickle
 import pickletools
 import shlex
+import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,25 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture
+def signals_restored() -> Iterator[dict]:
+    """train.main installs SIGINT/SIGTERM/SIGHUP handlers; give pytest its own back. Yields the
+    handlers found, for a test module that checks them too."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield saved
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+@pytest.fixture
+def close_figures() -> Iterator[None]:
+    """Close every matplotlib figure a test left open (for the modules that draw)."""
+    yield
+    plt = sys.modules.get("matplotlib.pyplot")  # not imported: no figure to close
+    if plt is not None:
+        plt.close("all")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -32,10 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONVS = ("conv1", "conv2", "trans1", "conv3", "conv4", "trans2", "conv5")
 
 
-@pytest.fixture(autouse=True)
-def close_figures():
-    yield
-    plt.close("all")
+pytestmark = pytest.mark.usefixtures("close_figures")  # conftest.py's, for every test here
 
 
 # ---------------------------------------------------------------------------------------------

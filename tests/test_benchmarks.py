@@ -15,7 +15,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
 from benchmarks import ablation, common, seeds, speed, step  # noqa: E402
@@ -24,10 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 USAGE = "must be an integer from 1 to 2,147,483,647, got"
 
 
-@pytest.fixture(autouse=True)
-def close_figures():
-    yield
-    plt.close("all")
+pytestmark = pytest.mark.usefixtures("close_figures")  # conftest.py's, for every test here
 
 
 def metrics(final: float = 99.5) -> dict:

@@ -281,6 +281,11 @@ def _loader_of_wrong_size(state: dict) -> None:
     state["rng"]["loader"] = torch.zeros(100, dtype=torch.uint8)
 
 
+def negative_running_variance(state: dict) -> None:
+    """Also test_robustness's edit of a file on disk."""
+    state["model"]["features.conv3.1.running_var"].fill_(-1.0)
+
+
 HAND_EDITED = {
     "cpu-generator-of-wrong-size": (
         lambda s: s["rng"].update(torch=torch.zeros(100, dtype=torch.uint8)), "rng torch"),
@@ -296,8 +301,7 @@ HAND_EDITED = {
     "scheduler-gamma-a-string": (lambda s: s["scheduler"].update(gamma="0.1"), "gamma"),
     "scheduler-last-epoch-a-float": (
         lambda s: s["scheduler"].update(last_epoch=0.0), "last_epoch"),
-    "negative-running-variance": (
-        lambda s: s["model"]["features.conv3.1.running_var"].fill_(-1.0), "negative running"),
+    "negative-running-variance": (negative_running_variance, "negative running"),
 }
 
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from test_outputs import SMALL as SAFE  # the tiny sizes every drawn command line starts with
 
 import checkpoints
 import mnist_files
@@ -31,8 +32,6 @@ import train as cli
 import utils
 
 EXAMPLES = 250  # the README says how many command lines this tries
-SAFE = ["--device", "cpu", "--quiet", "--limit-train", "64", "--limit-test", "64",
-        "--batch-size", "64", "--test-batch-size", "64", "--epochs", "1"]
 SAFE_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 64, "limit_test": 64,
                "batch_size": 64, "test_batch_size": 64}
 DATA_FILE = "data/MNIST/raw/t10k-labels-idx1-ubyte"

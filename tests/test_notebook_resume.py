@@ -21,6 +21,8 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.util import ensure_async
 from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+from test_notebook_run import epochs_logged as epochs_logged_in
+from test_notebook_run import shown
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "Session_6_Solution.ipynb"
@@ -61,13 +63,8 @@ def text_of(cell: nbformat.NotebookNode) -> str:
     return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
 
 
-def shown(text: str) -> str:
-    """The text as Jupyter shows it: each line from its last carriage return."""
-    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
-
-
 def epochs_logged(cell: nbformat.NotebookNode) -> list[int]:
-    return [int(e) for e in re.findall(r"^epoch +(\d+): train loss", shown(text_of(cell)), re.M)]
+    return epochs_logged_in(text_of(cell))
 
 
 def errors(cell: nbformat.NotebookNode) -> list[str]:

@@ -11,14 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_checkpoints import CPU, TINY, without_seconds
 
 import checkpoints
 import figures
 import utils
 
-CPU = torch.device("cpu")
-# A few batches of real MNIST: never a full epoch.
-TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
 RECIPE = {**utils.RECIPE, **TINY, "epochs": 3}
 
 
@@ -146,10 +144,6 @@ def shown(text: str) -> str:
 
 def epochs_logged(text: str) -> list[int]:
     return [int(e) for e in re.findall(r"^epoch +(\d+): train loss", shown(text), re.M)]
-
-
-def without_seconds(history: dict) -> dict:
-    return {k: v for k, v in history.items() if k != "seconds"}
 
 
 def test_an_interrupted_run_resumes_from_its_last_saved_epoch(tmp_path, mnist_dir, capsys,

@@ -32,15 +32,14 @@ SMALL = ["--device", "cpu", "--quiet", "--limit-train", "64", "--limit-test", "6
 
 
 @pytest.fixture(autouse=True)
-def _signals_restored():
-    """train.main installs its own signal handlers and restores them; check it stays so."""
+def _signals_restored(signals_restored):
+    """train.main installs its own signal handlers and restores them; check it stays so
+    (conftest.py's signals_restored then puts them back either way)."""
     import signal
 
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     yield
-    for s, handler in saved.items():
+    for s, handler in signals_restored.items():
         assert signal.getsignal(s) == handler
-        signal.signal(s, handler)
 
 
 def main(capsys, *args: str) -> tuple[int, str, str]:

@@ -21,10 +21,7 @@ from model import Net  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def close_figures():
-    yield
-    plt.close("all")
+pytestmark = pytest.mark.usefixtures("close_figures")  # conftest.py's, for every test here
 
 
 def assert_png(path) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoints import HAND_EDITED as CHECKPOINT_EDITS
+from test_checkpoints import negative_running_variance, saved
 from test_cli import TINY, assert_no_traceback, env, train
 
 import checkpoints
@@ -46,15 +48,6 @@ def checkpoint(one_epoch, tmp_path) -> Path:
     path.parent.mkdir()
     path.write_bytes(one_epoch)
     return path
-
-
-@pytest.fixture
-def signals_restored():
-    """train.main installs SIGTERM/SIGHUP handlers; give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def one_line_error(done: subprocess.CompletedProcess) -> str:
@@ -502,18 +495,13 @@ def test_argparse_types_refuse_out_of_range_values():
 # 9 (issue 19). Hand-edited checkpoints, end to end: --evaluate and --resume refuse them in one
 # line, and no message calls a refused file the last good checkpoint.
 # ---------------------------------------------------------------------------------------------
-def _negative_running_variance(state: dict) -> None:
-    state["model"]["features.conv3.1.running_var"].fill_(-1.0)
-
-
-HAND_EDITED = {
-    "cpu-generator-of-wrong-size": (
-        lambda s: s["rng"].update(torch=torch.zeros(100, dtype=torch.uint8)), "rng torch"),
-    "weight-decay-a-string": (
-        lambda s: s["optimizer"]["param_groups"][0].update(weight_decay="0"), "weight_decay"),
-    "maximize": (lambda s: s["optimizer"]["param_groups"][0].update(maximize=True), "maximize"),
-    "negative-running-variance": (_negative_running_variance, "negative running variance"),
-}
+# Four of test_checkpoints' edits, each with what this one line must name.
+HAND_EDITED = {edit: (CHECKPOINT_EDITS[edit][0], named) for edit, named in {
+    "cpu-generator-of-wrong-size": "rng torch",
+    "weight-decay-a-string": "weight_decay",
+    "maximize": "maximize",
+    "negative-running-variance": "negative running variance",
+}.items()}
 
 
 @pytest.mark.parametrize("flag", ["--evaluate", "--resume"])
@@ -522,8 +510,7 @@ def test_a_hand_edited_checkpoint_is_refused_in_one_line(one_epoch, tmp_path, fl
     state = torch.load(_write(tmp_path / "good.pt", one_epoch), weights_only=True)
     change, named = HAND_EDITED[edit]
     change(state)
-    path = tmp_path / "edited.pt"
-    torch.save(state, path)
+    path = saved(tmp_path, state)
     before = path.read_bytes()
     done = train(flag, str(path), "--epochs", "2", "--device", "cpu", "--quiet")
     assert done.returncode == 1, done.stdout + done.stderr
@@ -544,7 +531,7 @@ def test_a_refused_file_is_never_reported_as_saved(tmp_path, mnist_dir, monkeypa
     def save_then_damage(state, path):
         real_save(state, path)
         damaged = torch.load(path, weights_only=True)
-        _negative_running_variance(damaged)
+        negative_running_variance(damaged)
         torch.save(damaged, path)
 
     def epoch_2_stops(model, loader, optimizer, device, epoch=1, *args, **kwargs):
