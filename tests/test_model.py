@@ -303,7 +303,7 @@ def test_gradient_matches_relu_then_nn_dropout_under_the_same_mask():
     torch.testing.assert_close(x.grad, y.grad)
 
 
-def test_every_head_and_width_draws_the_tables_weights_in_the_tables_order():
+def test_the_gap_head_draws_the_tables_weights_in_the_tables_order():
     """Weights are drawn from the seeded generator as each conv is built: the head comes
     last, so with one seed the GAP form starts from the table's conv1..conv5 (and the table's
     model from the weights its seed always gave)."""
