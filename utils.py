@@ -15,15 +15,17 @@ from __future__ import annotations
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from augment import (
@@ -112,7 +114,7 @@ def torchvision_loaders(
     augmentation: str = "both",
 ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """DataLoaders over torchvision's MNIST; `loader.generator` holds the shuffling state."""
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import Subset
     from torchvision.datasets import MNIST
 
     train_ds = MNIST(str(data_dir), train=True, download=False,
@@ -128,8 +130,9 @@ def torchvision_loaders(
     # draws the same augmentations as an uninterrupted one.
     common = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=leave_ctrl_c)
     gen = torch.Generator().manual_seed(seed)
-    train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=gen, **common)
-    test = DataLoader(test_ds, batch_size=test_batch_size, shuffle=False, **common)
+    train = CtrlCSafeDataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=gen,
+                                **common)
+    test = CtrlCSafeDataLoader(test_ds, batch_size=test_batch_size, shuffle=False, **common)
     return train, test
 
 
@@ -137,6 +140,36 @@ def leave_ctrl_c(worker_id: int) -> None:
     """A DataLoader worker leaves Ctrl-C to the main process, which stops the workers: one that
     took it could die mid-batch, and its ConnectionResetError reach the user as a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class CtrlCSafeDataLoader(DataLoader):
+    """A DataLoader that starts its workers under ctrl_c_held: a Ctrl-C then cannot kill a
+    forked worker before its leave_ctrl_c has run, nor stop the main process with the workers
+    half set up (either way torch printed a traceback as the run stopped). A spawned worker
+    (macOS's default) starts a fresh interpreter, which no handler of ours reaches."""
+
+    def __iter__(self) -> Any:
+        with ctrl_c_held():
+            return super().__iter__()
+
+
+@contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Ctrl-C waits until the block ends, then arrives as usual: meanwhile SIGINT's handler
+    only records it, in this process and in a worker forked meanwhile (until leave_ctrl_c).
+    Only the main thread may set a handler: elsewhere, nothing is held."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is None):  # None: not set from Python
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        signal.raise_signal(signal.SIGINT)  # to the handler found: it raises, or ignores it
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

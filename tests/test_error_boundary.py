@@ -305,6 +305,88 @@ def test_workers_leave_ctrl_c_to_the_main_process(tmp_path, mnist_dir):
         signal.signal(signal.SIGINT, before)
 
 
+CTRL_C_AS_WORKERS_START = """
+import os, signal, sys, time
+import torch
+from torch.utils.data import TensorDataset
+import utils
+
+parent, got = os.getpid(), []
+
+
+def handler(signum, frame):  # train.py's raises; a forked worker would inherit it
+    if os.getpid() != parent:
+        raise KeyboardInterrupt
+    got.append(signum)
+
+
+def slow_start(worker_id):
+    time.sleep(1.0)  # the moment between a worker's start and its worker_init_fn, made long
+    utils.leave_ctrl_c(worker_id)
+
+
+class CtrlCWhileMade(utils.CtrlCSafeDataLoader):
+    def _get_iterator(self):
+        batches = super()._get_iterator()
+        os.kill(parent, signal.SIGINT)  # a Ctrl-C while the iterator is being made
+        time.sleep(0.2)
+        print("handled while made:", got)
+        return batches
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, handler)
+    data = TensorDataset(torch.arange(8.0))
+    if sys.argv[1] == "worker":
+        loader = utils.CtrlCSafeDataLoader(data, batch_size=4, num_workers=1,
+                                           worker_init_fn=slow_start,
+                                           multiprocessing_context="fork")
+        batches = iter(loader)  # the worker is started, and sleeps
+        os.killpg(parent, signal.SIGINT)  # a terminal's Ctrl-C: this process and its worker
+    else:
+        batches = iter(CtrlCWhileMade(data, batch_size=4, num_workers=1))
+        print("handled once made:", got)
+    print("batches:", len(list(batches)), "handled:", got)
+"""
+
+
+def ctrl_c_as_workers_start(tmp_path: Path, case: str) -> list[str]:
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_AS_WORKERS_START)
+    done = subprocess.run([sys.executable, str(script), case], cwd=ROOT,
+                          env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120, start_new_session=True)
+    assert_no_traceback(done)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no forked workers")
+def test_a_ctrl_c_before_a_worker_has_run_leave_ctrl_c_waits_for_it(tmp_path, mnist_dir):
+    train, test = utils.torchvision_loaders(mnist_dir, 64, 64, seed=1, limit_train=64,
+                                            limit_test=64, num_workers=1)
+    assert isinstance(train, utils.CtrlCSafeDataLoader)
+    assert isinstance(test, utils.CtrlCSafeDataLoader)
+    # Unheld, the worker's KeyboardInterrupt ends it in its sleep, and the loader raises
+    # "DataLoader worker exited unexpectedly"; held, both batches arrive, and the main process
+    # takes the Ctrl-C.
+    assert ctrl_c_as_workers_start(tmp_path, "worker") == [f"batches: 2 handled: [{SIGINT}]"]
+    before = signal.getsignal(signal.SIGINT)
+    assert sum(len(y) for _, y in test) == 64
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+
+
+def test_a_ctrl_c_while_the_workers_are_set_up_arrives_once_they_are(tmp_path):
+    # Unheld, it stopped the main process in the iterator's __init__, whose __del__ then
+    # printed a traceback (an AttributeError on the half-made iterator).
+    assert ctrl_c_as_workers_start(tmp_path, "main") == [
+        "handled while made: []", f"handled once made: [{SIGINT}]",
+        f"batches: 2 handled: [{SIGINT}]"]
+
+
+SIGINT = int(signal.SIGINT)
+
+
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
