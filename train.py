@@ -38,18 +38,12 @@ from typing import NoReturn
 
 import torch
 
-import checkpoints
-import devices
-import failures
-import metrics
-import mnist_files
-import outputs
-import stopping
 import utils
-from augment import AUGMENTATIONS
-from checkpoints import epochs_text
 from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, count_parameters
-from stopping import flag
+from support import checkpoints, devices, failures, metrics, mnist_files, outputs, stopping
+from support.augment import AUGMENTATIONS
+from support.checkpoints import epochs_text
+from support.stopping import flag
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)

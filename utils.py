@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from augment import (
+from model import Net
+from support.augment import (
     CROP_P,
     CROP_SIZE,
     MAX_ANGLE,
@@ -36,10 +37,9 @@ from augment import (
     augmentation_parts,
     sample_augment_params,
 )
-from devices import FastPath, compiled, fast_path, prepare, to_device
-from figures import TARGET_ACC, finish, legible, whole_epochs
-from mnist_files import load_mnist_tensors
-from model import Net
+from support.devices import FastPath, compiled, fast_path, prepare, to_device
+from support.figures import TARGET_ACC, finish, legible, whole_epochs
+from support.mnist_files import load_mnist_tensors
 
 # ---------------------------------------------------------------------------------------------
 # The recipe: every setting of a run, in one place. The defaults are the original S6 run's;

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script, it sees only benchmarks/
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
-from figures import TARGET_ACC, finish, legible  # noqa: E402
+from support.figures import TARGET_ACC, finish, legible  # noqa: E402
 
 RESULTS = ROOT / "results" / "ablation"
 FIGURE = ROOT / "images" / "ablation.png"

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import devices  # noqa: E402
-import mnist_files  # noqa: E402
 import utils  # noqa: E402
 from benchmarks.common import non_negative_int, positive_int  # noqa: E402
+from support import devices, mnist_files  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

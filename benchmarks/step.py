@@ -36,10 +36,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import devices  # noqa: E402
 import utils  # noqa: E402
 from benchmarks.common import positive_int  # noqa: E402
 from model import Net  # noqa: E402
+from support import devices  # noqa: E402
 
 Step = Callable[[], None]
 

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-import mnist_files  # noqa: E402
+from support import mnist_files  # noqa: E402
 
 # The trainings here are a few batches of a tiny model: more threads would not help them, and
 # one thread leaves the machine to whatever else runs on it. (train.py subprocesses get

@@ -19,13 +19,15 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
-import augment  # noqa: E402
-import mnist_files  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 from benchmarks import ablation  # noqa: E402
 from model import Net  # noqa: E402
+from support import (
+    augment,  # noqa: E402
+    mnist_files,  # noqa: E402
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVS = ("conv1", "conv2", "trans1", "conv3", "conv4", "trans2", "conv5")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
 import model
 import utils
+from support import checkpoints
 
 CPU = torch.device("cpu")
 # A few batches of real MNIST: never a full epoch.

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
 import model
 import train as cli
+from support import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every training here is a few batches; none writes to the repository's checkpoints/.

@@ -26,10 +26,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_outputs import SMALL as SAFE  # the tiny sizes every drawn command line starts with
 
-import checkpoints
-import mnist_files
 import train as cli
 import utils
+from support import checkpoints, mnist_files
 
 EXAMPLES = 250  # the README says how many command lines this tries
 SAFE_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 64, "limit_test": 64,

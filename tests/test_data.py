@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import mnist_files
+from support import mnist_files
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"

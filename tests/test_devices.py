@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-import checkpoints
-import devices
 import utils
+from support import checkpoints, devices
 
 CPU = torch.device("cpu")
 TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}

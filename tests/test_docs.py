@@ -37,13 +37,13 @@ def without_header(text: str) -> str:
 def test_notebook_and_its_percent_script_are_in_sync(repo_root):
     nb = jupytext.read(repo_root / "Session_6_Solution.ipynb")
     as_text = jupytext.writes(nb, fmt="py:percent")
-    paired = (repo_root / "Session_6_Solution.py").read_text()
+    paired = (repo_root / "docs" / "Session_6_Solution.py").read_text()
     assert without_header(as_text) == without_header(paired), (
         "run `jupytext --sync Session_6_Solution.ipynb` after editing either file")
 
 
 def test_colab_badges_point_at_the_notebooks_repo(repo_root, readme):
-    notebook = (repo_root / "Session_6_Solution.py").read_text()
+    notebook = (repo_root / "docs" / "Session_6_Solution.py").read_text()
     repo = re.search(r'^REPO = "([^"]+)"', notebook, re.M).group(1)
     for text in (readme, notebook):
         links = re.findall(r"colab\.research\.google\.com/github/([^/]+/[^/]+)/", text)

@@ -16,12 +16,10 @@ from test_cli import TINY, assert_no_traceback, env
 from test_outputs import SMALL, main
 from test_robustness import finish, spawn, wait_for
 
-import checkpoints
-import failures
-import stopping
 import train as cli
 import utils
 from model import Net
+from support import checkpoints, failures, stopping
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,9 +14,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-import augment
-import mnist_files
 import utils
+from support import augment, mnist_files
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +198,8 @@ def test_fast_runs_with_the_same_seed_are_identical(mnist_dir):
 # keep_freed_memory: freed activation memory is reused, not faulted in afresh every step.
 # ---------------------------------------------------------------------------------------------
 PAGE_FAULTS = """
-import resource, sys, torch, devices
+import resource, sys, torch
+from support import devices
 from model import Net
 torch.set_num_threads(1)
 if sys.argv[1] == "on":

@@ -33,7 +33,7 @@ EPOCHS = 3
 WAIT_IN_EPOCH_2 = """
 import time
 
-import checkpoints
+from support import checkpoints
 
 _save_run = checkpoints.save_run
 

@@ -13,9 +13,8 @@ import pytest
 import torch
 from test_checkpoints import CPU, TINY, without_seconds
 
-import checkpoints
-import figures
 import utils
+from support import checkpoints, figures
 
 RECIPE = {**utils.RECIPE, **TINY, "epochs": 3}
 

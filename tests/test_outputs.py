@@ -17,13 +17,9 @@ import torch
 from test_cli import TINY, assert_no_traceback, env
 from test_robustness import TINY_RECIPE
 
-import checkpoints
-import locks
-import metrics
-import mnist_files
-import outputs
 import train as cli
 import utils
+from support import checkpoints, locks, metrics, mnist_files, outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 # In-process runs: a few batches, never the repository's checkpoints/ or data/ for writing.
@@ -253,7 +249,7 @@ def test_a_failed_metrics_write_keeps_the_old_file_and_says_so(files, capsys, mo
 # ---------------------------------------------------------------------------------------------
 # One lock per checkpoint: a second run refuses at once, naming the process.
 # ---------------------------------------------------------------------------------------------
-HOLDER = ("import sys; sys.path.insert(0, sys.argv[1]); import locks; "
+HOLDER = ("import sys; sys.path.insert(0, sys.argv[1]); from support import locks; "
           "lock = locks.acquire(sys.argv[2], wait=False); print('held', flush=True); "
           "sys.stdin.read(); lock.release()")
 

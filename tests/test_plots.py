@@ -14,9 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import figures  # noqa: E402
 import utils  # noqa: E402
 from model import Net  # noqa: E402
+from support import figures  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import checkpoints
 import train
 import utils
+from support import checkpoints
 
 
 def test_every_recipe_key_is_a_train_py_flag_with_the_recipes_default():

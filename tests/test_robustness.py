@@ -18,12 +18,10 @@ from test_checkpoints import HAND_EDITED as CHECKPOINT_EDITS
 from test_checkpoints import negative_running_variance, saved
 from test_cli import TINY, assert_no_traceback, env, train
 
-import checkpoints
-import mnist_files
-import stopping
 import train as cli
 import utils
 from model import Net
+from support import checkpoints, mnist_files, stopping
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")

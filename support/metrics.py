@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-import outputs
 import utils
 from model import count_parameters
+from support import outputs
 
 KEYS = ("recipe", "history", "final_test_acc")  # what every metrics file has
 MAX_BYTES = 10 * 2**20  # far above any run's history; a larger file is not one

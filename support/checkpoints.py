@@ -31,12 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-import locks
-import outputs
 import utils
-from augment import AUGMENTATIONS
-from mnist_files import strip_colour
 from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, Net
+from support import locks, outputs
+from support.augment import AUGMENTATIONS
+from support.mnist_files import strip_colour
 
 FORMAT = ("model", "optimizer", "scheduler", "history", "recipe", "rng")
 

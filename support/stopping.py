@@ -17,10 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import checkpoints
-import failures
-import mnist_files
 import utils
+from support import checkpoints, failures, mnist_files
 
 PROG = "train.py"
 
