@@ -39,7 +39,7 @@ from typing import NoReturn
 import torch
 
 import utils
-from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, count_parameters
+from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, Net, count_parameters
 from support import checkpoints, devices, failures, metrics, mnist_files, outputs, stopping
 from support.augment import AUGMENTATIONS
 from support.checkpoints import epochs_text
@@ -491,13 +491,14 @@ def evaluation_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 def start_run(args: argparse.Namespace, device: torch.device, status: stopping.Status,
               recipe: dict, checkpoint: dict | None) -> utils.Run:
-    """The Run, restored from the checkpoint and with a new --lr when resuming."""
+    """The run, built as the notebook's training cell builds it (utils.build_run), restored
+    from the checkpoint and with a new --lr when resuming."""
     if args.dry_run:
         recipe.update(epochs=1, limit_train=recipe["batch_size"],
                       limit_test=recipe["test_batch_size"])
         print("dry run: one batch each way; no checkpoint is written")
     status.doing = "loading the data"
-    run = utils.Run(recipe, device, args.data_dir)
+    run = utils.build_run(recipe, device, args.data_dir)
     if checkpoint is not None:
         checkpoints.restore_run(run, checkpoint)
         done = len(run.history["epoch"])
@@ -534,7 +535,7 @@ def run_training(args: argparse.Namespace, device: torch.device, status: stoppin
     status.doing = f"training epoch {len(run.history['epoch']) + 1}"
     try:
         # Bars only on a terminal: a redirected log gets one line per epoch, not every refresh.
-        run.fit(on_epoch_end=save, progress=sys.stderr.isatty() and not args.quiet)
+        utils.fit(run, on_epoch_end=save, progress=sys.stderr.isatty() and not args.quiet)
     except utils.NonFiniteLoss as err:
         return error(stopping.report_divergence(err, run.optimizer.param_groups[0]["lr"], status))
     except BrokenPipeError:
@@ -565,10 +566,10 @@ def final_line(args: argparse.Namespace, history: dict) -> str:
 def score_checkpoint(args: argparse.Namespace, device: torch.device, weights: dict,
                      recipe: dict) -> int:
     """Score saved weights on --limit-test images (default: the whole test set)."""
-    model = utils.build_model(recipe, device)
+    model = utils.prepare_model(Net(**utils.net_options(recipe)), recipe, device)
     model.load_state_dict(weights)
     _, test_loader = utils.make_loaders(recipe, args.data_dir, device)
-    loss, acc = utils.evaluate(model, test_loader, device)
+    loss, acc = utils.test(model, device, test_loader, progress=False)
     print(f"{args.evaluate}: test loss {loss:.4f}, accuracy {acc:.2f}% "
           f"on {len(test_loader.dataset):,} images")
     return 0

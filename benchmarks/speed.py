@@ -65,7 +65,7 @@ def throughput(run: utils.Run, steps: int, warmup: int) -> float:
 
 def one_epoch(run: utils.Run) -> float:
     run.recipe["epochs"] = len(run.history["epoch"]) + 1
-    run.fit(progress=False, log=False)
+    utils.fit(run, progress=False, log=False)
     return run.history["seconds"][-1]
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for loader, compiled in variants:
         label = loader + (" + compile" if compiled else "")
         recipe = {"loader": loader, "batch_size": args.batch_size, "compile": compiled}
-        run = utils.Run(recipe, device, args.data_dir)
+        run = utils.build_run(recipe, device, args.data_dir)
         rate = throughput(run, args.steps, args.warmup)
         epoch = one_epoch(run) if args.epoch else None
         rows[label] = (rate, epoch)

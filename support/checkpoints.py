@@ -5,17 +5,18 @@ A checkpoint is one dict, written by torch.save:
     model      the Net's state_dict (the plain module's, whether or not it trained compiled)
     optimizer  the SGD's state_dict
     scheduler  the StepLR's state_dict
-    history    utils.new_history()'s columns, one value per finished epoch
-    recipe     the run's recipe (the keys of utils.RECIPE)
+    history    support.bookkeeping.new_history()'s columns, one value per finished epoch
+    recipe     the run's recipe (the keys of support.recipe.RECIPE)
     rng        generator states: "torch" (the CPU's), "loader" (the train loader's, on its
                device), and "cuda" or "mps" when the run trained there (dropout masks)
 
 `save_run` writes it to a temporary file and renames it over the old one, so a crash never
 leaves half a checkpoint. `load_checkpoint` reads it with weights_only=True (no code in the
 file can run), then checks every part by loading it into freshly built objects of the saved
-recipe (its Net, an SGD and a StepLR built as utils builds them): a value of the wrong kind, or
-one that cannot have come from that recipe, is refused with a CheckpointError that says what
-does not fit. A key the running torch does not write is not applied; a key it needs is required.
+recipe (its Net, and an SGD and a StepLR as support.recipe builds them): a value of the wrong
+kind, or one that cannot have come from that recipe, is refused with a CheckpointError that
+says what does not fit. A key the running torch does not write is not applied; a key it needs
+is required.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-import utils
-from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, Net
+from model import Net
 from support import locks, outputs
-from support.augment import AUGMENTATIONS
+from support.bookkeeping import new_history
 from support.mnist_files import strip_colour
+from support.recipe import check_recipe, make_optimizer, net_options
 
 FORMAT = ("model", "optimizer", "scheduler", "history", "recipe", "rng")
 
@@ -47,7 +48,7 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # What a checkpoint holds: a run's state, and a run restored from one.
 # ---------------------------------------------------------------------------------------------
-def run_state(run: utils.Run) -> dict[str, Any]:
+def run_state(run: Any) -> dict[str, Any]:
     """Everything a resume needs. The random states: the CPU's, the loader's (on the loader's
     device), and the training device's own generator, which draws the dropout masks on CUDA
     and MPS."""
@@ -61,11 +62,11 @@ def run_state(run: utils.Run) -> dict[str, Any]:
             "recipe": run.recipe, "rng": rng}
 
 
-def save_run(run: utils.Run, path: str | os.PathLike) -> None:
+def save_run(run: Any, path: str | os.PathLike) -> None:
     save_checkpoint(run_state(run), path)
 
 
-def restore_run(run: utils.Run, checkpoint: dict[str, Any]) -> None:
+def restore_run(run: Any, checkpoint: dict[str, Any]) -> None:
     """Continue `run` from a checkpoint that load_checkpoint returned."""
     run.model.load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -74,7 +75,7 @@ def restore_run(run: utils.Run, checkpoint: dict[str, Any]) -> None:
     _restore_rng(run, checkpoint["rng"])
 
 
-def _restore_rng(run: utils.Run, rng: dict[str, torch.Tensor]) -> None:
+def _restore_rng(run: Any, rng: dict[str, torch.Tensor]) -> None:
     """Random states that fit this device are restored; the others cannot carry over (a
     generator's state has another size on each device: CPU 5,056 bytes, CUDA 16, MPS 44),
     so they are named in one warning and the run goes on from fresh draws."""
@@ -103,32 +104,30 @@ def saved_device(rng: dict[str, Any]) -> str:
     return next((kind for kind in ("cuda", "mps") if kind in rng), "cpu")
 
 
-def resume_or_start(recipe: dict[str, Any], device: torch.device, path: str | os.PathLike,
-                    data_dir: str | os.PathLike = "data", retrain: bool = False) -> utils.Run:
-    """The notebook's run, and one line saying which: the run saved in `path` if it is of this
-    recipe (an unfinished one resumes, a finished one is loaded, not trained again), else a new
-    one. Another recipe's run, or a file that is not a checkpoint, is refused (it says what
+def resume(run: Any, path: str | os.PathLike, retrain: bool = False) -> None:
+    """The notebook's resume, and one line saying what it did: `run` (freshly built, see
+    utils.build_run) is restored from `path` if that holds a run of its recipe (an unfinished
+    one resumes, a finished one is loaded, not trained again), else left to start anew.
+    Another recipe's run, or a file that is not a checkpoint, is refused (it says what
     differs and what to do) unless `retrain`, which also trains a finished run again."""
-    recipe = utils.full_recipe(recipe)
     for leftover in remove_partial_saves(path):
         print(f"removed {leftover}, left by a save that was cut short")
+    epochs = run.recipe["epochs"]
     if not os.path.lexists(path):
-        print(f"a new run: {epochs_text(recipe['epochs'])}, each saved in {path}")
-        return utils.Run(recipe, device, data_dir)
-    checkpoint, replaced = _notebook_checkpoint(path, recipe, retrain)
+        print(f"a new run: {epochs_text(epochs)}, each saved in {path}")
+        return
+    checkpoint, replaced = _notebook_checkpoint(path, run.recipe, retrain)
     if checkpoint is None:
-        print(f"a new run (RETRAIN = True): {epochs_text(recipe['epochs'])}, each saved in {path} "
+        print(f"a new run (RETRAIN = True): {epochs_text(epochs)}, each saved in {path} "
               f"in place of {replaced}")
-        return utils.Run(recipe, device, data_dir)
-    run = utils.Run(recipe, device, data_dir)
+        return
     restore_run(run, checkpoint)
     done = len(run.history["epoch"])
-    if done < recipe["epochs"]:
-        print(f"resuming {path} after epoch {done} of {recipe['epochs']}")
+    if done < epochs:
+        print(f"resuming {path} after epoch {done} of {epochs}")
     else:
         print(f"loaded the finished run in {path} ({epochs_text(done)}): it is not trained again "
               f"(set RETRAIN = True to train it from scratch)")
-    return run
 
 
 def epochs_text(n: int) -> str:
@@ -160,29 +159,6 @@ def _notebook_checkpoint(path: str | os.PathLike, recipe: dict[str, Any], retrai
                      f"{'; '.join(differs)}. Set RETRAIN = True to train the notebook's recipe "
                      f"from scratch in its place, point CHECKPOINT at another file to keep it, "
                      f"or set the recipe back to the saved values")
-
-
-def fit_and_save(run: utils.Run, path: str | os.PathLike) -> dict[str, list[float]]:
-    """Train the run's remaining epochs with a checkpoint after each, and bars on stdout (they
-    clear themselves, so a saved notebook keeps one line per epoch). Interrupted, it says which
-    epoch is saved, then lets the interrupt through, so that "Run all" stops there."""
-    saved = len(run.history["epoch"])  # a resumed run's file already holds these
-
-    def save(history: dict[str, list[float]]) -> None:
-        nonlocal saved
-        save_run(run, path)
-        saved = len(history["epoch"])
-
-    try:
-        return run.fit(on_epoch_end=save, progress=sys.stdout)
-    except KeyboardInterrupt:
-        if saved:
-            print(f"interrupted: epoch {saved} of {run.recipe['epochs']} is saved in {path}; "
-                  f"run this cell again to go on from there")
-        else:
-            print("interrupted before the first epoch was saved: running this cell again "
-                  "starts the run over")
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,63 +272,12 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _positive_int(v: Any) -> bool:
-    return _is_int(v) and v > 0
-
-
-def _optional_positive_int(v: Any) -> bool:
-    return v is None or _positive_int(v)
-
-
 def _positive_real(v: Any) -> bool:
     return _is_real(v) and v > 0
 
 
-def _non_negative_real(v: Any) -> bool:
-    return _is_real(v) and v >= 0
-
-
 def _real_list(v: Any) -> bool:
     return isinstance(v, list) and all(_is_real(x) for x in v)
-
-
-RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "epochs": (_positive_int, "a positive integer"),
-    "batch_size": (_positive_int, "a positive integer"),
-    "test_batch_size": (_positive_int, "a positive integer"),
-    "lr": (_positive_real, "a finite number > 0"),
-    "momentum": (_non_negative_real, "a finite number >= 0"),
-    "step_size": (_positive_int, "a positive integer"),
-    "gamma": (_positive_real, "a finite number > 0"),
-    "seed": (lambda v: _is_int(v) and -(2**63) <= v < 2**64, "an integer torch can seed with"),
-    "loader": (lambda v: v in ("fast", "torchvision"), "'fast' or 'torchvision'"),
-    "dropout_plan": (lambda v: isinstance(v, str) and v in DROPOUT_PLANS,
-                     f"one of {', '.join(DROPOUT_PLANS)}"),
-    "batch_norm": (lambda v: isinstance(v, bool), "true or false"),
-    "transitions": (lambda v: isinstance(v, str) and v in TRANSITIONS,
-                    f"one of {', '.join(TRANSITIONS)}"),
-    "head": (lambda v: isinstance(v, str) and v in HEADS, f"one of {', '.join(HEADS)}"),
-    "width": (lambda v: _positive_real(v) and v <= MAX_WIDTH,
-              f"a number > 0 and <= {MAX_WIDTH:g}"),
-    "augmentation": (lambda v: isinstance(v, str) and v in AUGMENTATIONS,
-                     f"one of {', '.join(AUGMENTATIONS)}"),
-    "compile": (lambda v: isinstance(v, bool), "true or false"),
-    "deterministic": (lambda v: isinstance(v, bool), "true or false"),
-    "limit_train": (_optional_positive_int, "None or a positive integer"),
-    "limit_test": (_optional_positive_int, "None or a positive integer"),
-}
-
-
-def check_recipe(recipe: Any) -> dict[str, Any]:
-    """RECIPE completed with `recipe` (an older checkpoint may lack newer keys), every value
-    of the type a Run needs; ValueError names the first that is not."""
-    if not isinstance(recipe, dict):
-        raise ValueError("recipe is not a dict")
-    full = utils.full_recipe(recipe)
-    for key, (ok, what) in RECIPE_RULES.items():
-        if not ok(full[key]):
-            raise ValueError(f"recipe {key}={full[key]!r} is not {what}")
-    return full
 
 
 def _check_tensors_finite(tensors: dict[str, Any], what: str) -> None:
@@ -368,7 +293,7 @@ def _check_model(state: Any, recipe: dict[str, Any]) -> Net:
     BatchNorm's running variance is >= 0 (a negative one makes evaluation NaN)."""
     if not isinstance(state, dict):
         raise ValueError("model is not a state dict")
-    net = Net(**utils.net_options(recipe))
+    net = Net(**net_options(recipe))
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError, KeyError) as err:
@@ -388,7 +313,7 @@ def _check_optimizer(state: Any, net: Net, recipe: dict[str, Any]) -> dict[str, 
     """An SGD state of this model's parameters whose hyperparameters are those make_optimizer
     builds from the recipe (the learning rate aside: StepLR and --lr change it); each momentum
     buffer a finite tensor of its parameter's shape. Returns the state as loaded."""
-    fresh, _ = utils.make_optimizer(net, recipe)
+    fresh, _ = make_optimizer(net, recipe)
     expected = fresh.state_dict()["param_groups"]
     if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
         raise ValueError("optimizer is not an optimizer's state dict")
@@ -435,7 +360,7 @@ def _check_scheduler(state: Any, net: Net, recipe: dict[str, Any], epochs: int
     """A StepLR state of the recipe's schedule, stepped once per finished epoch: the keys a
     fresh StepLR writes, each of the kind it writes (a key this torch does not write is left
     out). Returns the state to load."""
-    expected = utils.make_optimizer(net, recipe)[1].state_dict()
+    expected = make_optimizer(net, recipe)[1].state_dict()
     if not isinstance(state, dict):
         raise ValueError("scheduler is not a dict")
     missing = [key for key in SCHEDULE_KEYS if key not in state]
@@ -472,7 +397,7 @@ def _same_kind(value: Any, reference: Any) -> bool:
 def _check_history(history: Any) -> int:
     """new_history's keys, each a list of finite numbers, all as long as `epoch` = 1..n.
     Returns n, the epochs finished."""
-    keys = set(utils.new_history())
+    keys = set(new_history())
     if not isinstance(history, dict) or set(history) != keys:
         raise ValueError(f"history needs exactly the keys {', '.join(sorted(keys))}")
     for key, values in history.items():

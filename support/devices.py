@@ -1,6 +1,6 @@
 """How a run uses its device: the fast path's settings, the allocator, determinism, compile.
 
-The learner's code (utils.Run) asks `prepare` once per run; everything that differs between
+The learner's code asks `prepare_model` once per run; everything that differs between
 the CPU, CUDA and MPS, or between the two loaders, is decided here (README, "Speed" and
 "Running on a GPU").
 """
@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from support.fused_dropout import fuse_relu_dropout
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,17 @@ def prepare(recipe: dict[str, Any], device: torch.device) -> FastPath:
         keep_freed_memory()  # process-wide, and harmless to set twice
     use_deterministic(recipe["deterministic"])
     return settings
+
+
+def prepare_model(model: nn.Module, recipe: dict[str, Any], device: torch.device) -> nn.Module:
+    """A built model on the device, in the form the recipe's loader trains it; applied from
+    outside, as torch.compile is. The fast path fuses each ReLU + Dropout into one
+    ReLUDropout (same function, same state_dict keys) and, on the CPU, lays it out
+    channels-last. Also applies the run's process-wide settings (see `prepare`)."""
+    settings = prepare(recipe, device)
+    if settings.fused_dropout:
+        fuse_relu_dropout(model)
+    return model.to(device, memory_format=settings.memory_format)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -11,12 +11,13 @@ import json
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
 
-import utils
 from model import count_parameters
 from support import outputs
+from support.recipe import net_options
 
 KEYS = ("recipe", "history", "final_test_acc")  # what every metrics file has
 MAX_BYTES = 10 * 2**20  # far above any run's history; a larger file is not one
@@ -38,7 +39,7 @@ def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict,
               commit: str | None) -> dict:
     import torchvision
 
-    return {"model": {"channels": list(model.channels), **utils.net_options(recipe)},
+    return {"model": {"channels": list(model.channels), **net_options(recipe)},
             # the fast loader's pixels are the original's (PIL's arithmetic); older runs
             # of this project resampled bilinearly
             "augmentation_pixels": "pil-exact",
@@ -50,7 +51,7 @@ def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict,
             "torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
-def write_metrics(path: str, run: utils.Run, device: torch.device, commit: str | None) -> None:
+def write_metrics(path: str, run: Any, device: torch.device, commit: str | None) -> None:
     """The run's recipe, facts and history, written atomically (outputs.atomic_write);
     `commit` is git_commit() as the run started."""
     out = {"recipe": run.recipe, **run_facts(device, run.model, run.recipe, commit),

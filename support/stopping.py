@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import utils
 from support import checkpoints, failures, mnist_files
+from support.bookkeeping import NonFiniteLoss
+from support.recipe import RECIPE
 
 PROG = "train.py"
 
@@ -190,7 +191,7 @@ def _out_of_memory(err: Exception, status: Status) -> str:
     name = flag(key)
     # fit tests each epoch after training it, under the same "training epoch N"
     doing = status.doing.replace("training", "testing", 1) if testing else status.doing
-    what = f"out of memory while {doing} with {name} {status.recipe.get(key, utils.RECIPE[key]):,}"
+    what = f"out of memory while {doing} with {name} {status.recipe.get(key, RECIPE[key]):,}"
     found = status.saved()
     if found is None:
         return f"{what}: run again with a smaller {name}; {status.nothing()}"
@@ -209,7 +210,7 @@ def stop_quietly(status: Status) -> int:
     return 128 + getattr(signal, "SIGPIPE", 13)
 
 
-def report_divergence(err: utils.NonFiniteLoss, lr: float, status: Status) -> str:
+def report_divergence(err: NonFiniteLoss, lr: float, status: Status) -> str:
     """The line for a loss that became NaN: a checkpoint is named only after load_checkpoint
     found it whole and finite."""
     found = status.saved()

@@ -26,6 +26,7 @@ from benchmarks import ablation  # noqa: E402
 from model import Net  # noqa: E402
 from support import (
     augment,  # noqa: E402
+    fast_loader,
     mnist_files,  # noqa: E402
 )
 
@@ -79,13 +80,17 @@ def test_every_model_variant_stays_under_20k_parameters(options):
     assert model.count_parameters(Net(**options)) < 20_000
 
 
+def built(recipe: dict) -> torch.nn.Module:
+    """The recipe's model as the notebook builds it: Net, then the recipe's fast path."""
+    return utils.prepare_model(Net(**utils.net_options(recipe)), recipe, torch.device("cpu"))
+
+
 def test_build_model_follows_the_recipe():
-    cpu = torch.device("cpu")
     recipe = {**utils.RECIPE, "batch_norm": False, "transitions": "bare"}
-    net = utils.build_model(recipe, cpu)
+    net = built(recipe)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     assert len(net.features.trans1) == 1
-    default = utils.build_model(utils.RECIPE, cpu)
+    default = built(utils.RECIPE)
     assert any(isinstance(m, nn.BatchNorm2d) for m in default.modules())
 
 
@@ -93,8 +98,8 @@ def test_build_model_follows_the_recipe():
 # The augmentation option, in both loaders.
 # ---------------------------------------------------------------------------------------------
 def first_batch(mnist_dir, augmentation: str, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    loader = utils.device_loader(mnist_dir, train=True, batch_size=64, device="cpu", seed=seed,
-                                 limit=256, augmentation=augmentation)
+    loader = fast_loader.device_loader(mnist_dir, train=True, batch_size=64, device="cpu",
+                                       seed=seed, limit=256, augmentation=augmentation)
     return next(iter(loader))
 
 
@@ -108,7 +113,7 @@ def expected_first_batch(mnist_dir, crop_on: bool, rotate_on: bool,
     angles, crop = augment.sample_augment_params(64, gen)
     assert crop.any() and not crop.all()  # the batch holds both kinds, so the test can fail
     x = augment.augment_batch(images[:256].unsqueeze(1)[idx], angles * rotate_on, crop & crop_on)
-    return utils.normalize(x.float() / 255)
+    return fast_loader.normalize(x.float() / 255)
 
 
 @pytest.mark.parametrize("augmentation", list(augment.AUGMENTATIONS))
@@ -146,8 +151,8 @@ def test_an_unknown_augmentation_is_refused():
     with pytest.raises(ValueError, match="unknown augmentation 'flip'"):
         utils.train_transforms("flip")
     with pytest.raises(ValueError, match="unknown augmentation 'flip'"):
-        utils.DeviceLoader(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4), 2, "cpu",
-                           train=True, augmentation="flip")
+        fast_loader.DeviceLoader(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4), 2,
+                                 "cpu", train=True, augmentation="flip")
 
 
 # ---------------------------------------------------------------------------------------------

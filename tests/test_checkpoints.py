@@ -11,7 +11,7 @@ import torch
 
 import model
 import utils
-from support import checkpoints
+from support import bookkeeping, checkpoints, recipe
 
 CPU = torch.device("cpu")
 # A few batches of real MNIST: never a full epoch.
@@ -25,9 +25,9 @@ def tiny_recipe(loader: str, epochs: int) -> dict:
 def valid_state() -> dict:
     torch.manual_seed(0)
     net = model.Net()
-    opt, sched = utils.make_optimizer(net, utils.RECIPE)
+    opt, sched = recipe.make_optimizer(net, utils.RECIPE)
     return {"model": net.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "history": utils.new_history(),
+            "scheduler": sched.state_dict(), "history": bookkeeping.new_history(),
             "recipe": dict(utils.RECIPE),
             "rng": {"torch": torch.get_rng_state(), "loader": torch.Generator().get_state()}}
 
@@ -62,7 +62,7 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, exc):
         raise exc
 
     monkeypatch.setattr(checkpoints.torch, "save", broken_save)
-    new_state = {**state, "history": {**utils.new_history(), "epoch": [1]}}
+    new_state = {**state, "history": {**bookkeeping.new_history(), "epoch": [1]}}
     with pytest.raises(type(exc)):
         checkpoints.save_checkpoint(new_state, path)
     monkeypatch.undo()
@@ -183,12 +183,12 @@ def without_seconds(history: dict) -> dict:
 
 @pytest.mark.parametrize("loader", ["fast", "torchvision"])
 def test_resumed_run_equals_an_unbroken_run(tmp_path, mnist_dir, loader):
-    straight = utils.Run(tiny_recipe(loader, 2), CPU, mnist_dir)
-    straight.fit(progress=False, log=False)
+    straight = utils.build_run(tiny_recipe(loader, 2), CPU, mnist_dir)
+    utils.fit(straight, progress=False, log=False)
     assert straight.history["epoch"] == [1, 2]
 
-    first = utils.Run(tiny_recipe(loader, 1), CPU, mnist_dir)
-    first.fit(progress=False, log=False)
+    first = utils.build_run(tiny_recipe(loader, 1), CPU, mnist_dir)
+    utils.fit(first, progress=False, log=False)
     path = tmp_path / "epoch1.pt"
     checkpoints.save_run(first, path)
     del first
@@ -197,10 +197,10 @@ def test_resumed_run_equals_an_unbroken_run(tmp_path, mnist_dir, loader):
     torch.manual_seed(12345)
     torch.rand(1000)
 
-    resumed = utils.Run(tiny_recipe(loader, 1), CPU, mnist_dir)
+    resumed = utils.build_run(tiny_recipe(loader, 1), CPU, mnist_dir)
     checkpoints.restore_run(resumed, checkpoints.load_checkpoint(path))
     resumed.recipe["epochs"] = 2
-    resumed.fit(progress=False, log=False)
+    utils.fit(resumed, progress=False, log=False)
 
     assert without_seconds(resumed.history) == without_seconds(straight.history)
     a, b = straight.model.state_dict(), resumed.model.state_dict()
@@ -216,8 +216,8 @@ def test_resumed_run_equals_an_unbroken_run(tmp_path, mnist_dir, loader):
 
 def test_checkpoint_carries_the_run(tmp_path, mnist_dir):
     recipe = {**tiny_recipe("fast", 1), "limit_train": 64}
-    run = utils.Run(recipe, CPU, mnist_dir)
-    run.fit(progress=False, log=False)
+    run = utils.build_run(recipe, CPU, mnist_dir)
+    utils.fit(run, progress=False, log=False)
     path = tmp_path / "run.pt"
     checkpoints.save_run(run, path)
     loaded = checkpoints.load_checkpoint(path)
@@ -226,15 +226,15 @@ def test_checkpoint_carries_the_run(tmp_path, mnist_dir):
     # The saved weights score exactly what the run scored.
     net = model.Net()
     net.load_state_dict(loaded["model"])
-    loss, acc = utils.evaluate(net, run.test_loader, CPU)
+    loss, acc = utils.test(net, CPU, run.test_loader, progress=False)
     assert loss == pytest.approx(run.history["test_loss"][-1], rel=1e-5)
     assert acc == run.history["test_acc"][-1]
 
 
 def test_run_fit_can_be_silent(mnist_dir, capsys):
     recipe = {**tiny_recipe("fast", 1), "limit_train": 64, "limit_test": 64}
-    run = utils.Run(recipe, CPU, mnist_dir)
-    run.fit(progress=False, log=False)
+    run = utils.build_run(recipe, CPU, mnist_dir)
+    utils.fit(run, progress=False, log=False)
     assert run.history["epoch"] == [1]
     captured = capsys.readouterr()
     assert "epoch" not in captured.out + captured.err
@@ -252,16 +252,16 @@ def saved(tmp_path: Path, state: dict, name: str = "edited.pt") -> Path:
 def test_a_scheduler_key_this_torch_does_not_write_is_left_out_and_the_run_resumes(
         tmp_path, mnist_dir):
     """Another torch release may write one key more into StepLR's state: not applied."""
-    first = utils.Run(tiny_recipe("fast", 1), CPU, mnist_dir)
-    first.fit(progress=False, log=False)
+    first = utils.build_run(tiny_recipe("fast", 1), CPU, mnist_dir)
+    utils.fit(first, progress=False, log=False)
     state = checkpoints.run_state(first)
     state["scheduler"]["_a_key_of_a_later_release"] = True
     loaded = checkpoints.load_checkpoint(saved(tmp_path, state))
     assert "_a_key_of_a_later_release" not in loaded["scheduler"]
-    resumed = utils.Run(tiny_recipe("fast", 2), CPU, mnist_dir)
+    resumed = utils.build_run(tiny_recipe("fast", 2), CPU, mnist_dir)
     checkpoints.restore_run(resumed, loaded)
     assert not hasattr(resumed.scheduler, "_a_key_of_a_later_release")
-    resumed.fit(progress=False, log=False)
+    utils.fit(resumed, progress=False, log=False)
     assert resumed.history["epoch"] == [1, 2]
     assert resumed.scheduler.last_epoch == 2
 

@@ -96,8 +96,8 @@ def data_copy(mnist_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint_bytes(data_copy, tmp_path_factory) -> bytes:
-    run = utils.Run(SAFE_RECIPE, torch.device("cpu"), data_copy)
-    run.fit(progress=False, log=False)
+    run = utils.build_run(SAFE_RECIPE, torch.device("cpu"), data_copy)
+    utils.fit(run, progress=False, log=False)
     path = tmp_path_factory.mktemp("ck") / "run.pt"
     checkpoints.save_run(run, path)
     return path.read_bytes()

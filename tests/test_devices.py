@@ -19,7 +19,7 @@ TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_siz
 
 
 def tiny_run(mnist_dir, epochs: int = 1, loader: str = "fast") -> utils.Run:
-    return utils.Run({**TINY, "loader": loader, "epochs": epochs}, CPU, mnist_dir)
+    return utils.build_run({**TINY, "loader": loader, "epochs": epochs}, CPU, mnist_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,7 +33,7 @@ FOREIGN = {"cuda": 16, "mps": 44}
 def test_checkpoint_from_another_device_resumes_with_a_warning(tmp_path, mnist_dir, capsys,
                                                                saved_on):
     run = tiny_run(mnist_dir)
-    run.fit(progress=False, log=False)
+    utils.fit(run, progress=False, log=False)
     state = checkpoints.run_state(run)
     size = FOREIGN[saved_on]
     state["rng"]["loader"] = torch.arange(size, dtype=torch.uint8)  # the fast loader's, there
@@ -49,14 +49,14 @@ def test_checkpoint_from_another_device_resumes_with_a_warning(tmp_path, mnist_d
     assert f"saved on {saved_on} and resumes on cpu" in warnings[0]
     assert "shuffling and augmentation" in warnings[0] and "dropout masks" in warnings[0]
     resumed.recipe["epochs"] = 2
-    resumed.fit(progress=False, log=False)  # and the run goes on
+    utils.fit(resumed, progress=False, log=False)  # and the run goes on
     assert resumed.history["epoch"] == [1, 2]
 
 
 def test_checkpoint_from_the_same_device_resumes_without_a_warning(tmp_path, mnist_dir,
                                                                    capsys):
     run = tiny_run(mnist_dir)
-    run.fit(progress=False, log=False)
+    utils.fit(run, progress=False, log=False)
     checkpoints.save_run(run, tmp_path / "cpu.pt")
     checkpoints.restore_run(tiny_run(mnist_dir), checkpoints.load_checkpoint(tmp_path / "cpu.pt"))
     assert "warning" not in capsys.readouterr().err
@@ -129,7 +129,7 @@ def syncs_of_an_epoch(monkeypatch, n_batches: int) -> Counter:
     loader = batches(n_batches)
     with monkeypatch.context() as patch:
         counter = count_syncs(patch)
-        utils.train_epoch(model, loader, optimizer, CPU, progress=False, refresh_every=25)
+        utils.train(model, CPU, loader, optimizer, 1, progress=False)  # reads every 25
     return counter
 
 
@@ -166,11 +166,11 @@ def test_channels_last_and_the_allocator_setting_only_on_the_cpu(kind, channels_
 
 def test_deterministic_recipe_sets_pytorchs_switches(mnist_dir):
     try:
-        utils.Run({**TINY, "deterministic": True}, CPU, mnist_dir)
+        utils.build_run({**TINY, "deterministic": True}, CPU, mnist_dir)
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic
         assert not torch.backends.cudnn.allow_tf32
-        utils.Run(TINY, CPU, mnist_dir)
+        utils.build_run(TINY, CPU, mnist_dir)
         assert not torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.allow_tf32
     finally:
@@ -182,11 +182,11 @@ def test_a_run_without_determinism_leaves_the_users_switches_alone(mnist_dir):
     saved = cudnn.benchmark, cudnn.allow_tf32
     try:
         cudnn.benchmark, cudnn.allow_tf32 = True, False  # a notebook user's own choice
-        utils.Run(TINY, CPU, mnist_dir)
+        utils.build_run(TINY, CPU, mnist_dir)
         assert (cudnn.benchmark, cudnn.allow_tf32) == (True, False)
-        utils.Run({**TINY, "deterministic": True}, CPU, mnist_dir)
+        utils.build_run({**TINY, "deterministic": True}, CPU, mnist_dir)
         assert (cudnn.benchmark, cudnn.allow_tf32) == (False, False)
-        utils.Run(TINY, CPU, mnist_dir)  # undoes the deterministic run, back to the user's
+        utils.build_run(TINY, CPU, mnist_dir)  # undoes the deterministic run, back to the user's
         assert (cudnn.benchmark, cudnn.allow_tf32) == (True, False)
         assert not torch.are_deterministic_algorithms_enabled()
     finally:

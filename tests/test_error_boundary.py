@@ -19,7 +19,7 @@ from test_robustness import finish, spawn, wait_for
 import train as cli
 import utils
 from model import Net
-from support import checkpoints, failures, stopping
+from support import checkpoints, failures, stopping, workers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -294,10 +294,10 @@ def test_a_signal_ignored_at_the_start_stays_ignored():
 def test_workers_leave_ctrl_c_to_the_main_process(tmp_path, mnist_dir):
     train, test = utils.torchvision_loaders(mnist_dir, 64, 64, seed=1, limit_train=64,
                                             limit_test=64, num_workers=1)
-    assert train.worker_init_fn is utils.leave_ctrl_c is test.worker_init_fn
+    assert train.worker_init_fn is workers.leave_ctrl_c is test.worker_init_fn
     before = signal.getsignal(signal.SIGINT)
     try:
-        utils.leave_ctrl_c(0)
+        workers.leave_ctrl_c(0)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
@@ -320,10 +320,10 @@ def handler(signum, frame):  # train.py's raises; a forked worker would inherit 
 
 def slow_start(worker_id):
     time.sleep(1.0)  # the moment between a worker's start and its worker_init_fn, made long
-    utils.leave_ctrl_c(worker_id)
+    workers.leave_ctrl_c(worker_id)
 
 
-class CtrlCWhileMade(utils.CtrlCSafeDataLoader):
+class CtrlCWhileMade(workers.CtrlCSafeDataLoader):
     def _get_iterator(self):
         batches = super()._get_iterator()
         os.kill(parent, signal.SIGINT)  # a Ctrl-C while the iterator is being made
@@ -336,7 +336,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, handler)
     data = TensorDataset(torch.arange(8.0))
     if sys.argv[1] == "worker":
-        loader = utils.CtrlCSafeDataLoader(data, batch_size=4, num_workers=1,
+        loader = workers.CtrlCSafeDataLoader(data, batch_size=4, num_workers=1,
                                            worker_init_fn=slow_start,
                                            multiprocessing_context="fork")
         batches = iter(loader)  # the worker is started, and sleeps
@@ -363,8 +363,8 @@ def ctrl_c_as_workers_start(tmp_path: Path, case: str) -> list[str]:
 def test_a_ctrl_c_before_a_worker_has_run_leave_ctrl_c_waits_for_it(tmp_path, mnist_dir):
     train, test = utils.torchvision_loaders(mnist_dir, 64, 64, seed=1, limit_train=64,
                                             limit_test=64, num_workers=1)
-    assert isinstance(train, utils.CtrlCSafeDataLoader)
-    assert isinstance(test, utils.CtrlCSafeDataLoader)
+    assert isinstance(train, workers.CtrlCSafeDataLoader)
+    assert isinstance(test, workers.CtrlCSafeDataLoader)
     # Unheld, the worker's KeyboardInterrupt ends it in its sleep, and the loader raises
     # "DataLoader worker exited unexpectedly"; held, both batches arrive, and the main process
     # takes the Ctrl-C.
@@ -394,9 +394,9 @@ def test_ctrl_c_during_a_torchvision_evaluation(tmp_path, mnist_dir):
     if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
         pytest.skip("no /proc/PID/task/PID/children here")
     path = tmp_path / "tv.pt"
-    run = utils.Run({**utils.RECIPE, "loader": "torchvision", "epochs": 1, "limit_train": 64,
+    run = utils.build_run({**utils.RECIPE, "loader": "torchvision", "epochs": 1, "limit_train": 64,
                      "limit_test": 64, "batch_size": 64}, torch.device("cpu"), mnist_dir)
-    run.fit(progress=False, log=False)
+    utils.fit(run, progress=False, log=False)
     checkpoints.save_run(run, path)
     # A terminal's Ctrl-C goes to the whole process group: the workers get it too.
     proc = subprocess.Popen(

@@ -15,7 +15,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 import utils
-from support import augment, mnist_files
+from support import augment, fast_loader, mnist_files, recipe
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_augmented_pixel_statistics_agree_with_the_original_pipeline(mnist_dir, 
     n = len(real_images)
     torch.manual_seed(0)
     ds = MNIST(str(mnist_dir), train=True, transform=utils.train_transforms())
-    reference = torch.stack([ds[i][0] for i in range(n)]) * utils.STD + utils.MEAN
+    reference = torch.stack([ds[i][0] for i in range(n)]) * recipe.STD + recipe.MEAN
     angles, crop = augment.sample_augment_params(n, torch.Generator().manual_seed(1))
     fast = augment.augment_batch(real_images.unsqueeze(1), angles, crop).float() / 255
     ref, got = pixel_statistics(reference), pixel_statistics(fast)
@@ -110,7 +110,7 @@ def test_augmented_pixel_statistics_agree_with_the_original_pipeline(mnist_dir, 
 
 def test_fast_loader_yields_the_originals_normalised_values(digits):
     """uint8 -> /255 -> normalise, as ToTensor then Normalize: the same floats."""
-    loader = utils.DeviceLoader(digits[:, 0], torch.zeros(len(digits), dtype=torch.long),
+    loader = fast_loader.DeviceLoader(digits[:, 0], torch.zeros(len(digits), dtype=torch.long),
                                 batch_size=len(digits), device="cpu", train=False)
     x, _ = next(iter(loader))
     expected = torch.stack([utils.test_transforms()(TF.to_pil_image(d[0])) for d in digits])
@@ -145,7 +145,7 @@ def index_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def centre_indices(x: torch.Tensor) -> torch.Tensor:
-    centre = x[:, 0, 14, 14] * utils.STD + utils.MEAN
+    centre = x[:, 0, 14, 14] * recipe.STD + recipe.MEAN
     return torch.round(centre * 255).long()
 
 
@@ -161,7 +161,8 @@ def check_one_epoch(loader, n: int) -> None:
 
 def test_device_loader_yields_every_image_once_with_its_label():
     images, labels = index_images(200)
-    loader = utils.DeviceLoader(images, labels, batch_size=32, device="cpu", train=True, seed=3)
+    loader = fast_loader.DeviceLoader(images, labels, batch_size=32, device="cpu", train=True,
+                                      seed=3)
     assert len(loader) == math.ceil(200 / 32)
     for _ in range(2):  # and again, in a new order, the next epoch
         check_one_epoch(loader, 200)
@@ -184,8 +185,8 @@ def test_fast_runs_with_the_same_seed_are_identical(mnist_dir):
     recipe = dict(epochs=1, limit_train=512, limit_test=256, batch_size=64)
     runs = []
     for _ in range(2):  # each Run seeds the global generator when built: build, then train
-        runs.append(utils.Run(recipe, torch.device("cpu"), mnist_dir))
-        runs[-1].fit(progress=False, log=False)
+        runs.append(utils.build_run(recipe, torch.device("cpu"), mnist_dir))
+        utils.fit(runs[-1], progress=False, log=False)
     a, b = (dict(r.history) for r in runs)
     a.pop("seconds"), b.pop("seconds")
     assert a == b

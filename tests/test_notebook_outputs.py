@@ -85,13 +85,13 @@ def test_committed_notebook_is_executed_light_and_shows_every_result():
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
 
-    training = cell_running(nb, "fit_and_save(")
+    training = cell_running(nb, "for epoch in")
     text = "".join(o.get("text", "") for o in training.outputs)
     epochs = re.findall(r"epoch +(\d+): train loss", text)
     assert epochs == [str(e) for e in range(1, 21)]  # a full run, not a smoke one
     assert len(training.outputs) <= 2 * len(epochs) + 1  # a bar and a line per epoch
 
-    ablation = cell_running(nb, "load_results(")
+    ablation = cell_running(nb, "read_ablation(")
     shown = "".join(o.get("data", {}).get("text/markdown", "") for o in ablation.outputs)
     assert "| recipe |" in shown and "| no-batchnorm |" in shown
     assert any("image/png" in o.get("data", {}) for o in ablation.outputs)
@@ -100,7 +100,7 @@ def test_committed_notebook_is_executed_light_and_shows_every_result():
 def test_committed_training_log_is_one_line_per_epoch_with_no_stderr_block():
     """A whole new run, as the README's command saves it: the bars cleared themselves, so one
     stdout block holds the start line, one line per epoch and the final accuracy."""
-    training = cell_running(nbformat.read(NOTEBOOK, as_version=4), "fit_and_save(")
+    training = cell_running(nbformat.read(NOTEBOOK, as_version=4), "for epoch in")
     assert [(o.output_type, o.get("name")) for o in training.outputs] == [("stream", "stdout")]
     lines = training.outputs[0].text.splitlines()
     assert lines[0] == "a new run: 20 epochs, each saved in checkpoints/notebook.pt"

@@ -124,9 +124,9 @@ async def interrupted_then_resumed(tmp: Path) -> dict[str, object]:
     seen: dict[str, object] = {}
     async with client.async_setup_kernel():
         book = Notebook(client, notebook)
-        training = book.cell("fit_and_save(")
+        training = book.cell("for epoch in")
         after = [book.cell("plot_history("), book.cell("save_analysis("),
-                 book.cell("load_results(")]
+                 book.cell("read_ablation(")]
         for cell in book.cells[:book.cells.index(training)]:
             await book.run(cell)
             if "CHECKPOINT =" in cell.source:  # the settings cell: the test's own follow

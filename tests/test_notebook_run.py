@@ -1,6 +1,6 @@
-"""What the notebook's cells rely on: S6_SMOKE's one rule, the recipe as printed, a run that
-resumes from its checkpoint (checkpoints.resume_or_start, fit_and_save), figures saved only for
-a complete run, and bars that clear themselves."""
+"""What the notebook's cells rely on: S6_SMOKE's one rule, the recipe as printed, a training
+cell that resumes from its checkpoint (utils.resume_or_start, save_epoch), figures saved only
+for a complete run, and bars that clear themselves."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import nbformat
 import pytest
 import torch
 from test_checkpoints import CPU, TINY, without_seconds
 
 import utils
-from support import checkpoints, figures
+from support import bookkeeping, checkpoints, figures, recipe
 
 RECIPE = {**utils.RECIPE, **TINY, "epochs": 3}
+NOTEBOOK = Path(__file__).resolve().parent.parent / "Session_6_Solution.ipynb"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -24,30 +26,41 @@ RECIPE = {**utils.RECIPE, **TINY, "epochs": 3}
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [None, "", "0"])
 def test_unset_empty_or_0_is_the_full_run(value):
-    assert utils.smoke_mode(value) is False
+    assert recipe.smoke_mode(value) is False
 
 
 def test_1_is_the_smoke_run():
-    assert utils.smoke_mode("1") is True
+    assert recipe.smoke_mode("1") is True
 
 
 @pytest.mark.parametrize("value", ["true", "yes", " 1", "1 ", "2", "on", "false", "smoke"])
 def test_any_other_value_is_refused_rather_than_run_in_full(value):
     with pytest.raises(ValueError) as refused:
-        utils.smoke_mode(value)
+        recipe.smoke_mode(value)
     message = str(refused.value)
     assert f"S6_SMOKE={value!r}" in message
     assert "S6_SMOKE=1" in message and "unset" in message
 
 
 # ---------------------------------------------------------------------------------------------
-# The recipe, one key per line.
+# The recipe as the notebook prints it: the write-up's settings one per line, then only the
+# switches that differ from the write-up's choices.
 # ---------------------------------------------------------------------------------------------
-def test_the_recipe_prints_one_key_per_line_with_its_value():
-    lines = utils.format_recipe(utils.RECIPE).splitlines()
-    assert [line.split() for line in lines] == [[k, str(v)] for k, v in utils.RECIPE.items()]
+def test_the_recipe_prints_the_write_ups_settings_one_key_per_line_with_its_value():
+    lines = recipe.format_recipe(utils.RECIPE).splitlines()
+    assert [line.split() for line in lines] == [[k, str(v)] for k, v in recipe.WRITE_UP.items()]
     assert len({line.index(str(v), len(k) + 2) for line, (k, v) in
-                zip(lines, utils.RECIPE.items(), strict=True)}) == 1  # values in one column
+                zip(lines, recipe.WRITE_UP.items(), strict=True)}) == 1  # values in one column
+
+
+def test_a_switch_is_printed_only_when_it_differs_from_the_write_ups_choice():
+    changed = {**utils.RECIPE, "loader": "torchvision", "limit_train": 2048}
+    lines = recipe.format_recipe(changed).splitlines()
+    written = len(recipe.WRITE_UP)
+    assert [line.split()[0] for line in lines[:written]] == list(recipe.WRITE_UP)
+    assert lines[written].strip() == "switches changed from the write-up's:"
+    assert [line.split() for line in lines[written + 1:]] == [["loader", "torchvision"],
+                                                               ["limit_train", "2048"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,29 +111,50 @@ def last_line(text: str) -> str:
 
 def test_a_bar_on_a_given_stream_clears_itself_when_its_pass_ends(capsys):
     stream = io.StringIO()
-    for _ in utils.progress_bar(range(3), "epoch  1 train", stream):
+    for _ in bookkeeping.progress_bar(range(3), "epoch  1 train", stream):
         pass
     assert "epoch  1 train" in stream.getvalue()
     assert last_line(stream.getvalue()).strip() == ""
     assert capsys.readouterr().err == ""
 
 
-def test_a_bar_by_default_goes_to_stderr_and_clears_itself(capsys):
-    for _ in utils.progress_bar(range(3), "epoch  1 train", True):
+def test_a_bar_with_progress_true_goes_to_stderr_and_clears_itself(capsys):
+    for _ in bookkeeping.progress_bar(range(3), "epoch  1 train", True):
         pass
     err = capsys.readouterr().err
     assert "epoch  1 train" in err and last_line(err).strip() == ""
 
 
 def test_no_bar_when_progress_is_off(capsys):
-    for _ in utils.progress_bar(range(3), "epoch  1 train", False):
+    for _ in bookkeeping.progress_bar(range(3), "epoch  1 train", False):
         pass
     assert capsys.readouterr() == ("", "")
 
+# ---------------------------------------------------------------------------------------------
+# The notebook's run: new, interrupted, resumed, finished; another recipe's is refused. The
+# training cell runs as the notebook holds it: its own source, with the names the notebook
+# imports from utils and the settings cell's names.
+# ---------------------------------------------------------------------------------------------
+TRAINING_CELL = "".join(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
+                        if c.cell_type == "code" and "for epoch in" in c.source)
 
-# ---------------------------------------------------------------------------------------------
-# The notebook's run: new, interrupted, resumed, finished; another recipe's is refused.
-# ---------------------------------------------------------------------------------------------
+
+def training_cell(recipe: dict, path: Path, data_dir: Path, retrain: bool = False) -> utils.Run:
+    """Run the notebook's training cell; return its run."""
+    names = {**vars(utils), "recipe": recipe, "device": CPU, "DATA": str(data_dir),
+             "CHECKPOINT": path, "RETRAIN": retrain}
+    exec(TRAINING_CELL, names)
+    return names["run"]
+
+
+def opened(recipe: dict, path: Path, data_dir: Path, retrain: bool = False) -> utils.Run:
+    """The run as the training cell holds it when its loop starts."""
+    run = utils.build_run(recipe, CPU, data_dir)
+    with utils.resume_or_start(run, path, retrain):
+        pass
+    return run
+
+
 def stop_in_epoch(monkeypatch, epoch: int) -> None:
     """Interrupt the run in the first batch of `epoch`, as the stop button would: mid-epoch,
     after the previous epoch was saved."""
@@ -145,35 +179,39 @@ def epochs_logged(text: str) -> list[int]:
     return [int(e) for e in re.findall(r"^epoch +(\d+): train loss", shown(text), re.M)]
 
 
+def test_the_notebook_has_one_training_cell_with_its_loop_in_view():
+    assert TRAINING_CELL.count("for epoch in") == 1
+    assert "train(model, device, train_loader, optimizer, epoch)" in TRAINING_CELL
+    assert "test(model, device, test_loader" in TRAINING_CELL
+
+
 def test_an_interrupted_run_resumes_from_its_last_saved_epoch(tmp_path, mnist_dir, capsys,
                                                               monkeypatch):
     path = tmp_path / "notebook.pt"
-    run = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir)
-    assert capsys.readouterr().out == f"a new run: 3 epochs, each saved in {path}\n"
     with monkeypatch.context() as patch:
         stop_in_epoch(patch, 2)
         with pytest.raises(KeyboardInterrupt):
-            checkpoints.fit_and_save(run, path)
+            training_cell(RECIPE, path, mnist_dir)
     out = shown(capsys.readouterr().out)
+    assert out.splitlines()[0] == f"a new run: 3 epochs, each saved in {path}"
     assert epochs_logged(out) == [1]
     assert out.splitlines()[-1] == (f"interrupted: epoch 1 of 3 is saved in {path}; "
                                     f"run this cell again to go on from there")
 
-    resumed = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir)
-    assert capsys.readouterr().out == f"resuming {path} after epoch 1 of 3\n"
-    checkpoints.fit_and_save(resumed, path)
-    assert epochs_logged(capsys.readouterr().out) == [2, 3]  # epoch 1 is not trained again
+    resumed = training_cell(RECIPE, path, mnist_dir)
+    out = capsys.readouterr().out
+    assert shown(out).splitlines()[0] == f"resuming {path} after epoch 1 of 3"
+    assert epochs_logged(out) == [2, 3]  # epoch 1 is not trained again
     assert resumed.history["epoch"] == [1, 2, 3]
     assert checkpoints.load_checkpoint(path)["history"]["epoch"] == [1, 2, 3]
 
-    unbroken = utils.Run(RECIPE, CPU, mnist_dir)
-    unbroken.fit(progress=False, log=False)
+    unbroken = utils.build_run(RECIPE, CPU, mnist_dir)
+    utils.fit(unbroken, progress=False, log=False)
     assert without_seconds(resumed.history) == without_seconds(unbroken.history)
 
 
 def test_the_bars_go_to_stdout_and_clear_themselves(tmp_path, mnist_dir, capsys):
-    run = checkpoints.resume_or_start({**RECIPE, "epochs": 1}, CPU, tmp_path / "a.pt", mnist_dir)
-    checkpoints.fit_and_save(run, tmp_path / "a.pt")
+    training_cell({**RECIPE, "epochs": 1}, tmp_path / "a.pt", mnist_dir)
     captured = capsys.readouterr()
     assert captured.err == ""  # nothing Jupyter would show as a pink block
     assert "epoch  1 train" in captured.out  # the bar was there while it ran
@@ -185,19 +223,17 @@ def test_the_bars_go_to_stdout_and_clear_themselves(tmp_path, mnist_dir, capsys)
 
 
 def finished_run(path: Path, mnist_dir: Path, epochs: int = 1) -> utils.Run:
-    run = checkpoints.resume_or_start({**RECIPE, "epochs": epochs}, CPU, path, mnist_dir)
-    checkpoints.fit_and_save(run, path)
-    return run
+    return training_cell({**RECIPE, "epochs": epochs}, path, mnist_dir)
 
 
 def test_a_finished_run_is_loaded_not_trained_again(tmp_path, mnist_dir, capsys):
     path = tmp_path / "notebook.pt"
     trained = finished_run(path, mnist_dir)
     capsys.readouterr()
-    loaded = checkpoints.resume_or_start({**RECIPE, "epochs": 1}, CPU, path, mnist_dir)
-    assert capsys.readouterr().out.startswith(f"loaded the finished run in {path} (1 epoch)")
-    checkpoints.fit_and_save(loaded, path)
-    assert epochs_logged(capsys.readouterr().out) == []
+    loaded = training_cell({**RECIPE, "epochs": 1}, path, mnist_dir)
+    out = capsys.readouterr().out
+    assert out.startswith(f"loaded the finished run in {path} (1 epoch)")
+    assert epochs_logged(out) == []
     assert loaded.history == trained.history
     for name, tensor in trained.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
@@ -207,8 +243,7 @@ def test_retrain_trains_a_finished_run_again_from_scratch(tmp_path, mnist_dir, c
     path = tmp_path / "notebook.pt"
     finished_run(path, mnist_dir)
     capsys.readouterr()
-    run = checkpoints.resume_or_start({**RECIPE, "epochs": 1}, CPU, path, mnist_dir,
-                                      retrain=True)
+    run = opened({**RECIPE, "epochs": 1}, path, mnist_dir, retrain=True)
     assert "a new run (RETRAIN = True)" in capsys.readouterr().out
     assert run.history["epoch"] == []
 
@@ -217,13 +252,12 @@ def test_retrain_still_resumes_an_unfinished_run_of_the_recipe(tmp_path, mnist_d
                                                                monkeypatch):
     """A run started with RETRAIN = True and interrupted goes on when its cell runs again."""
     path = tmp_path / "notebook.pt"
-    run = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir, retrain=True)
     with monkeypatch.context() as patch:
         stop_in_epoch(patch, 2)
         with pytest.raises(KeyboardInterrupt):
-            checkpoints.fit_and_save(run, path)
+            training_cell(RECIPE, path, mnist_dir, retrain=True)
     capsys.readouterr()
-    again = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir, retrain=True)
+    again = opened(RECIPE, path, mnist_dir, retrain=True)
     assert capsys.readouterr().out == f"resuming {path} after epoch 1 of 3\n"
     assert again.history["epoch"] == [1]
 
@@ -232,7 +266,7 @@ def test_another_recipes_run_is_refused_saying_what_differs_and_what_to_do(tmp_p
     path = tmp_path / "notebook.pt"
     finished_run(path, mnist_dir)
     with pytest.raises(ValueError) as refused:
-        checkpoints.resume_or_start({**RECIPE, "epochs": 1, "lr": 0.02}, CPU, path, mnist_dir)
+        training_cell({**RECIPE, "epochs": 1, "lr": 0.02}, path, mnist_dir)
     message = str(refused.value)
     assert "another recipe" in message and "not resumed" in message
     assert "lr 0.01 (the notebook's: 0.02)" in message
@@ -244,14 +278,14 @@ def test_more_epochs_than_saved_is_another_recipe_too(tmp_path, mnist_dir):
     path = tmp_path / "notebook.pt"
     finished_run(path, mnist_dir)
     with pytest.raises(ValueError, match=r"epochs 1 \(the notebook's: 3\)"):
-        checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir)
+        training_cell(RECIPE, path, mnist_dir)
 
 
 def test_retrain_replaces_another_recipes_run(tmp_path, mnist_dir, capsys):
     path = tmp_path / "notebook.pt"
     finished_run(path, mnist_dir)
     capsys.readouterr()
-    run = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir, retrain=True)
+    run = opened(RECIPE, path, mnist_dir, retrain=True)
     assert "in place of another recipe's run" in capsys.readouterr().out
     assert run.history["epoch"] == []
 
@@ -261,8 +295,8 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_with_what_to_do(tmp_path, mn
     path = tmp_path / "notebook.pt"
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(checkpoints.CheckpointError, match="RETRAIN = True"):
-        checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir)
-    run = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir, retrain=True)
+        training_cell(RECIPE, path, mnist_dir)
+    run = opened(RECIPE, path, mnist_dir, retrain=True)
     assert "in place of a file that is not a checkpoint" in capsys.readouterr().out
     assert run.history["epoch"] == []
 
@@ -270,24 +304,50 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_with_what_to_do(tmp_path, mn
 def test_interrupted_before_the_first_save_says_the_run_starts_over(tmp_path, mnist_dir,
                                                                     capsys, monkeypatch):
     path = tmp_path / "notebook.pt"
-    run = checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir)
 
     def interrupt(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run.optimizer, "step", interrupt)
+    monkeypatch.setattr(torch.optim.SGD, "step", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.fit_and_save(run, path)
+        training_cell(RECIPE, path, mnist_dir)
     assert shown(capsys.readouterr().out).splitlines()[-1] == (
         "interrupted before the first epoch was saved: running this cell again starts the run "
         "over")
     assert not path.exists()
 
 
+def test_the_cell_run_again_after_an_interrupt_before_any_save_starts_afresh(
+        tmp_path, mnist_dir, capsys, monkeypatch):
+    """Cells run twice: the steps taken before the interrupt are not carried into the rerun."""
+    path = tmp_path / "notebook.pt"
+    step, steps = torch.optim.SGD.step, []
+
+    def second_step_interrupts(optimizer, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:  # one step taken: the model is no longer the seed's
+            raise KeyboardInterrupt
+        return step(optimizer, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.SGD, "step", second_step_interrupts)
+        with pytest.raises(KeyboardInterrupt):
+            training_cell({**RECIPE, "epochs": 1}, path, mnist_dir)
+    again = training_cell({**RECIPE, "epochs": 1}, path, mnist_dir)
+    straight = utils.build_run({**RECIPE, "epochs": 1}, CPU, mnist_dir)
+    utils.fit(straight, progress=False, log=False)
+    assert without_seconds(again.history) == without_seconds(straight.history)
+
+
+def test_a_compile_recipe_is_refused_rather_than_trained_eagerly(tmp_path, mnist_dir):
+    with pytest.raises(ValueError, match="train.py --compile"):
+        training_cell({**RECIPE, "compile": True}, tmp_path / "c.pt", mnist_dir)
+
+
 def test_leftovers_of_a_killed_save_are_removed(tmp_path, mnist_dir, capsys):
     path = tmp_path / "notebook.pt"
     leftover = tmp_path / ".notebook.pt.abc123.partial"
     leftover.write_bytes(b"half a checkpoint")
-    checkpoints.resume_or_start(RECIPE, CPU, path, mnist_dir)
+    opened(RECIPE, path, mnist_dir)
     assert not leftover.exists()
     assert f"removed {leftover}" in capsys.readouterr().out

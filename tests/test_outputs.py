@@ -73,9 +73,9 @@ def files(tmp_path, mnist_dir, one_epoch_checkpoint) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def one_epoch_checkpoint(mnist_dir, tmp_path_factory) -> bytes:
-    run = utils.Run({**TINY_RECIPE, "limit_train": 64, "limit_test": 64, "test_batch_size": 64},
-                    torch.device("cpu"), mnist_dir)
-    run.fit(progress=False, log=False)
+    run = utils.build_run({**TINY_RECIPE, "limit_train": 64, "limit_test": 64,
+                           "test_batch_size": 64}, torch.device("cpu"), mnist_dir)
+    utils.fit(run, progress=False, log=False)
     path = tmp_path_factory.mktemp("outputs") / "run.pt"
     checkpoints.save_run(run, path)
     return path.read_bytes()
@@ -145,8 +145,8 @@ def test_evaluate_refuses_every_flag_that_would_write_a_file(files, capsys, monk
 
 def test_a_metrics_file_names_the_commit_its_run_started_from(tmp_path, capsys, monkeypatch):
     trained = []
-    fit = utils.Run.fit
-    monkeypatch.setattr(utils.Run, "fit", lambda run, **kw: trained.append(1) or fit(run, **kw))
+    fit = utils.fit
+    monkeypatch.setattr(utils, "fit", lambda run, **kw: trained.append(1) or fit(run, **kw))
     # What `git describe` says: the commit checked out as the run starts, another once it trains.
     monkeypatch.setattr(metrics, "git_commit", lambda: "def5678" if trained else "abc1234")
     code, _, err = main(capsys, *SMALL, "--no-save", "--metrics", str(tmp_path / "m.json"))

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 import utils  # noqa: E402
 from model import Net  # noqa: E402
-from support import figures  # noqa: E402
+from support import analysis, bookkeeping, fast_loader, figures  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,7 +31,7 @@ def assert_png(path) -> None:
 
 
 def test_plot_history_writes_loss_and_accuracy_pngs(tmp_path):
-    history = utils.new_history()
+    history = bookkeeping.new_history()
     for e in range(1, 4):
         row = dict(epoch=e, train_loss=1 / e, train_acc=90 + e, test_loss=0.5 / e,
                    test_acc=95 + e, lr=0.01, seconds=1.0)
@@ -47,7 +47,7 @@ def test_plot_history_writes_loss_and_accuracy_pngs(tmp_path):
 
 def test_plot_history_without_dir_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    utils.plot_history({**utils.new_history(), "epoch": [1], "train_loss": [1.0],
+    utils.plot_history({**bookkeeping.new_history(), "epoch": [1], "train_loss": [1.0],
                         "test_loss": [1.0], "train_acc": [50.0], "test_acc": [50.0]})
     assert list(tmp_path.iterdir()) == []
 
@@ -55,11 +55,11 @@ def test_plot_history_without_dir_writes_nothing(tmp_path, monkeypatch):
 def test_confusion_matrix_and_per_class_accuracy():
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 9])
     preds = torch.tensor([0, 1, 1, 1, 2, 0, 2, 9])
-    cm = utils.confusion_matrix(labels, preds)
+    cm = analysis.confusion_matrix(labels, preds)
     assert cm.shape == (10, 10)
     assert cm.sum() == len(labels)
     assert cm[0, 0] == 1 and cm[0, 1] == 1 and cm[2, 0] == 1 and cm[9, 9] == 1
-    acc = utils.per_class_accuracy(cm)
+    acc = analysis.per_class_accuracy(cm)
     assert acc[0] == 50.0 and acc[1] == 100.0 and acc[2] == pytest.approx(200 / 3)
     assert acc[5] == 0.0  # a class with no examples does not divide by zero
 
@@ -67,8 +67,9 @@ def test_confusion_matrix_and_per_class_accuracy():
 def test_save_analysis_writes_misclassified_grid_and_confusion_matrix(tmp_path, mnist_dir):
     torch.manual_seed(0)
     model = Net().eval()  # untrained: plenty of mistakes to show
-    loader = utils.device_loader(mnist_dir, train=False, batch_size=100, device="cpu", limit=200)
-    out = utils.save_analysis(model, loader, torch.device("cpu"), save_dir=tmp_path)
+    loader = fast_loader.device_loader(mnist_dir, train=False, batch_size=100, device="cpu",
+                                       limit=200)
+    out = analysis.save_analysis(model, loader, torch.device("cpu"), save_dir=tmp_path)
     assert_png(tmp_path / "misclassified.png")
     assert_png(tmp_path / "confusion_matrix.png")
     assert out["confusion_matrix"].sum() == 200
@@ -87,7 +88,7 @@ def mistakes(n_wrong: int, n: int = 100) -> tuple[torch.Tensor, ...]:
 
 def test_misclassified_grid_shows_the_24_most_confident_mistakes_first():
     images, labels, preds, conf = mistakes(30)  # 30 mistakes, more than the grid shows
-    fig = utils.plot_misclassified(images, labels, preds, conf)
+    fig = analysis.plot_misclassified(images, labels, preds, conf)
     shown = [ax for ax in fig.axes if ax.images]
     assert len(shown) == 24
     # each caption's second line labels its percentage: "97% sure"
@@ -106,14 +107,14 @@ def test_misclassified_grid_shows_the_24_most_confident_mistakes_first():
     (0, "0 of 100 test digits misclassified; none to show"),
 ])
 def test_misclassified_title_says_how_many_it_shows(tmp_path, n_wrong, title):
-    fig = utils.plot_misclassified(*mistakes(n_wrong), path=tmp_path / "m.png")
+    fig = analysis.plot_misclassified(*mistakes(n_wrong), path=tmp_path / "m.png")
     assert len([ax for ax in fig.axes if ax.images]) == n_wrong
     assert fig._suptitle.get_text() == title
     assert_png(tmp_path / "m.png")  # no mistakes at all still draws a figure
 
 
 def test_misclassified_captions_do_not_overlap_the_digits(tmp_path):
-    fig = utils.plot_misclassified(*mistakes(30))
+    fig = analysis.plot_misclassified(*mistakes(30))
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     shown = [ax for ax in fig.axes if ax.images]
@@ -124,16 +125,16 @@ def test_misclassified_captions_do_not_overlap_the_digits(tmp_path):
 
 
 def test_image_grid_of_augmented_samples(tmp_path, mnist_dir):
-    loader = utils.device_loader(mnist_dir, train=True, batch_size=16, device="cpu", limit=64)
-    x, y = utils.augmented_samples(loader, n=16)
+    loader = fast_loader.device_loader(mnist_dir, train=True, batch_size=16, device="cpu", limit=64)
+    x, y = analysis.augmented_samples(loader, n=16)
     assert x.shape == (16, 1, 28, 28) and x.min() >= 0 and x.max() <= 1
-    utils.image_grid(x, [str(int(v)) for v in y], path=tmp_path / "samples.png")
+    analysis.image_grid(x, [str(int(v)) for v in y], path=tmp_path / "samples.png")
     assert_png(tmp_path / "samples.png")
 
 
 def history_of(epochs: int) -> dict[str, list[float]]:
     """A made-up run whose test accuracy crosses 99.4% near the end, as the real one does."""
-    history = utils.new_history()
+    history = bookkeeping.new_history()
     for e in range(1, epochs + 1):
         row = dict(epoch=e, train_loss=0.5 / e, train_acc=100 - 8 / e - 0.6, test_loss=0.2 / e,
                    test_acc=100 - 3 / e - 0.45, lr=0.01, seconds=1.0)
@@ -175,7 +176,7 @@ def test_accuracy_plot_has_the_target_line_and_a_panel_from_98_5_up():
 def test_confusion_matrix_label_fits_and_colour_bar_counts_are_whole(tmp_path):
     cm = torch.diag(torch.full((10,), 990))
     cm[7, 0], cm[1, 9], cm[4, 2] = 4, 3, 1
-    fig = utils.plot_confusion_matrix(cm, path=tmp_path / "cm.png")
+    fig = analysis.plot_confusion_matrix(cm, path=tmp_path / "cm.png")
     assert_png(tmp_path / "cm.png")
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -189,7 +190,7 @@ def test_confusion_matrix_label_fits_and_colour_bar_counts_are_whole(tmp_path):
 
 
 def test_confusion_matrix_with_no_mistakes_still_draws(tmp_path):
-    utils.plot_confusion_matrix(torch.diag(torch.full((10,), 1000)), path=tmp_path / "cm.png")
+    analysis.plot_confusion_matrix(torch.diag(torch.full((10,), 1000)), path=tmp_path / "cm.png")
     assert_png(tmp_path / "cm.png")
 
 
@@ -209,7 +210,7 @@ def luminance(colour) -> float:
 def test_confusion_matrix_counts_contrast_with_their_cells():
     cm = torch.diag(torch.full((10,), 990))
     cm[5, 3], cm[9, 4], cm[6, 8] = 5, 4, 1  # the darkest cell, a dark one, the lightest
-    ax = utils.plot_confusion_matrix(cm).axes[0]
+    ax = analysis.plot_confusion_matrix(cm).axes[0]
     assert cell_text(ax, 5, 3).get_text() == "5"
     assert cell_text(ax, 5, 3).get_color() == "white"  # was black on dark red
     assert cell_text(ax, 9, 4).get_color() == "white"
@@ -267,9 +268,9 @@ def test_epoch_ranges(epochs, text):
 def every_figure() -> list:
     cm = torch.diag(torch.full((10,), 990))
     cm[5, 3] = 5
-    return [*utils.plot_history(history_of(20)), utils.plot_confusion_matrix(cm),
-            utils.plot_misclassified(*mistakes(30)),
-            utils.image_grid(torch.rand(8, 28, 28), ["label 1"] * 8, suptitle="samples")]
+    return [*utils.plot_history(history_of(20)), analysis.plot_confusion_matrix(cm),
+            analysis.plot_misclassified(*mistakes(30)),
+            analysis.image_grid(torch.rand(8, 28, 28), ["label 1"] * 8, suptitle="samples")]
 
 
 def test_no_text_in_any_figure_is_smaller_than_10_points():

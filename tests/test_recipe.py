@@ -1,4 +1,5 @@
-"""One source for the recipe's keys: utils.RECIPE. The command line and Run derive from it."""
+"""One source for the recipe's keys: support.recipe.RECIPE (the learner reads it through
+utils). The command line and build_run derive from it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 
 import train
 import utils
+from model import Net
 from support import checkpoints
+from support.recipe import RECIPE_RULES
 
 
 def test_every_recipe_key_is_a_train_py_flag_with_the_recipes_default():
@@ -17,8 +20,8 @@ def test_every_recipe_key_is_a_train_py_flag_with_the_recipes_default():
 
 
 def test_every_recipe_key_is_checked_when_a_checkpoint_is_loaded():
-    assert set(checkpoints.RECIPE_RULES) == set(utils.RECIPE)
-    for key, (ok, _) in checkpoints.RECIPE_RULES.items():
+    assert set(RECIPE_RULES) == set(utils.RECIPE)
+    for key, (ok, _) in RECIPE_RULES.items():
         assert ok(utils.RECIPE[key]), key
 
 
@@ -35,26 +38,30 @@ def test_flags_reach_the_recipe():
 def test_a_checkpoint_of_an_ablation_variant_loads_and_resumes(tmp_path, mnist_dir):
     recipe = {"batch_norm": False, "transitions": "bare", "epochs": 1, "limit_train": 128,
               "limit_test": 100, "batch_size": 64, "test_batch_size": 100}
-    run = utils.Run(recipe, torch.device("cpu"), mnist_dir)
-    run.fit(progress=False, log=False)
+    run = utils.build_run(recipe, torch.device("cpu"), mnist_dir)
+    utils.fit(run, progress=False, log=False)
     checkpoints.save_run(run, tmp_path / "variant.pt")
     checkpoint = checkpoints.load_checkpoint(tmp_path / "variant.pt")
     assert checkpoint["recipe"]["batch_norm"] is False
-    resumed = utils.Run({**checkpoint["recipe"], "epochs": 2}, torch.device("cpu"), mnist_dir)
+    resumed = utils.build_run({**checkpoint["recipe"], "epochs": 2}, torch.device("cpu"), mnist_dir)
     checkpoints.restore_run(resumed, checkpoint)
-    resumed.fit(progress=False, log=False)
+    utils.fit(resumed, progress=False, log=False)
     assert resumed.history["epoch"] == [1, 2]
 
 
 def test_run_refuses_a_key_the_recipe_does_not_know(mnist_dir):
     with pytest.raises(ValueError, match="unknown recipe keys: epoch"):
-        utils.Run({"epoch": 3}, torch.device("cpu"), mnist_dir)
+        utils.build_run({"epoch": 3}, torch.device("cpu"), mnist_dir)
+
+
+def built(recipe: dict) -> torch.nn.Module:
+    """The recipe's model as the notebook builds it: Net, then the recipe's fast path."""
+    return utils.prepare_model(Net(**utils.net_options(recipe)), recipe, torch.device("cpu"))
 
 
 def test_build_model_follows_the_recipe():
-    cpu = torch.device("cpu")
-    fast = utils.build_model({**utils.RECIPE, "dropout_plan": "every"}, cpu)
-    original = utils.build_model({**utils.RECIPE, "loader": "torchvision"}, cpu)
+    fast = built({**utils.RECIPE, "dropout_plan": "every"})
+    original = built({**utils.RECIPE, "loader": "torchvision"})
     assert sum(isinstance(m, torch.nn.Dropout) for m in original.modules()) == 2
     assert not any(type(m).__name__ == "ReLUDropout" for m in original.modules())
     assert all(type(m).__name__ == "ReLUDropout" for m in fast.modules()

@@ -21,7 +21,7 @@ from test_cli import TINY, assert_no_traceback, env, train
 import train as cli
 import utils
 from model import Net
-from support import checkpoints, mnist_files, stopping
+from support import bookkeeping, checkpoints, mnist_files, stopping
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -33,8 +33,8 @@ TINY_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 256, "limit_test": 20
 @pytest.fixture(scope="module")
 def one_epoch(mnist_dir, tmp_path_factory) -> bytes:
     """The bytes of a real 1-epoch checkpoint of the TINY recipe."""
-    run = utils.Run(TINY_RECIPE, CPU, mnist_dir)
-    run.fit(progress=False, log=False)
+    run = utils.build_run(TINY_RECIPE, CPU, mnist_dir)
+    utils.fit(run, progress=False, log=False)
     path = tmp_path_factory.mktemp("one_epoch") / "last.pt"
     checkpoints.save_run(run, path)
     return path.read_bytes()
@@ -524,7 +524,7 @@ def test_a_refused_file_is_never_reported_as_saved(tmp_path, mnist_dir, monkeypa
     """Epoch 1's file on disk is refused (someone edited it, say) when epoch 2 stops the run:
     the report must not point to it."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    real_save, real_epoch = checkpoints.save_checkpoint, utils.train_epoch
+    real_save, real_epoch = checkpoints.save_checkpoint, utils.train
 
     def save_then_damage(state, path):
         real_save(state, path)
@@ -532,13 +532,13 @@ def test_a_refused_file_is_never_reported_as_saved(tmp_path, mnist_dir, monkeypa
         negative_running_variance(damaged)
         torch.save(damaged, path)
 
-    def epoch_2_stops(model, loader, optimizer, device, epoch=1, *args, **kwargs):
+    def epoch_2_stops(model, device, loader, optimizer, epoch, *args, **kwargs):
         if epoch == 2:
-            raise utils.NonFiniteLoss(2, 1) if stop == "divergence" else KeyboardInterrupt
-        return real_epoch(model, loader, optimizer, device, epoch, *args, **kwargs)
+            raise bookkeeping.NonFiniteLoss(2, 1) if stop == "divergence" else KeyboardInterrupt
+        return real_epoch(model, device, loader, optimizer, epoch, *args, **kwargs)
 
     monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_damage)
-    monkeypatch.setattr(utils, "train_epoch", epoch_2_stops)
+    monkeypatch.setattr(utils, "train", epoch_2_stops)
     path = tmp_path / "last.pt"
     code = cli.main(["--device", "cpu", "--quiet", "--limit-train", "64", "--limit-test", "64",
                      "--batch-size", "64", "--epochs", "3", "--save-model", str(path)])

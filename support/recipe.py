@@ -1,0 +1,164 @@
+"""The recipe: every setting of a run, in one dict that travels in every checkpoint and metrics
+file. First the write-up's settings, then the switches this project adds (experiments and
+speed), whose defaults reproduce the write-up. A key the recipe does not know is a mistake,
+and every value is checked (RECIPE_RULES) before a checkpoint's recipe builds anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS
+from support.augment import AUGMENTATIONS
+
+# The write-up's recipe: SGD with momentum, StepLR, 20 epochs of batch 128.
+WRITE_UP: dict[str, Any] = {
+    "epochs": 20,  # passes over the 60,000 training images
+    "batch_size": 128,  # training images per SGD step
+    "test_batch_size": 1000,  # test images per forward pass (evaluation only)
+    "lr": 0.01,  # SGD's learning rate
+    "momentum": 0.9,  # SGD's momentum
+    "step_size": 15,  # StepLR: the learning rate drops after this many epochs...
+    "gamma": 0.1,  # ...multiplied by this
+    "seed": 1,  # fixes the weights, the shuffling, the augmentation and the dropout masks
+}
+# This project's switches; each default is the write-up's choice, every key a train.py flag.
+SWITCHES: dict[str, Any] = {
+    "loader": "fast",  # "fast": whole batches on the device; "torchvision": the original's
+    "dropout_plan": "table",  # blocks followed by dropout (model.DROPOUT_PLANS)
+    "batch_norm": True,  # False: no BatchNorm anywhere (the ablation; convs get a bias)
+    "transitions": "bn-relu",  # the 1x1 reductions as Conv-BN-ReLU, or "bare" (ablation)
+    "head": "conv",  # the table's 3x3 conv6, or "gap": global average pool + 1x1 conv
+    "width": 1.0,  # every channel count times this (model.scaled_channels; the width sweep)
+    "augmentation": "both",  # crop-resize and rotation; "rotate", "crop" or "none" (ablation)
+    "compile": False,  # train through torch.compile (devices.compiled)
+    "deterministic": False,  # ask PyTorch for deterministic kernels (devices.use_deterministic)
+    "limit_train": None,  # use only the first N training images (None: all 60,000)
+    "limit_test": None,  # and the first N test images (None: all 10,000)
+}
+RECIPE: dict[str, Any] = {**WRITE_UP, **SWITCHES}
+MEAN, STD = 0.1307, 0.3081  # of MNIST's training pixels: inputs are normalised with these
+NET_OPTIONS = ("dropout_plan", "batch_norm", "transitions", "head", "width")
+
+
+def full_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """RECIPE with `recipe`'s values; a key RECIPE does not know is a mistake, not a setting."""
+    unknown = sorted(set(recipe) - set(RECIPE))
+    if unknown:
+        raise ValueError(f"unknown recipe keys: {', '.join(unknown)} "
+                         f"(known: {', '.join(RECIPE)})")
+    return {**RECIPE, **recipe}
+
+
+def net_options(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's choices of architecture, as Net's keyword arguments."""
+    recipe = full_recipe(recipe)
+    return {key: recipe[key] for key in NET_OPTIONS}
+
+
+def format_recipe(recipe: dict[str, Any]) -> str:
+    """The write-up's settings one per line, values aligned (a printed dict wraps mid-word on
+    GitHub), then only the switches that differ from the write-up's choice."""
+    changed = {k: v for k, v in recipe.items() if k not in WRITE_UP and v != SWITCHES.get(k)}
+    shown = {**{k: recipe[k] for k in WRITE_UP if k in recipe}, **changed}
+    width = max(map(len, shown))
+    lines = [f"  {key:<{width}}  {value}" for key, value in shown.items()]
+    if changed:
+        lines.insert(len(shown) - len(changed), "  switches changed from the write-up's:")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks of a recipe read from a file: each value of the type a run needs.
+# ---------------------------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _optional_positive_int(v: Any) -> bool:
+    return v is None or _positive_int(v)
+
+
+def _positive_real(v: Any) -> bool:
+    return _is_real(v) and v > 0
+
+
+def _non_negative_real(v: Any) -> bool:
+    return _is_real(v) and v >= 0
+
+
+RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (_positive_int, "a positive integer"),
+    "batch_size": (_positive_int, "a positive integer"),
+    "test_batch_size": (_positive_int, "a positive integer"),
+    "lr": (_positive_real, "a finite number > 0"),
+    "momentum": (_non_negative_real, "a finite number >= 0"),
+    "step_size": (_positive_int, "a positive integer"),
+    "gamma": (_positive_real, "a finite number > 0"),
+    "seed": (lambda v: _is_int(v) and -(2**63) <= v < 2**64, "an integer torch can seed with"),
+    "loader": (lambda v: v in ("fast", "torchvision"), "'fast' or 'torchvision'"),
+    "dropout_plan": (lambda v: isinstance(v, str) and v in DROPOUT_PLANS,
+                     f"one of {', '.join(DROPOUT_PLANS)}"),
+    "batch_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "transitions": (lambda v: isinstance(v, str) and v in TRANSITIONS,
+                    f"one of {', '.join(TRANSITIONS)}"),
+    "head": (lambda v: isinstance(v, str) and v in HEADS, f"one of {', '.join(HEADS)}"),
+    "width": (lambda v: _positive_real(v) and v <= MAX_WIDTH,
+              f"a number > 0 and <= {MAX_WIDTH:g}"),
+    "augmentation": (lambda v: isinstance(v, str) and v in AUGMENTATIONS,
+                     f"one of {', '.join(AUGMENTATIONS)}"),
+    "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "deterministic": (lambda v: isinstance(v, bool), "true or false"),
+    "limit_train": (_optional_positive_int, "None or a positive integer"),
+    "limit_test": (_optional_positive_int, "None or a positive integer"),
+}
+
+
+def check_recipe(recipe: Any) -> dict[str, Any]:
+    """RECIPE completed with `recipe` (an older checkpoint may lack newer keys), every value
+    of the type a run needs; ValueError names the first that is not."""
+    if not isinstance(recipe, dict):
+        raise ValueError("recipe is not a dict")
+    full = full_recipe(recipe)
+    for key, (ok, what) in RECIPE_RULES.items():
+        if not ok(full[key]):
+            raise ValueError(f"recipe {key}={full[key]!r} is not {what}")
+    return full
+
+
+def make_optimizer(model: nn.Module, recipe: dict[str, Any]) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD with momentum and a StepLR schedule, as the write-up (and the notebook, in view)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"],
+                                momentum=recipe["momentum"])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe["step_size"],
+                                                gamma=recipe["gamma"])
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------
+# The notebook's one environment switch.
+# ---------------------------------------------------------------------------------------------
+SMOKE_VALUES = {None: False, "": False, "0": False, "1": True}  # S6_SMOKE: unset/""/0 or 1
+
+
+def smoke_mode(value: str | None) -> bool:
+    """S6_SMOKE's one rule: unset, empty or "0" is the full run, "1" the smoke run; anything
+    else is refused, so that a "true" or a " 1" never starts a 20-epoch run that replaces the
+    committed figures."""
+    if value not in SMOKE_VALUES:
+        raise ValueError(f"S6_SMOKE={value!r} is not a setting: use S6_SMOKE=1 for the smoke run "
+                         f"(1 epoch on 2,048 images), or 0 (or leave it unset) for the full run")
+    return SMOKE_VALUES[value]
