@@ -39,6 +39,7 @@ from support.augment import (
 )
 from support.devices import FastPath, compiled, fast_path, prepare, to_device
 from support.figures import TARGET_ACC, finish, legible, whole_epochs
+from support.fused_dropout import fuse_relu_dropout
 from support.mnist_files import load_mnist_tensors
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +398,9 @@ def build_model(recipe: dict[str, Any], device: torch.device,
                 settings: FastPath | None = None) -> Net:
     """The recipe's network, on the device, in the form its loader trains it."""
     settings = settings or fast_path(recipe, device)
-    model = Net(**net_options(recipe), fast_dropout=settings.fused_dropout)
+    model = Net(**net_options(recipe))
+    if settings.fused_dropout:
+        fuse_relu_dropout(model)  # the same function and weights, cheaper on the CPU
     return model.to(device, memory_format=settings.memory_format)
 
 
