@@ -51,3 +51,11 @@ def test_output_shape_is_one_by_ten():
     for net in (Net(), Net(head="gap")):
         assert net(torch.randn(1, 1, 28, 28)).shape == (1, 10)
 
+
+def test_the_fast_paths_fused_form_passes_the_same_checks():
+    """What the fast path trains, fuse_relu_dropout(Net()), passes each check Net() passes."""
+    for net in (fuse_relu_dropout(Net()), fuse_relu_dropout(Net(head="gap"))):
+        assert total_parameters(net) < 20000
+        assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+        assert any(isinstance(m, nn.Dropout) for m in net.modules())
+        assert net(torch.randn(1, 1, 28, 28)).shape == (1, 10)

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import pytest
 import torch
 from torch import nn
+from torchsummary import summary
 
 import model
 from model import Net
@@ -142,6 +146,121 @@ def test_fast_and_original_dropout_agree_in_eval_mode():
     original.load_state_dict(fast.state_dict())
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(fast(x), original(x))
+
+
+def torchsummary_rows(net: nn.Module) -> list[str]:
+    """The layer types of torchsummary's table, one per row, as the notebook prints it."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary(net, (1, 28, 28), device="cpu")
+    return [line.split()[0].rsplit("-", 1)[0] for line in out.getvalue().splitlines()
+            if line.split() and line.split()[0].rsplit("-", 1)[-1].isdigit()]
+
+
+def test_torchsummary_shows_the_tables_relu_and_dropout_rows():
+    """What a learner sees of Net(): nn.ReLU and nn.Dropout, each on a row of its own, as the
+    write-up's table lists them ("Dropout 1", "Dropout 2"); no fused module."""
+    rows = torchsummary_rows(Net())
+    assert rows.count("Dropout") == 2
+    assert rows.count("ReLU") == 7
+    assert "ReLUDropout" not in rows
+    assert rows[:8] == ["Conv2d", "BatchNorm2d", "ReLU", "Dropout",
+                        "Conv2d", "BatchNorm2d", "ReLU", "Dropout"]
+    # fused from outside, the same summary shows the fast path's form instead
+    assert torchsummary_rows(fuse_relu_dropout(Net())).count("ReLUDropout") == 2
+
+
+def test_net_is_built_from_torchs_own_modules_only():
+    allowed = (Net, nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.MaxPool2d,
+               nn.AdaptiveAvgPool2d)
+    for options in ({}, {"head": "gap"}, {"dropout_plan": "every"}, {"batch_norm": False},
+                    {"transitions": "bare"}):
+        assert all(type(m) in allowed for m in Net(**options).modules()), options
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse_relu_dropout: the fast path's form, made from a built Net.
+# ---------------------------------------------------------------------------------------------
+OPTIONS = [{}, {"dropout_plan": "every"}, {"dropout_plan": "none"}, {"batch_norm": False},
+           {"transitions": "bare"}, {"head": "gap"}, {"width": 0.7}]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_fusing_keeps_every_state_dict_key_and_value(options):
+    torch.manual_seed(0)
+    net = Net(**options)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fused = fuse_relu_dropout(net)
+    assert fused is net  # in place, and returned like torch.compile's wrapped model
+    after = fused.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    dropped = sum(type(m) is nn.Dropout for m in Net(**options).modules())
+    assert sum(isinstance(m, ReLUDropout) for m in fused.modules()) == dropped
+    assert not any(type(m) is nn.Dropout for m in fused.modules())
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_the_fused_model_gives_the_plain_ones_eval_output(options):
+    torch.manual_seed(0)
+    plain = Net(**options)
+    for m in plain.modules():  # running statistics that are not the defaults' 0 and 1
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    fused = Net(**options)
+    fused.load_state_dict(plain.state_dict())
+    fuse_relu_dropout(fused)
+    x = torch.randn(5, 1, 28, 28)
+    torch.testing.assert_close(fused.eval()(x), plain.eval()(x), rtol=0, atol=0)
+
+
+def test_fusing_twice_changes_nothing():
+    once = fuse_relu_dropout(Net(dropout_plan="every"))
+    shape = repr(once)
+    keys = list(once.state_dict())
+    fused_modules = [m for m in once.modules() if isinstance(m, ReLUDropout)]
+    twice = fuse_relu_dropout(once)
+    assert repr(twice) == shape
+    assert list(twice.state_dict()) == keys
+    # the very same modules, not new ones
+    assert [m for m in twice.modules() if isinstance(m, ReLUDropout)] == fused_modules
+
+
+def test_a_relu_without_dropout_and_a_dropout_subclass_are_left_alone():
+    class OtherDropout(nn.Dropout):
+        pass
+
+    alone, other = nn.ReLU(), OtherDropout(0.2)
+    seq = nn.Sequential(nn.Conv2d(1, 2, 1), alone, nn.Conv2d(2, 2, 1), nn.ReLU(), other,
+                        nn.Sequential(nn.ReLU(), nn.Dropout(0.3)))  # a nested pair is fused
+    fuse_relu_dropout(seq)
+    assert seq[1] is alone and seq[4] is other and type(seq[3]) is nn.ReLU
+    assert isinstance(seq[5][0], ReLUDropout) and seq[5][0].p == 0.3 and len(seq[5]) == 1
+
+
+def test_fusing_a_pair_mid_sequence_keeps_the_later_keys():
+    seq = nn.Sequential(nn.ReLU(), nn.Dropout(0.1), nn.Conv2d(1, 1, 1))
+    keys = list(seq.state_dict())
+    fuse_relu_dropout(seq)
+    assert list(seq.state_dict()) == keys == ["2.weight", "2.bias"]
+    assert isinstance(seq[0], ReLUDropout) and isinstance(seq[1], nn.Conv2d)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_weights_saved_from_either_form_load_into_the_other(options, tmp_path):
+    torch.manual_seed(1)
+    fused = fuse_relu_dropout(Net(**options))
+    torch.manual_seed(2)
+    plain = Net(**options)
+    torch.save(fused.state_dict(), tmp_path / "fused.pt")
+    torch.save(plain.state_dict(), tmp_path / "plain.pt")
+    into_plain, into_fused = Net(**options), fuse_relu_dropout(Net(**options))
+    into_plain.load_state_dict(torch.load(tmp_path / "fused.pt", weights_only=True))
+    into_fused.load_state_dict(torch.load(tmp_path / "plain.pt", weights_only=True))
+    for loaded, saved in ((into_plain, fused), (into_fused, plain)):
+        a, b = loaded.state_dict(), saved.state_dict()
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_format_layer_table(table):

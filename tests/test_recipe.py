@@ -60,3 +60,7 @@ def test_build_model_follows_the_recipe():
     assert all(type(m).__name__ == "ReLUDropout" for m in fast.modules()
                if isinstance(m, torch.nn.Dropout))
     assert sum(type(m).__name__ == "ReLUDropout" for m in fast.modules()) == 5
+    # fused or not, one set of weights under one set of keys
+    plain = utils.build_model({**utils.RECIPE, "dropout_plan": "every", "loader": "torchvision"},
+                              cpu)
+    assert list(fast.state_dict()) == list(plain.state_dict())
