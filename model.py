@@ -5,15 +5,17 @@ It follows the original write-up's table row by row: output sizes 26 -> 24 -> ma
 channel reductions included, is Conv-BN-ReLU; 10% dropout follows conv1 and conv2 only ("Dropout
 1", "Dropout 2"); the last conv has no activation and feeds log-softmax.
 
-Read top to bottom: the options, `Net`, its parameter count and receptive-field table, and last
-`ReLUDropout`, the fused ReLU + dropout that the fast path trains with on the CPU.
+Read top to bottom: the options, `Net` (the table, one line per row), the helpers its rows are
+built with, and its parameter count and receptive-field table. The fast path trains this same
+model with each ReLU + Dropout pair fused into one module on the CPU; that form is made from a
+built `Net` from outside, by support/fused_dropout.py's `fuse_relu_dropout`.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,21 +53,20 @@ def scaled_channels(width: float = 1.0) -> tuple[int, ...]:
 class Net(nn.Module):
     """The S6 CNN. `forward` returns log-probabilities of shape (N, 10).
 
-    `dropout_plan` names the blocks followed by dropout (a key of DROPOUT_PLANS).
-    `fast_dropout=False` uses nn.ReLU + nn.Dropout, exactly as the original; the default fuses
-    them into ReLUDropout, itself an nn.Dropout. Both have the same weights, and either loads
-    the other's state_dict.
-    Options for the ablation (the defaults are the table, module for module):
+    The defaults are the write-up's table, module for module: Conv-BN-ReLU blocks, nn.Dropout
+    after conv1 and conv2. Options for the experiments and the ablation:
+    `dropout_plan` names the blocks followed by dropout (a key of DROPOUT_PLANS);
     `batch_norm=False` removes every BatchNorm and gives each conv a bias;
     `transitions="bare"` makes the two 1x1 reductions plain convs (no BN-ReLU);
     `head="gap"` replaces conv6 by global average pooling and a 1x1 conv;
     `width` scales every channel count (see scaled_channels).
+    The fast path trains the same model with each ReLU + Dropout fused into one module
+    (support/fused_dropout.py); the weights and their state_dict keys are the same.
     """
 
     def __init__(self, channels: tuple[int, ...] | None = None, dropout: float = DROPOUT,
-                 dropout_plan: str = "table", fast_dropout: bool = True,
-                 batch_norm: bool = True, transitions: str = "bn-relu", head: str = "conv",
-                 width: float = 1.0) -> None:
+                 dropout_plan: str = "table", batch_norm: bool = True,
+                 transitions: str = "bn-relu", head: str = "conv", width: float = 1.0) -> None:
         super().__init__()
         for name, value, known in (("dropout plan", dropout_plan, DROPOUT_PLANS),
                                    ("transitions", transitions, TRANSITIONS),
@@ -74,62 +75,61 @@ class Net(nn.Module):
                 raise ValueError(f"unknown {name} {value!r}: use one of {', '.join(known)}")
         self.channels = channels = channels or scaled_channels(width)
         c1, c2, t1, c3, c4, t2, c5, out = channels
-        dropped = DROPOUT_PLANS[dropout_plan]
+        # The dropout after each 3x3 block: `dropout` where the plan puts some, else none.
+        drop = {name: dropout if name in DROPOUT_PLANS[dropout_plan] else 0.0
+                for name in ("conv1", "conv2", "conv3", "conv4", "conv5")}
+        bn = batch_norm  # short, so that each row of the table fits on one line
 
-        def block(name: str, c_in: int, c_out: int, kernel: int = 3,
-                  padding: int = 0) -> tuple[str, nn.Module]:
-            if name.startswith("trans") and transitions == "bare":
-                # Still a Sequential, so the conv's weights keep their state_dict key.
-                return name, nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=not batch_norm))
-            p = dropout if name in dropped else 0.0
-            return name, conv_block(c_in, c_out, kernel, padding, p, fast_dropout, batch_norm)
-
-        def last_stages() -> list[tuple[str, nn.Module]]:
-            if head == "conv":
-                return [("conv6", nn.Conv2d(c5, out, kernel_size=3, bias=not batch_norm))]
-            return [("gap", nn.AdaptiveAvgPool2d(1)),  # 3 -> 1, the mean of each channel
-                    ("conv6", nn.Conv2d(c5, out, kernel_size=1, bias=not batch_norm))]
-
-        self.features = nn.Sequential()
-        # Built in the table's order: each conv draws its initial weights from the seeded
-        # generator as it is made, so the order fixes every weight a seed gives.
-        stages: list[tuple[str, nn.Module]] = [
-            block("conv1", 1, c1),  # 28 -> 26
-            block("conv2", c1, c2),  # 26 -> 24
-            ("pool1", nn.MaxPool2d(2, 2)),  # 24 -> 12
-            block("trans1", c2, t1, kernel=1),  # 12 -> 12, channel reduction
-            block("conv3", t1, c3, padding=1),  # 12 -> 12
-            block("conv4", c3, c4),  # 12 -> 10
-            ("pool2", nn.MaxPool2d(2, 2)),  # 10 -> 5
-            block("trans2", c4, t2, kernel=1),  # 5 -> 5, channel reduction
-            block("conv5", t2, c5),  # 5 -> 3
-            *last_stages(),  # 3 -> 1
+        # The write-up's table, one row per stage: its output size and receptive field in the
+        # comment. Built top to bottom: each conv draws its initial weights from the seeded
+        # generator as it is made, so this order fixes every weight a seed gives.
+        rows: list[tuple[str, nn.Module]] = [
+            ("conv1", conv_bn_relu(1, c1, 3, bn, drop["conv1"])),  # 28 -> 26, RF 3
+            ("conv2", conv_bn_relu(c1, c2, 3, bn, drop["conv2"])),  # 26 -> 24, RF 5
+            ("pool1", nn.MaxPool2d(2, 2)),  # 24 -> 12, RF 6
+            ("trans1", transition(c2, t1, transitions, bn)),  # 12 -> 12, RF 6
+            ("conv3", conv_bn_relu(t1, c3, 3, bn, drop["conv3"], padding=1)),  # 12 -> 12, RF 10
+            ("conv4", conv_bn_relu(c3, c4, 3, bn, drop["conv4"])),  # 12 -> 10, RF 14
+            ("pool2", nn.MaxPool2d(2, 2)),  # 10 -> 5, RF 16
+            ("trans2", transition(c4, t2, transitions, bn)),  # 5 -> 5, RF 16
+            ("conv5", conv_bn_relu(t2, c5, 3, bn, drop["conv5"])),  # 5 -> 3, RF 24
         ]
-        for name, module in stages:
-            self.features.add_module(name, module)
+        if head == "conv":  # the table's conv6: no BatchNorm, no ReLU, straight to log-softmax
+            rows.append(("conv6", nn.Conv2d(c5, out, 3, bias=not bn)))  # 3 -> 1, RF 32
+        else:  # "gap": each channel's mean, then a 1x1 conv mixes c5 channels into 10
+            rows.append(("gap", nn.AdaptiveAvgPool2d(1)))  # 3 -> 1, RF 32
+            rows.append(("conv6", nn.Conv2d(c5, out, 1, bias=not bn)))  # 1 -> 1, RF 32
+        self.features = nn.Sequential(OrderedDict(rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         return F.log_softmax(x.flatten(1), dim=1)
 
 
-def conv_block(c_in: int, c_out: int, kernel: int = 3, padding: int = 0, dropout: float = 0.0,
-               fast_dropout: bool = True, batch_norm: bool = True) -> nn.Sequential:
-    """Conv-BN-ReLU, then Dropout(p) when p > 0. No conv bias: BatchNorm's shift makes it redundant.
+def conv_bn_relu(c_in: int, c_out: int, kernel: int, batch_norm: bool = True,
+                 dropout: float = 0.0, padding: int = 0) -> nn.Sequential:
+    """Conv-BN-ReLU, then Dropout(dropout) when it is not 0: one row of the table.
 
-    With `fast_dropout` the ReLU and the dropout are one module, ReLUDropout (same function,
-    cheaper on the CPU); without, they are nn.ReLU and nn.Dropout, as in the original. Either
-    way the weights sit at indices 0 (conv) and 1 (BatchNorm), so both forms share a state_dict.
-    `batch_norm=False` (the ablation) drops the BatchNorm and gives the conv the bias it then
-    needs: Conv-ReLU.
+    No conv bias: BatchNorm's shift makes it redundant. `batch_norm=False` (the ablation)
+    drops the BatchNorm and gives the conv the bias it then needs: Conv-ReLU. The weights sit
+    at indices 0 (conv) and 1 (BatchNorm) either way, so their state_dict keys never move.
     """
     conv = nn.Conv2d(c_in, c_out, kernel_size=kernel, padding=padding, bias=not batch_norm)
     layers: list[nn.Module] = [conv, nn.BatchNorm2d(c_out)] if batch_norm else [conv]
-    if dropout == 0:
-        return nn.Sequential(*layers, nn.ReLU())
-    if fast_dropout:
-        return nn.Sequential(*layers, ReLUDropout(dropout))
-    return nn.Sequential(*layers, nn.ReLU(), nn.Dropout(dropout))
+    layers.append(nn.ReLU())
+    if dropout != 0:  # not `> 0`: nn.Dropout refuses a negative rate, which is a typo
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def transition(c_in: int, c_out: int, kind: str = "bn-relu",
+               batch_norm: bool = True) -> nn.Sequential:
+    """A 1x1 channel reduction: the table's Conv-BN-ReLU ("bn-relu"), or a plain 1x1 conv
+    ("bare", the ablation), still in a Sequential so that its weight keeps its state_dict key
+    (trans1.0.weight)."""
+    if kind == "bare":
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=not batch_norm))
+    return conv_bn_relu(c_in, c_out, 1, batch_norm)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -214,78 +214,3 @@ def format_layer_table(rows: list[LayerInfo]) -> str:
                      f"| {r.receptive_field} | {r.jump} | {r.params:,} |")
     lines.append(f"| **total** | | | | | | **{sum(r.params for r in rows):,}** |")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# ReLUDropout: ReLU then dropout in one autograd step, the fast path's form on the CPU.
-# ---------------------------------------------------------------------------------------------
-class ReLUDropout(nn.Dropout):
-    """ReLU then dropout(p), in one autograd step on the CPU; plain F.relu + F.dropout elsewhere.
-
-    Same function as nn.ReLU followed by nn.Dropout(p): each element is zeroed with
-    probability p and survivors are scaled by 1 / (1 - p). It is an nn.Dropout, so code that
-    looks for dropout by type (the course's graders do) finds it. It is cheaper on the CPU
-    because (README, "Speed"):
-    - PyTorch draws one Mersenne-Twister number per element for the dropout mask. Here each
-      64-bit draw from the same seeded generator yields four 16-bit uniforms, compared against
-      round(p * 2^16): the drop rate is p to within 1e-5.
-    - ReLU and the mask are applied together, and the gradient is read off the output (an
-      element passes gradient exactly when it came out non-zero), so no mask is stored: the
-      output is kept for the next conv's backward anyway.
-    Under torch.compile it is plain relu + dropout, which Inductor fuses itself (and some
-    torch releases cannot compile the mask's in-place `random_`).
-    """
-
-    def __init__(self, p: float = DROPOUT) -> None:
-        if not 0 <= p <= 1:
-            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-        super().__init__(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.training and 0 < self.p < 1 and x.device.type == "cpu"
-                and not _compiling()):
-            return _ReLUDropoutFn.apply(x, self.p)
-        return F.dropout(F.relu(x), self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def _compiling() -> bool:
-    """True while torch.compile traces the model (torch.compiler.is_compiling is 2.3+)."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling")
-                and compiler.is_compiling())
-
-
-def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Bernoulli(1 - p) booleans shaped and laid out like x, four 16-bit uniforms per draw."""
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-    uniforms = _like(bits.view(torch.int16)[:n], x)
-    return uniforms >= -(2**15) + round(p * 2**16)
-
-
-def _like(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """View a flat tensor with x's shape and, when x is dense, its memory layout (no copy).
-
-    The mask's elements are i.i.d., so any layout serves: take x's own (channels-last too).
-    """
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return flat.as_strided(x.shape, x.stride())
-    return flat.view(x.shape)
-
-
-class _ReLUDropoutFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
-        scale = 1.0 / (1.0 - p)
-        out = torch.where(keep_mask(x, p), x, 0).clamp_min_(0).mul_(scale)
-        ctx.save_for_backward(out)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (out,) = ctx.saved_tensors
-        return torch.ops.aten.threshold_backward(grad, out, 0).mul_(ctx.scale), None

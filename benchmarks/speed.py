@@ -9,8 +9,8 @@ On CUDA the full epoch is always timed: it runs `fit` itself, with the host read
 
 `torchvision` is the original pipeline (per-sample PIL transforms in a DataLoader, the model in
 its original form); `fast` keeps MNIST on the device, augments whole batches and runs the model
-channels-last with ReLU and dropout fused (model.ReLUDropout), and on a glibc CPU keeps freed
-memory for reuse (devices.keep_freed_memory, set when the fast run is built, after the
+channels-last with ReLU and dropout fused (fused_dropout.ReLUDropout), and on a glibc CPU keeps
+freed memory for reuse (devices.keep_freed_memory, set when the fast run is built, after the
 torchvision run). The last line is the speed-up of fast over torchvision;
 benchmarks/step.py shows what each part of the compute buys.
 """

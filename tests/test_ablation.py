@@ -29,6 +29,7 @@ from support import (
     fast_loader,
     mnist_files,  # noqa: E402
 )
+from support.fused_dropout import ReLUDropout, fuse_relu_dropout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVS = ("conv1", "conv2", "trans1", "conv3", "conv4", "trans2", "conv5")
@@ -45,7 +46,9 @@ def test_no_batch_norm_removes_every_batchnorm_and_gives_each_conv_a_bias():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 8 and all(c.bias is not None for c in convs)
-    assert sum(isinstance(m, model.ReLUDropout) for m in net.modules()) == 2  # dropout kept
+    assert sum(type(m) is nn.Dropout for m in net.modules()) == 2  # dropout kept
+    fused = fuse_relu_dropout(Net(batch_norm=False))  # Conv-ReLU-Dropout fuses too
+    assert sum(isinstance(m, ReLUDropout) for m in fused.modules()) == 2
     assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
@@ -85,7 +88,7 @@ def built(recipe: dict) -> torch.nn.Module:
     return utils.prepare_model(Net(**utils.net_options(recipe)), recipe, torch.device("cpu"))
 
 
-def test_build_model_follows_the_recipe():
+def test_prepare_model_follows_the_recipe():
     recipe = {**utils.RECIPE, "batch_norm": False, "transitions": "bare"}
     net = built(recipe)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from model import Net
+from support.fused_dropout import fuse_relu_dropout
 
 
 def total_parameters(model: nn.Module) -> int:
@@ -30,9 +31,10 @@ def test_uses_batch_normalization():
 
 
 def test_uses_dropout():
-    # The fused ReLU + dropout of the fast path is itself an nn.Dropout: found by type.
+    # Net() has nn.Dropout itself; the fast path's fused ReLU + dropout, made from it by
+    # fuse_relu_dropout, is an nn.Dropout too: found by type either way.
     assert any(isinstance(m, nn.Dropout) for m in Net().modules())
-    assert any(isinstance(m, nn.Dropout) for m in Net(fast_dropout=False).modules())
+    assert any(isinstance(m, nn.Dropout) for m in fuse_relu_dropout(Net()).modules())
     assert any(isinstance(m, nn.Dropout) for m in Net(head="gap").modules())
 
 
@@ -47,4 +49,13 @@ def test_gap_form_uses_global_average_pooling_or_a_linear_layer():
 
 def test_output_shape_is_one_by_ten():
     for net in (Net(), Net(head="gap")):
+        assert net(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_the_fast_paths_fused_form_passes_the_same_checks():
+    """What the fast path trains, fuse_relu_dropout(Net()), passes each check Net() passes."""
+    for net in (fuse_relu_dropout(Net()), fuse_relu_dropout(Net(head="gap"))):
+        assert total_parameters(net) < 20000
+        assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+        assert any(isinstance(m, nn.Dropout) for m in net.modules())
         assert net(torch.randn(1, 1, 28, 28)).shape == (1, 10)

@@ -1,13 +1,20 @@
-"""The network's shape, size and its fused CPU ReLU + dropout."""
+"""The network's shape and size, and the fast path's fused CPU ReLU + dropout
+(support/fused_dropout.py), applied to a built Net."""
 
 from __future__ import annotations
+
+import contextlib
+import io
 
 import pytest
 import torch
 from torch import nn
+from torchsummary import summary
 
 import model
 from model import Net
+from support import fused_dropout
+from support.fused_dropout import ReLUDropout, fuse_relu_dropout
 
 SIZES = [26, 24, 12, 12, 12, 10, 5, 5, 3, 1]
 RECEPTIVE_FIELDS = [3, 5, 6, 6, 10, 14, 16, 16, 24, 32]
@@ -81,29 +88,31 @@ def stage(net: Net, name: str) -> nn.Module:
 
 def test_blocks_follow_the_write_ups_table():
     """Every conv but the last is Conv-BN-ReLU, the 1x1 reductions too; dropout follows
-    conv1 and conv2 only; conv6 is a bare conv."""
+    conv1 and conv2 only; conv6 is a bare conv. The same in the fused form."""
     for fast in (True, False):
-        net = Net(fast_dropout=fast)
+        net = fuse_relu_dropout(Net()) if fast else Net()
         for name in ("conv1", "conv2", "trans1", "conv3", "conv4", "trans2", "conv5"):
             block = stage(net, name)
             assert isinstance(block[0], nn.Conv2d), name
             assert isinstance(block[1], nn.BatchNorm2d), name
-            dropped = any(isinstance(m, (nn.Dropout, model.ReLUDropout)) for m in block)
+            dropped = any(isinstance(m, (nn.Dropout, ReLUDropout)) for m in block)
             assert dropped == (name in ("conv1", "conv2")), name
             assert isinstance(block[2], nn.ReLU if not dropped or not fast
-                              else model.ReLUDropout), name
+                              else ReLUDropout), name
+            if dropped and not fast:  # the original: nn.ReLU, then nn.Dropout
+                assert type(block[3]) is nn.Dropout and len(block) == 4, name
         assert stage(net, "trans1")[0].kernel_size == (1, 1)
         assert stage(net, "trans2")[0].kernel_size == (1, 1)
         assert isinstance(stage(net, "conv6"), nn.Conv2d)
 
 
 def test_every_plan_puts_dropout_after_each_3x3_block():
-    net = Net(dropout_plan="every", fast_dropout=False)
+    net = Net(dropout_plan="every")
     dropped = [name for name, s in net.features.named_children()
                if any(isinstance(m, nn.Dropout) for m in s.modules())]
     assert dropped == ["conv1", "conv2", "conv3", "conv4", "conv5"]
-    assert not any(isinstance(m, (nn.Dropout, model.ReLUDropout))
-                   for m in Net(dropout_plan="none").modules())
+    assert not any(isinstance(m, (nn.Dropout, ReLUDropout))
+                   for m in fuse_relu_dropout(Net(dropout_plan="none")).modules())
 
 
 def test_an_unknown_dropout_plan_is_refused():
@@ -113,30 +122,145 @@ def test_an_unknown_dropout_plan_is_refused():
 
 def test_every_form_has_the_same_weights():
     """Fast or original dropout, any dropout plan: one state_dict, loadable by any other."""
-    nets = [Net(dropout_plan=plan, fast_dropout=fast)
+    nets = [fuse_relu_dropout(Net(dropout_plan=plan)) if fast else Net(dropout_plan=plan)
             for plan in model.DROPOUT_PLANS for fast in (True, False)]
     shapes = [{k: v.shape for k, v in n.state_dict().items()} for n in nets]
     assert all(s == shapes[0] for s in shapes)
     for a in nets:
         for b in nets:
             b.load_state_dict(a.state_dict())
-    fast, original = Net(), Net(fast_dropout=False)
-    assert sum(isinstance(m, model.ReLUDropout) for m in fast.modules()) == 2
+    fast, original = fuse_relu_dropout(Net()), Net()
+    assert sum(isinstance(m, ReLUDropout) for m in fast.modules()) == 2
     # The fused form is itself an nn.Dropout (the course's graders look for one by type), and
     # the only one: no separate nn.ReLU + nn.Dropout pair is left beside it.
-    assert all(isinstance(m, model.ReLUDropout) for m in fast.modules()
+    assert all(isinstance(m, ReLUDropout) for m in fast.modules()
                if isinstance(m, nn.Dropout))
-    assert not any(isinstance(m, model.ReLUDropout) for m in original.modules())
+    assert not any(isinstance(m, ReLUDropout) for m in original.modules())
     assert sum(isinstance(m, nn.Dropout) for m in original.modules()) == 2
 
 
 def test_fast_and_original_dropout_agree_in_eval_mode():
     torch.manual_seed(0)
-    fast = Net().eval()
-    original = Net(fast_dropout=False).eval()
+    fast = fuse_relu_dropout(Net()).eval()
+    original = Net().eval()
     original.load_state_dict(fast.state_dict())
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(fast(x), original(x))
+
+
+def torchsummary_rows(net: nn.Module) -> list[str]:
+    """The layer types of torchsummary's table, one per row, as the notebook prints it."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary(net, (1, 28, 28), device="cpu")
+    return [line.split()[0].rsplit("-", 1)[0] for line in out.getvalue().splitlines()
+            if line.split() and line.split()[0].rsplit("-", 1)[-1].isdigit()]
+
+
+def test_torchsummary_shows_the_tables_relu_and_dropout_rows():
+    """What a learner sees of Net(): nn.ReLU and nn.Dropout, each on a row of its own, as the
+    write-up's table lists them ("Dropout 1", "Dropout 2"); no fused module."""
+    rows = torchsummary_rows(Net())
+    assert rows.count("Dropout") == 2
+    assert rows.count("ReLU") == 7
+    assert "ReLUDropout" not in rows
+    assert rows[:8] == ["Conv2d", "BatchNorm2d", "ReLU", "Dropout",
+                        "Conv2d", "BatchNorm2d", "ReLU", "Dropout"]
+    # fused from outside, the same summary shows the fast path's form instead
+    assert torchsummary_rows(fuse_relu_dropout(Net())).count("ReLUDropout") == 2
+
+
+def test_net_is_built_from_torchs_own_modules_only():
+    allowed = (Net, nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.MaxPool2d,
+               nn.AdaptiveAvgPool2d)
+    for options in ({}, {"head": "gap"}, {"dropout_plan": "every"}, {"batch_norm": False},
+                    {"transitions": "bare"}):
+        assert all(type(m) in allowed for m in Net(**options).modules()), options
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse_relu_dropout: the fast path's form, made from a built Net.
+# ---------------------------------------------------------------------------------------------
+OPTIONS = [{}, {"dropout_plan": "every"}, {"dropout_plan": "none"}, {"batch_norm": False},
+           {"transitions": "bare"}, {"head": "gap"}, {"width": 0.7}]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_fusing_keeps_every_state_dict_key_and_value(options):
+    torch.manual_seed(0)
+    net = Net(**options)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fused = fuse_relu_dropout(net)
+    assert fused is net  # in place, and returned like torch.compile's wrapped model
+    after = fused.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    dropped = sum(type(m) is nn.Dropout for m in Net(**options).modules())
+    assert sum(isinstance(m, ReLUDropout) for m in fused.modules()) == dropped
+    assert not any(type(m) is nn.Dropout for m in fused.modules())
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_the_fused_model_gives_the_plain_ones_eval_output(options):
+    torch.manual_seed(0)
+    plain = Net(**options)
+    for m in plain.modules():  # running statistics that are not the defaults' 0 and 1
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    fused = Net(**options)
+    fused.load_state_dict(plain.state_dict())
+    fuse_relu_dropout(fused)
+    x = torch.randn(5, 1, 28, 28)
+    torch.testing.assert_close(fused.eval()(x), plain.eval()(x), rtol=0, atol=0)
+
+
+def test_fusing_twice_changes_nothing():
+    once = fuse_relu_dropout(Net(dropout_plan="every"))
+    shape = repr(once)
+    keys = list(once.state_dict())
+    fused_modules = [m for m in once.modules() if isinstance(m, ReLUDropout)]
+    twice = fuse_relu_dropout(once)
+    assert repr(twice) == shape
+    assert list(twice.state_dict()) == keys
+    # the very same modules, not new ones
+    assert [m for m in twice.modules() if isinstance(m, ReLUDropout)] == fused_modules
+
+
+def test_a_relu_without_dropout_and_a_dropout_subclass_are_left_alone():
+    class OtherDropout(nn.Dropout):
+        pass
+
+    alone, other = nn.ReLU(), OtherDropout(0.2)
+    seq = nn.Sequential(nn.Conv2d(1, 2, 1), alone, nn.Conv2d(2, 2, 1), nn.ReLU(), other,
+                        nn.Sequential(nn.ReLU(), nn.Dropout(0.3)))  # a nested pair is fused
+    fuse_relu_dropout(seq)
+    assert seq[1] is alone and seq[4] is other and type(seq[3]) is nn.ReLU
+    assert isinstance(seq[5][0], ReLUDropout) and seq[5][0].p == 0.3 and len(seq[5]) == 1
+
+
+def test_fusing_a_pair_mid_sequence_keeps_the_later_keys():
+    seq = nn.Sequential(nn.ReLU(), nn.Dropout(0.1), nn.Conv2d(1, 1, 1))
+    keys = list(seq.state_dict())
+    fuse_relu_dropout(seq)
+    assert list(seq.state_dict()) == keys == ["2.weight", "2.bias"]
+    assert isinstance(seq[0], ReLUDropout) and isinstance(seq[1], nn.Conv2d)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_weights_saved_from_either_form_load_into_the_other(options, tmp_path):
+    torch.manual_seed(1)
+    fused = fuse_relu_dropout(Net(**options))
+    torch.manual_seed(2)
+    plain = Net(**options)
+    torch.save(fused.state_dict(), tmp_path / "fused.pt")
+    torch.save(plain.state_dict(), tmp_path / "plain.pt")
+    into_plain, into_fused = Net(**options), fuse_relu_dropout(Net(**options))
+    into_plain.load_state_dict(torch.load(tmp_path / "fused.pt", weights_only=True))
+    into_fused.load_state_dict(torch.load(tmp_path / "plain.pt", weights_only=True))
+    for loaded, saved in ((into_plain, fused), (into_fused, plain)):
+        a, b = loaded.state_dict(), saved.state_dict()
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_format_layer_table(table):
@@ -151,14 +275,14 @@ def test_format_layer_table(table):
 
 
 # ---------------------------------------------------------------------------------------------
-# model.ReLUDropout: ReLU then dropout, with the cheaper CPU mask.
+# fused_dropout.ReLUDropout: ReLU then dropout, with the cheaper CPU mask.
 # ---------------------------------------------------------------------------------------------
 N = 1_000_000
 KEEP_SCALE = 1 / 0.9
 
 
 def relu_dropout(x: torch.Tensor, p: float = 0.1) -> torch.Tensor:
-    return model.ReLUDropout(p).train()(x)
+    return ReLUDropout(p).train()(x)
 
 
 def test_drops_ten_percent_and_scales_the_rest():
@@ -207,7 +331,7 @@ def test_keep_mask_threshold_is_p_to_within_1e_5():
         assert abs(round(p * 2**16) / 2**16 - p) < 1e-5
     x = torch.empty(4 * 2**16)
     torch.manual_seed(4)
-    assert abs((~model.keep_mask(x, 0.5)).float().mean().item() - 0.5) < 0.005
+    assert abs((~fused_dropout.keep_mask(x, 0.5)).float().mean().item() - 0.5) < 0.005
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
@@ -224,16 +348,16 @@ def test_other_rates_behave_like_relu_then_nn_dropout(p):
 
 def test_rejects_a_rate_outside_zero_to_one():
     with pytest.raises(ValueError, match="dropout probability"):
-        model.ReLUDropout(1.5)
+        ReLUDropout(1.5)
 
 
 def test_eval_mode_is_plain_relu():
     x = torch.randn(1000)
-    assert torch.equal(model.ReLUDropout(0.1).eval()(x), torch.relu(x))
+    assert torch.equal(ReLUDropout(0.1).eval()(x), torch.relu(x))
 
 
 def test_is_reproducible_under_manual_seed():
-    drop = model.ReLUDropout(0.1).train()
+    drop = ReLUDropout(0.1).train()
     x = torch.randn(10_000)
     torch.manual_seed(7)
     a = drop(x)

@@ -59,7 +59,7 @@ def built(recipe: dict) -> torch.nn.Module:
     return utils.prepare_model(Net(**utils.net_options(recipe)), recipe, torch.device("cpu"))
 
 
-def test_build_model_follows_the_recipe():
+def test_prepare_model_follows_the_recipe():
     fast = built({**utils.RECIPE, "dropout_plan": "every"})
     original = built({**utils.RECIPE, "loader": "torchvision"})
     assert sum(isinstance(m, torch.nn.Dropout) for m in original.modules()) == 2
@@ -67,3 +67,6 @@ def test_build_model_follows_the_recipe():
     assert all(type(m).__name__ == "ReLUDropout" for m in fast.modules()
                if isinstance(m, torch.nn.Dropout))
     assert sum(type(m).__name__ == "ReLUDropout" for m in fast.modules()) == 5
+    # fused or not, one set of weights under one set of keys
+    plain = built({**utils.RECIPE, "dropout_plan": "every", "loader": "torchvision"})
+    assert list(fast.state_dict()) == list(plain.state_dict())
