@@ -5,7 +5,11 @@ for a complete run, and bars that clear themselves."""
 from __future__ import annotations
 
 import io
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -351,3 +355,48 @@ def test_leftovers_of_a_killed_save_are_removed(tmp_path, mnist_dir, capsys):
     opened(RECIPE, path, mnist_dir)
     assert not leftover.exists()
     assert f"removed {leftover}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Colab's first cell: with the placeholder address, or a clone that fails, one line and no
+# traceback.
+# ---------------------------------------------------------------------------------------------
+COLAB_CELL = next(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
+                  if c.cell_type == "code" and "REPO = " in c.source)
+PLACEHOLDER = re.search(r'^REPO = "([^"]+)"', COLAB_CELL, re.M).group(1)
+
+
+def colab_cell(tmp_path: Path, repo: str) -> tuple[subprocess.CompletedProcess, bool]:
+    """Run the cell where the repository's files are not (a fresh folder, as Colab's /content),
+    with a `git` that fails as one offline would; return the run and whether git ran."""
+    bin_dir, work = tmp_path / "bin", tmp_path / "content"
+    bin_dir.mkdir()
+    work.mkdir()
+    called = tmp_path / "git-called"
+    git = bin_dir / "git"
+    git.write_text(f"#!/bin/sh\ntouch {shlex.quote(str(called))}\n"
+                   "echo \"fatal: unable to access 'https://github.com/': Could not resolve host\""
+                   " >&2\nexit 128\n")
+    git.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    source = COLAB_CELL.replace(f'REPO = "{PLACEHOLDER}"', f'REPO = "{repo}"')
+    done = subprocess.run([sys.executable, "-c", source], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=120)
+    return done, called.exists()
+
+
+def test_colab_cell_with_the_placeholder_says_what_to_set_in_one_line(tmp_path):
+    done, git_ran = colab_cell(tmp_path, PLACEHOLDER)
+    assert done.returncode == 0 and done.stderr == ""
+    (line,) = done.stdout.splitlines()
+    assert "set REPO above" in line and "upload" in line
+    assert not git_ran
+
+
+def test_colab_cell_whose_clone_fails_says_why_in_one_line(tmp_path):
+    done, git_ran = colab_cell(tmp_path, "someone/s6-mnist")
+    assert git_ran
+    assert done.returncode == 0 and done.stderr == ""
+    (line,) = done.stdout.splitlines()
+    assert line.startswith("could not clone https://github.com/someone/s6-mnist: fatal:")
