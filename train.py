@@ -28,7 +28,6 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
     signal.signal(signal.SIGINT, lambda signum, frame: _ctrl_c_while_starting.append(signum))
 
 import argparse
-import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -39,8 +38,17 @@ from typing import NoReturn
 import torch
 
 import utils
-from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, count_parameters
-from support import checkpoints, devices, failures, metrics, mnist_files, outputs, stopping
+from model import DROPOUT_PLANS, HEADS, TRANSITIONS, count_parameters
+from support import (
+    checkpoints,
+    devices,
+    failures,
+    flag_types,
+    metrics,
+    mnist_files,
+    outputs,
+    stopping,
+)
 from support.augment import AUGMENTATIONS
 from support.checkpoints import epochs_text
 from support.stopping import flag
@@ -54,9 +62,6 @@ if _ctrl_c_while_starting:
 
 DEFAULT_CHECKPOINT = "checkpoints/last.pt"
 DEFAULT_DATA_DIR = "data"
-MAX_INT = 2**31 - 1  # far above any sensible size, and safe for every tensor index
-MAX_THREADS = 1024  # more than any machine here has cores; each thread costs memory
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 # With --resume, these flags change the run from the next epoch on; every other recipe flag
 # must match the checkpoint's recipe (README, "Interrupted? Resume").
 HONOURED_ON_RESUME = ("epochs", "lr", "compile")
@@ -64,79 +69,31 @@ HONOURED_ON_RESUME = ("epochs", "lr", "compile")
 HONOURED_ON_EVALUATE = ("test_batch_size", "limit_test")
 
 
-def positive_int(text: str, most: int = MAX_INT) -> int:
-    value = int(text)
-    if not 0 < value <= most:
-        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {most:,}, got {text}")
-    return value
-
-
-def threads_int(text: str) -> int:
-    return positive_int(text, MAX_THREADS)
-
-
-def seed_int(text: str) -> int:
-    value = int(text)
-    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
-        raise argparse.ArgumentTypeError(
-            f"must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def width_float(text: str) -> float:
-    value = positive_float(text)
-    if value > MAX_WIDTH:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_WIDTH:g}, got {text}")
-    return value
-
-
-def path_text(text: str) -> str:
-    """An empty path would mean the current folder, or no flag at all (`--evaluate ""` used
-    to start a training): refused."""
-    if not text:
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Recipe flags default to None, so a flag the user gave can be told from a default (a
     resume honours or refuses it); recipe_from fills in utils.RECIPE."""
     r = utils.RECIPE
     p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=positive_int,
+    p.add_argument("--epochs", type=flag_types.positive_int,
                    help=f"total epochs to train (default: {r['epochs']})")
-    p.add_argument("--batch-size", type=positive_int,
+    p.add_argument("--batch-size", type=flag_types.positive_int,
                    help=f"training images per SGD step (default: {r['batch_size']})")
-    p.add_argument("--test-batch-size", type=positive_int,
+    p.add_argument("--test-batch-size", type=flag_types.positive_int,
                    help=f"test images per forward pass (default: {r['test_batch_size']})")
-    p.add_argument("--lr", type=positive_float,
+    p.add_argument("--lr", type=flag_types.positive_float,
                    help=f"SGD's learning rate (default: {r['lr']})")
-    p.add_argument("--momentum", type=non_negative_float,
+    p.add_argument("--momentum", type=flag_types.non_negative_float,
                    help=f"SGD's momentum (default: {r['momentum']})")
-    p.add_argument("--step-size", type=positive_int,
+    p.add_argument("--step-size", type=flag_types.positive_int,
                    help=f"StepLR: epochs between learning-rate drops (default: {r['step_size']})")
-    p.add_argument("--gamma", type=positive_float,
+    p.add_argument("--gamma", type=flag_types.positive_float,
                    help=f"StepLR: factor of each drop (default: {r['gamma']})")
-    p.add_argument("--seed", type=seed_int,
+    p.add_argument("--seed", type=flag_types.seed_int,
                    help="fixes the weights, the shuffling, the augmentation and the dropout "
                         f"masks (default: {r['seed']})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to train: auto picks cuda, then mps, then cpu (default: auto)")
-    p.add_argument("--threads", type=threads_int,
+    p.add_argument("--threads", type=flag_types.threads_int,
                    help="CPU threads for torch (torch.set_num_threads; default: torch's own, "
                         "one per core). The README's timings and histories depend on it: on "
                         "the CPU another thread count gives other last digits")
@@ -158,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=list(HEADS),
                    help="conv = the table's 3x3 conv6 from 3x3 to 1x1; gap = global average "
                         f"pooling, then a 1x1 conv to 10 classes (default: {r['head']})")
-    p.add_argument("--width", type=width_float,
+    p.add_argument("--width", type=flag_types.width_float,
                    help="multiply every channel count by this, rounded to the nearest integer "
                         f"(the width sweep; default: {r['width']:g})")
     p.add_argument("--augmentation", choices=list(AUGMENTATIONS),
@@ -171,30 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="deterministic kernels and no TF32 on CUDA (slower); the CPU is "
                         "deterministic for a given thread count anyway")
-    p.add_argument("--data-dir", type=path_text, default=DEFAULT_DATA_DIR,
+    p.add_argument("--data-dir", type=flag_types.path_text, default=DEFAULT_DATA_DIR,
                    help="folder that holds MNIST/raw; the files are fetched into it when "
                         f"missing (default: {DEFAULT_DATA_DIR})")
     p.add_argument("--refetch", action="store_true",
                    help="replace MNIST files that fail their checks")
-    p.add_argument("--limit-train", type=positive_int,
+    p.add_argument("--limit-train", type=flag_types.positive_int,
                    help="use only the first N training images")
-    p.add_argument("--limit-test", type=positive_int, help="use only the first N test images")
+    p.add_argument("--limit-test", type=flag_types.positive_int,
+                   help="use only the first N test images")
     p.add_argument("--dry-run", action="store_true",
                    help="one training batch and one test batch, to check the set-up; "
                         "writes no checkpoint")
-    p.add_argument("--save-model", metavar="PATH", type=path_text,
+    p.add_argument("--save-model", metavar="PATH", type=flag_types.path_text,
                    help=f"checkpoint written after every epoch (default: {DEFAULT_CHECKPOINT}, "
                         "or the --resume file)")
     p.add_argument("--no-save", action="store_true", help="write no checkpoint")
     p.add_argument("--force", action="store_true",
                    help="let --save-model or --metrics replace an existing file that is not "
                         "this run's own")
-    p.add_argument("--resume", metavar="PATH", type=path_text,
+    p.add_argument("--resume", metavar="PATH", type=flag_types.path_text,
                    help="continue the run saved in this checkpoint; only --epochs, --lr and "
                         "--compile may change it")
-    p.add_argument("--evaluate", metavar="PATH", type=path_text,
+    p.add_argument("--evaluate", metavar="PATH", type=flag_types.path_text,
                    help="score a checkpoint on the test set, then exit; writes nothing")
-    p.add_argument("--metrics", metavar="PATH", type=path_text,
+    p.add_argument("--metrics", metavar="PATH", type=flag_types.path_text,
                    help="write the run's history and facts as JSON (replaces an earlier "
                         "metrics file of train.py; any other file only with --force)")
     p.add_argument("--quiet", action="store_true",

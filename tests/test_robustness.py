@@ -21,7 +21,7 @@ from test_cli import TINY, assert_no_traceback, env, train
 import train as cli
 import utils
 from model import Net
-from support import checkpoints, mnist_files, stopping
+from support import checkpoints, flag_types, mnist_files, stopping
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -482,10 +482,11 @@ def test_torchvision_failure_keeps_its_reason(tmp_path, small_mnist, monkeypatch
 
 
 def test_argparse_types_refuse_out_of_range_values():
-    for parse, text in ((cli.positive_int, str(2**31)), (cli.seed_int, str(-(2**63) - 1))):
+    for parse, text in ((flag_types.positive_int, str(2**31)),
+                        (flag_types.seed_int, str(-(2**63) - 1))):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
-    assert cli.seed_int(str(2**64 - 1)) == 2**64 - 1
+    assert flag_types.seed_int(str(2**64 - 1)) == 2**64 - 1
 
 
 
