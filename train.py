@@ -17,18 +17,14 @@ resume and evaluate, and the run itself; stopping.py says what a run that stops 
 
 from __future__ import annotations
 
-import signal
-import sys
+from support import startup
 
-# Ctrl-C while torch loads (seconds) is the user's choice, not a crash. A KeyboardInterrupt
-# raised inside an import can be swallowed by a library's bare `except`, so until the imports
-# are done Ctrl-C only takes note (main() then stops).
-_ctrl_c_while_starting: list[int] = []
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, lambda signum, frame: _ctrl_c_while_starting.append(signum))
+if __name__ == "__main__":
+    startup.hold_ctrl_c()  # until torch has loaded, Ctrl-C is only noted
 
 import argparse
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,12 +49,8 @@ from support.augment import AUGMENTATIONS
 from support.checkpoints import epochs_text
 from support.stopping import flag
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-if _ctrl_c_while_starting:
-    print("\ninterrupted (Ctrl-C) while starting; nothing was trained or saved.",
-          file=sys.stderr)
-    sys.exit(128 + signal.SIGINT)
+if __name__ == "__main__":
+    startup.release_ctrl_c()  # and one noted meanwhile stops here, in one line
 
 DEFAULT_CHECKPOINT = "checkpoints/last.pt"
 DEFAULT_DATA_DIR = "data"

@@ -13,5 +13,6 @@ them, one concern each:
     metrics      the JSON file a run leaves for the benchmarks
     mnist_files  the four MNIST files: found, downloaded or rebuilt from PyPI, each checked
     outputs      which files a run may write or replace
+    startup      Ctrl-C while train.py loads torch: noted, then a one-line stop
     stopping     how train.py stops early (signals, errors) and what it says then
 """
