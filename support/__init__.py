@@ -8,6 +8,7 @@ them, one concern each:
     devices      what differs between the CPU, CUDA and MPS, and the fast path's settings
     failures     which failures a user can cause or meet, in one line each
     figures      how a figure is drawn, saved and shown, and where a run's figures go
+    flag_checks  the checks of train.py's flags and paths, before any work starts
     flag_types   the value types of train.py's flags, and their limits
     locks        one process at a time on a file
     metrics      the JSON file a run leaves for the benchmarks

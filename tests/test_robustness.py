@@ -21,7 +21,7 @@ from test_cli import TINY, assert_no_traceback, env, train
 import train as cli
 import utils
 from model import Net
-from support import checkpoints, flag_types, mnist_files, stopping
+from support import checkpoints, flag_checks, flag_types, mnist_files, stopping
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -219,7 +219,7 @@ def test_read_only_data_folder_with_valid_files_is_accepted(mnist_dir, monkeypat
     def unwritable(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cli.tempfile, "NamedTemporaryFile", unwritable)
+    monkeypatch.setattr(flag_checks.tempfile, "NamedTemporaryFile", unwritable)
     args, _ = cli.parse_args(["--data-dir", str(mnist_dir), "--no-save", "--device", "cpu"])
     assert args.data_dir == str(mnist_dir)
 
@@ -228,7 +228,7 @@ def test_read_only_data_folder_that_needs_a_fetch_is_refused(tmp_path, monkeypat
     def unwritable(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cli.tempfile, "NamedTemporaryFile", unwritable)
+    monkeypatch.setattr(flag_checks.tempfile, "NamedTemporaryFile", unwritable)
     with pytest.raises(SystemExit) as exit_:
         cli.parse_args(["--data-dir", str(tmp_path), "--no-save", "--device", "cpu"])
     assert exit_.value.code == 2
