@@ -30,6 +30,7 @@ import torch
 import utils
 from model import DROPOUT_PLANS, HEADS, TRANSITIONS, count_parameters
 from support import (
+    boundary,
     checkpoints,
     failures,
     flag_checks,
@@ -40,6 +41,7 @@ from support import (
     stopping,
 )
 from support.augment import AUGMENTATIONS
+from support.boundary import error
 from support.checkpoints import epochs_text
 from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, UsageError
 
@@ -146,45 +148,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, torch
 
 
 # ---------------------------------------------------------------------------------------------
-# main, and its error boundary: every failure a user can cause or meet is one line.
+# main: check, then train, resume or evaluate.
 # ---------------------------------------------------------------------------------------------
-def error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
-
-
 def main(argv: list[str] | None = None, then_exit: bool = False) -> int:
-    """The command; `then_exit` when the process ends after it (stopping_on_signals)."""
-    line_buffered()
+    """The command. Inside its error boundary (support/boundary.py) a failure a user can cause
+    or meet ends in one line and an exit code, and a bug keeps its traceback; `then_exit` when
+    the process ends after it (stopping_on_signals)."""
     status = stopping.Status()
-    with stopping.stopping_on_signals(then_exit):
-        try:
-            args, device = parse_args(argv)
-            if args.data_dir != DEFAULT_DATA_DIR:
-                status.data_dir = args.data_dir
-            status.evaluating = bool(args.evaluate)
-            with flag_checks.checkpoint_held(args):
-                flag_checks.check_replacements(args)
-                return execute(args, device, status)
-        except KeyboardInterrupt as err:
-            return stopping.report_interrupt(err, status)
-        except UsageError as err:
-            flag_checks.refuse(str(err))
-        except BrokenPipeError:
-            return stopping.stop_quietly(status)
-        except Exception as err:
-            message = stopping.failure_message(err, status)
-            if message is None:
-                raise  # a bug: its traceback is what a fix needs
-            return error(message)
 
+    def command() -> int:
+        args, device = parse_args(argv)
+        if args.data_dir != DEFAULT_DATA_DIR:
+            status.data_dir = args.data_dir
+        status.evaluating = bool(args.evaluate)
+        with flag_checks.checkpoint_held(args):
+            flag_checks.check_replacements(args)
+            return execute(args, device, status)
 
-def line_buffered() -> None:
-    """Each line reaches a pipe or a file when it is printed (`| tee log`, `> log` followed
-    with tail -f): Python buffers a redirected stdout in 8 KB blocks otherwise."""
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(line_buffering=True)
+    return boundary.guarded(command, status, then_exit)
 
 
 def execute(args: argparse.Namespace, device: torch.device, status: stopping.Status) -> int:

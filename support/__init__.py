@@ -4,6 +4,7 @@ The learner reads the notebook, model.py, utils.py and train.py; these modules s
 them, one concern each:
 
     augment      the whole-batch crop-resize and rotation, pixel for pixel torchvision's
+    boundary     train.py's error boundary: each early end is one line and an exit code
     checkpoints  what a checkpoint holds, the atomic save, the lock, the checked load
     devices      what differs between the CPU, CUDA and MPS, and the fast path's settings
     failures     which failures a user can cause or meet, in one line each
