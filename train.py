@@ -7,12 +7,11 @@
     python train.py --help                           # every flag
 
 Flags follow pytorch/examples' mnist/main.py. A checkpoint is written after every epoch. Every
-flag and path is checked before any work starts (outputs.py's policy: no output replaces a file
-that is not its own without `--force`), one run at a time trains into a checkpoint, and every
-message about what was saved is checked against the file on disk. A failure a user can cause
-or meet is one line (failures.py recognises them); a bug keeps its traceback.
-Read top to bottom: the flags, `main` and its error boundary, the checks of flags and paths,
-resume and evaluate, and the run itself; stopping.py says what a run that stops early says.
+flag and path is checked before any work starts (no output replaces a file that is not its own
+without `--force`), one run at a time trains into a checkpoint, and every message about what
+was saved is checked against the file on disk. A failure a user can cause or meet is one line;
+a bug keeps its traceback. Read top to bottom: the flags, `main`, then the run; the machinery
+behind them is in support/ (flag_types, flag_checks, boundary, stopping, startup).
 """
 
 from __future__ import annotations
@@ -29,21 +28,12 @@ import torch
 
 import utils
 from model import DROPOUT_PLANS, HEADS, TRANSITIONS, count_parameters
-from support import (
-    boundary,
-    checkpoints,
-    failures,
-    flag_checks,
-    flag_types,
-    metrics,
-    mnist_files,
-    outputs,
-    stopping,
-)
+from support import checkpoints, failures, flag_checks, flag_types, metrics, outputs, stopping
 from support.augment import AUGMENTATIONS
-from support.boundary import error
+from support.boundary import error, guarded
 from support.checkpoints import epochs_text
 from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, UsageError
+from support.mnist_files import ensure_mnist
 
 if __name__ == "__main__":
     startup.release_ctrl_c()  # and one noted meanwhile stops here, in one line
@@ -165,10 +155,11 @@ def main(argv: list[str] | None = None, then_exit: bool = False) -> int:
             flag_checks.check_replacements(args)
             return execute(args, device, status)
 
-    return boundary.guarded(command, status, then_exit)
+    return guarded(command, status, then_exit)
 
 
 def execute(args: argparse.Namespace, device: torch.device, status: stopping.Status) -> int:
+    """Settle the recipe (the flags', or the checkpoint's), get MNIST, then train or score."""
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint = None
@@ -184,7 +175,7 @@ def execute(args: argparse.Namespace, device: torch.device, status: stopping.Sta
                          + ("resume with --no-compile" if args.resume else "train without it"))
     status.recipe = recipe
     status.doing = "getting MNIST"
-    mnist_files.ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet)
+    ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet)
     if args.evaluate:
         status.doing = "evaluating"
         return score_checkpoint(args, device, checkpoint["model"], recipe)
