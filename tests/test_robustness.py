@@ -322,6 +322,17 @@ def test_ctrl_c_while_starting_is_not_a_traceback(tmp_path):
     assert "interrupted" in stderr
 
 
+def test_what_loads_before_torch_loads_no_torch():
+    """support.startup holds Ctrl-C only if it is in place before torch loads, and the
+    benchmark drivers share flag_types' MAX_INT without paying for torch."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; import support.startup, support.flag_types, "
+         "benchmarks.common; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. load_checkpoint checks every part; --evaluate and --resume refuse in one line.
 # ---------------------------------------------------------------------------------------------
