@@ -1,14 +1,14 @@
-"""train.py's error boundary: every way its command ends early is one line and an exit code.
+"""train.py's error boundary: how its command ended, what that prints, and the exit code.
 
-    Ctrl-C, SIGTERM, SIGHUP        interrupted (...) while ...; what is on disk    128 + signal
-    a refused flag or path         train.py: error: ...  (argparse's form)         2
-    stdout's reader gone           stopped: the output was closed; ...             141
-    a failure a user can meet      error: ...  (stopping.failure_message)          1
-    anything else: a bug           its traceback                                   1
+    Ctrl-C, SIGTERM, SIGHUP     interrupted (...) while ...; then what is on disk   128 + signal
+    a refused flag or path      train.py: error: ...  (flag_checks.refuse)           2
+    stdout's reader gone        stopped: the output was closed; ...                  141
+    a failure a user can meet   error: ...  (stopping.failure_message)               1
+    anything else: a bug        its traceback                                        1
 
-stopping.py says what each line says; this module only decides which applies. It sits beside
-stopping.py rather than in it because it catches flag_checks.UsageError, and flag_checks
-builds its messages with stopping.py.
+stopping.py and flag_checks.py word the messages; this module only decides which applies. It
+sits beside stopping.py rather than in it because it catches flag_checks.UsageError, and
+flag_checks builds its messages with stopping.py.
 """
 
 from __future__ import annotations
