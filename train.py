@@ -7,109 +7,37 @@
     python train.py --help                           # every flag
 
 Flags follow pytorch/examples' mnist/main.py. A checkpoint is written after every epoch. Every
-flag and path is checked before any work starts (outputs.py's policy: no output replaces a file
-that is not its own without `--force`), one run at a time trains into a checkpoint, and every
-message about what was saved is checked against the file on disk. A failure a user can cause
-or meet is one line (failures.py recognises them); a bug keeps its traceback.
-Read top to bottom: the flags, `main` and its error boundary, the checks of flags and paths,
-resume and evaluate, and the run itself; stopping.py says what a run that stops early says.
+flag and path is checked before any work starts (no output replaces a file that is not its own
+without `--force`), one run at a time trains into a checkpoint, and every message about what
+was saved is checked against the file on disk. A failure a user can cause or meet is one line;
+a bug keeps its traceback. Read top to bottom: the flags, `main`, then the run; the machinery
+behind them is in support/ (flag_types, flag_checks, boundary, stopping, startup).
 """
 
 from __future__ import annotations
 
-import signal
-import sys
+from support import startup
 
-# Ctrl-C while torch loads (seconds) is the user's choice, not a crash. A KeyboardInterrupt
-# raised inside an import can be swallowed by a library's bare `except`, so until the imports
-# are done Ctrl-C only takes note (main() then stops).
-_ctrl_c_while_starting: list[int] = []
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, lambda signum, frame: _ctrl_c_while_starting.append(signum))
+if __name__ == "__main__":
+    startup.hold_ctrl_c()  # until torch has loaded, Ctrl-C is only noted
 
 import argparse
-import math
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import NoReturn
+import sys
 
 import torch
 
 import utils
-from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, Net, count_parameters
-from support import checkpoints, devices, failures, metrics, mnist_files, outputs, stopping
+from model import DROPOUT_PLANS, HEADS, TRANSITIONS, Net, count_parameters
+from support import checkpoints, failures, flag_checks, flag_types, metrics, outputs, stopping
 from support.augment import AUGMENTATIONS
+from support.bookkeeping import NonFiniteLoss
+from support.boundary import error, guarded
 from support.checkpoints import epochs_text
-from support.stopping import flag
+from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, UsageError
+from support.mnist_files import ensure_mnist
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-if _ctrl_c_while_starting:
-    print("\ninterrupted (Ctrl-C) while starting; nothing was trained or saved.",
-          file=sys.stderr)
-    sys.exit(128 + signal.SIGINT)
-
-DEFAULT_CHECKPOINT = "checkpoints/last.pt"
-DEFAULT_DATA_DIR = "data"
-MAX_INT = 2**31 - 1  # far above any sensible size, and safe for every tensor index
-MAX_THREADS = 1024  # more than any machine here has cores; each thread costs memory
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
-# With --resume, these flags change the run from the next epoch on; every other recipe flag
-# must match the checkpoint's recipe (README, "Interrupted? Resume").
-HONOURED_ON_RESUME = ("epochs", "lr", "compile")
-# With --evaluate, the checkpoint's recipe builds the model; only these flags apply.
-HONOURED_ON_EVALUATE = ("test_batch_size", "limit_test")
-
-
-def positive_int(text: str, most: int = MAX_INT) -> int:
-    value = int(text)
-    if not 0 < value <= most:
-        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {most:,}, got {text}")
-    return value
-
-
-def threads_int(text: str) -> int:
-    return positive_int(text, MAX_THREADS)
-
-
-def seed_int(text: str) -> int:
-    value = int(text)
-    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
-        raise argparse.ArgumentTypeError(
-            f"must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def width_float(text: str) -> float:
-    value = positive_float(text)
-    if value > MAX_WIDTH:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_WIDTH:g}, got {text}")
-    return value
-
-
-def path_text(text: str) -> str:
-    """An empty path would mean the current folder, or no flag at all (`--evaluate ""` used
-    to start a training): refused."""
-    if not text:
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
+if __name__ == "__main__":
+    startup.release_ctrl_c()  # and one noted meanwhile stops here, in one line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,26 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     resume honours or refuses it); recipe_from fills in utils.RECIPE."""
     r = utils.RECIPE
     p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=positive_int,
+    p.add_argument("--epochs", type=flag_types.positive_int,
                    help=f"total epochs to train (default: {r['epochs']})")
-    p.add_argument("--batch-size", type=positive_int,
+    p.add_argument("--batch-size", type=flag_types.positive_int,
                    help=f"training images per SGD step (default: {r['batch_size']})")
-    p.add_argument("--test-batch-size", type=positive_int,
+    p.add_argument("--test-batch-size", type=flag_types.positive_int,
                    help=f"test images per forward pass (default: {r['test_batch_size']})")
-    p.add_argument("--lr", type=positive_float,
+    p.add_argument("--lr", type=flag_types.positive_float,
                    help=f"SGD's learning rate (default: {r['lr']})")
-    p.add_argument("--momentum", type=non_negative_float,
+    p.add_argument("--momentum", type=flag_types.non_negative_float,
                    help=f"SGD's momentum (default: {r['momentum']})")
-    p.add_argument("--step-size", type=positive_int,
+    p.add_argument("--step-size", type=flag_types.positive_int,
                    help=f"StepLR: epochs between learning-rate drops (default: {r['step_size']})")
-    p.add_argument("--gamma", type=positive_float,
+    p.add_argument("--gamma", type=flag_types.positive_float,
                    help=f"StepLR: factor of each drop (default: {r['gamma']})")
-    p.add_argument("--seed", type=seed_int,
+    p.add_argument("--seed", type=flag_types.seed_int,
                    help="fixes the weights, the shuffling, the augmentation and the dropout "
                         f"masks (default: {r['seed']})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to train: auto picks cuda, then mps, then cpu (default: auto)")
-    p.add_argument("--threads", type=threads_int,
+    p.add_argument("--threads", type=flag_types.threads_int,
                    help="CPU threads for torch (torch.set_num_threads; default: torch's own, "
                         "one per core). The README's timings and histories depend on it: on "
                         "the CPU another thread count gives other last digits")
@@ -158,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=list(HEADS),
                    help="conv = the table's 3x3 conv6 from 3x3 to 1x1; gap = global average "
                         f"pooling, then a 1x1 conv to 10 classes (default: {r['head']})")
-    p.add_argument("--width", type=width_float,
+    p.add_argument("--width", type=flag_types.width_float,
                    help="multiply every channel count by this, rounded to the nearest integer "
                         f"(the width sweep; default: {r['width']:g})")
     p.add_argument("--augmentation", choices=list(AUGMENTATIONS),
@@ -171,30 +99,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="deterministic kernels and no TF32 on CUDA (slower); the CPU is "
                         "deterministic for a given thread count anyway")
-    p.add_argument("--data-dir", type=path_text, default=DEFAULT_DATA_DIR,
+    p.add_argument("--data-dir", type=flag_types.path_text, default=DEFAULT_DATA_DIR,
                    help="folder that holds MNIST/raw; the files are fetched into it when "
                         f"missing (default: {DEFAULT_DATA_DIR})")
     p.add_argument("--refetch", action="store_true",
                    help="replace MNIST files that fail their checks")
-    p.add_argument("--limit-train", type=positive_int,
+    p.add_argument("--limit-train", type=flag_types.positive_int,
                    help="use only the first N training images")
-    p.add_argument("--limit-test", type=positive_int, help="use only the first N test images")
+    p.add_argument("--limit-test", type=flag_types.positive_int,
+                   help="use only the first N test images")
     p.add_argument("--dry-run", action="store_true",
                    help="one training batch and one test batch, to check the set-up; "
                         "writes no checkpoint")
-    p.add_argument("--save-model", metavar="PATH", type=path_text,
+    p.add_argument("--save-model", metavar="PATH", type=flag_types.path_text,
                    help=f"checkpoint written after every epoch (default: {DEFAULT_CHECKPOINT}, "
                         "or the --resume file)")
     p.add_argument("--no-save", action="store_true", help="write no checkpoint")
     p.add_argument("--force", action="store_true",
                    help="let --save-model or --metrics replace an existing file that is not "
                         "this run's own")
-    p.add_argument("--resume", metavar="PATH", type=path_text,
+    p.add_argument("--resume", metavar="PATH", type=flag_types.path_text,
                    help="continue the run saved in this checkpoint; only --epochs, --lr and "
                         "--compile may change it")
-    p.add_argument("--evaluate", metavar="PATH", type=path_text,
+    p.add_argument("--evaluate", metavar="PATH", type=flag_types.path_text,
                    help="score a checkpoint on the test set, then exit; writes nothing")
-    p.add_argument("--metrics", metavar="PATH", type=path_text,
+    p.add_argument("--metrics", metavar="PATH", type=flag_types.path_text,
                    help="write the run's history and facts as JSON (replaces an earlier "
                         "metrics file of train.py; any other file only with --force)")
     p.add_argument("--quiet", action="store_true",
@@ -202,60 +131,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, torch.device]:
+    """The flags, checked (support/flag_checks.py): argparse's own errors for a malformed flag,
+    a one-line refusal (SystemExit 2) for everything after."""
+    args = build_parser().parse_args(argv)
+    return args, flag_checks.check_flags(args)
+
+
 # ---------------------------------------------------------------------------------------------
-# main, and its error boundary: every failure a user can cause or meet is one line.
+# main: check, then train, resume or evaluate.
 # ---------------------------------------------------------------------------------------------
-class UsageError(ValueError):
-    """A flag or path refused after parsing: one line, exit 2 (see `refuse`)."""
-
-
-def refuse(message: str) -> NoReturn:
-    """A usage error in argparse's form and exit code, without its 13-line usage block: that
-    block helps with a malformed flag (argparse's own errors keep it), not with a refusal."""
-    print(f"{stopping.PROG}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
-
-
 def main(argv: list[str] | None = None, then_exit: bool = False) -> int:
-    """The command; `then_exit` when the process ends after it (stopping_on_signals)."""
-    line_buffered()
+    """The command. Inside its error boundary (support/boundary.py) a failure a user can cause
+    or meet ends in one line and an exit code, and a bug keeps its traceback; `then_exit` when
+    the process ends after it (stopping_on_signals)."""
     status = stopping.Status()
-    with stopping.stopping_on_signals(then_exit):
-        try:
-            args, device = parse_args(argv)
-            if args.data_dir != DEFAULT_DATA_DIR:
-                status.data_dir = args.data_dir
-            status.evaluating = bool(args.evaluate)
-            with checkpoint_held(args):
-                check_replacements(args)
-                return execute(args, device, status)
-        except KeyboardInterrupt as err:
-            return stopping.report_interrupt(err, status)
-        except UsageError as err:
-            refuse(str(err))
-        except BrokenPipeError:
-            return stopping.stop_quietly(status)
-        except Exception as err:
-            message = stopping.failure_message(err, status)
-            if message is None:
-                raise  # a bug: its traceback is what a fix needs
-            return error(message)
 
+    def command() -> int:
+        args, device = parse_args(argv)
+        if args.data_dir != DEFAULT_DATA_DIR:
+            status.data_dir = args.data_dir
+        status.evaluating = bool(args.evaluate)
+        with flag_checks.checkpoint_held(args):
+            flag_checks.check_replacements(args)
+            return execute(args, device, status)
 
-def line_buffered() -> None:
-    """Each line reaches a pipe or a file when it is printed (`| tee log`, `> log` followed
-    with tail -f): Python buffers a redirected stdout in 8 KB blocks otherwise."""
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(line_buffering=True)
+    return guarded(command, status, then_exit)
 
 
 def execute(args: argparse.Namespace, device: torch.device, status: stopping.Status) -> int:
+    """Settle the recipe (the flags', or the checkpoint's), get MNIST, then train or score."""
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint = None
@@ -263,179 +168,19 @@ def execute(args: argparse.Namespace, device: torch.device, status: stopping.Sta
         status.doing = "reading the checkpoint"
         checkpoint = checkpoints.load_checkpoint(args.resume or args.evaluate)
     if args.evaluate:
-        recipe = evaluation_recipe(args, checkpoint)
+        recipe = flag_checks.evaluation_recipe(args, checkpoint)
     else:
-        recipe = resume_recipe(args, checkpoint) if checkpoint else recipe_from(args)
+        recipe = flag_checks.resume_recipe(args, checkpoint) if checkpoint else recipe_from(args)
     if recipe["compile"] and device.type == "mps":
         raise UsageError("--compile is not supported on MPS here: "
                          + ("resume with --no-compile" if args.resume else "train without it"))
     status.recipe = recipe
     status.doing = "getting MNIST"
-    mnist_files.ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet)
+    ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet)
     if args.evaluate:
         status.doing = "evaluating"
         return score_checkpoint(args, device, checkpoint["model"], recipe)
     return run_training(args, device, status, recipe, checkpoint)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks of every flag and path, before any work: each failure is a one-line usage error.
-# ---------------------------------------------------------------------------------------------
-def check_writable_dir(path: Path, what: str) -> None:
-    """Fail early, as a usage error, rather than after an epoch of training."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise UsageError(f"{what} {path} is not writable: {err.strerror or err}") from None
-
-
-def check_data_dir(data_dir: str) -> None:
-    """The data folder needs to be writable only when a file must be fetched."""
-    try:
-        mnist_files.check_folders(data_dir)
-        fetch = mnist_files.needs_fetch(data_dir)
-    except mnist_files.DataFileError as err:
-        raise UsageError(str(err)) from None
-    except OSError as err:
-        raise UsageError(f"--data-dir {data_dir}: {err.strerror or err}") from None
-    if fetch:
-        check_writable_dir(Path(data_dir), "--data-dir")
-
-
-def check_input(flag_name: str, path: str | None) -> None:
-    """A path that cannot even be looked at (a name too long, a loop of links) is a usage
-    error; a missing or damaged file is load_checkpoint's to explain."""
-    if path is None:
-        return
-    try:
-        os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-    except OSError as err:
-        raise UsageError(f"{flag_name} {path}: {err.strerror or err}") from None
-
-
-def planned_outputs(args: argparse.Namespace) -> dict[str, str]:
-    """The files this run writes, by the flag that names them (a resume saves to its own)."""
-    checkpoint = "--resume" if args.resume and same_file(args.resume, args.save_model) else (
-        "--save-model")
-    return {name: path for name, path in ((checkpoint, args.save_model),
-                                          ("--metrics", args.metrics)) if path}
-
-
-def inputs(args: argparse.Namespace) -> dict[str, str]:
-    """The files this run reads, by what they are; a --resume checkpoint saved to again is
-    the one input an output may be."""
-    found = {f"the MNIST file {name}": str(mnist_files.raw_dir(args.data_dir) / name)
-             for name in mnist_files.MNIST_FILES}
-    if args.evaluate:
-        found["the --evaluate checkpoint"] = args.evaluate
-    if args.resume and not same_file(args.resume, args.save_model):
-        found["the --resume checkpoint"] = args.resume
-    return found
-
-
-def check_paths(args: argparse.Namespace) -> None:
-    """outputs.py's policy, up to what needs the lock: every output a writable file, none an
-    input, no two the same."""
-    check_input("--resume", args.resume)
-    check_input("--evaluate", args.evaluate)
-    planned = planned_outputs(args)
-    try:
-        for name, path in planned.items():
-            outputs.check_writable(name, path, "out.json" if name == "--metrics" else "last.pt")
-        outputs.check_distinct(planned, inputs(args))
-    except outputs.Refused as err:
-        raise UsageError(str(err)) from None
-
-
-def same_file(a: str, b: str | None) -> bool:
-    return b is not None and outputs.target(a) == outputs.target(b)
-
-
-def check_replacements(args: argparse.Namespace) -> None:
-    """No existing file is replaced unless it is the run's own: the checkpoint it resumes,
-    or a metrics file of train.py; --force replaces any. Checked while the lock is held."""
-    if args.force:
-        return
-    if args.save_model and outputs.would_replace(args.save_model,
-                                                 lambda file: same_file(file, args.resume)):
-        raise UsageError(existing_checkpoint(args.save_model, args.data_dir))
-    if args.metrics and outputs.would_replace(args.metrics, metrics.is_metrics_file):
-        raise UsageError(f"--metrics {args.metrics} already exists and is not a metrics file of "
-                         f"train.py, so it is kept: choose another path, or replace it with "
-                         f"--force")
-
-
-def existing_checkpoint(path: str, data_dir: str) -> str:
-    """Why --save-model PATH is refused, and what to do: resume the run (or train it further,
-    or score it, if it is finished), keep it, or replace it."""
-    keep = "keep it with --save-model OTHER.pt, or replace it with --force"
-    try:
-        saved = checkpoints.load_checkpoint(path)
-    except checkpoints.CheckpointError:
-        return f"{path} already exists and is not a checkpoint of this model: {keep}"
-    done, total = len(saved["history"]["epoch"]), saved["recipe"]["epochs"]
-    data_dir = None if data_dir == DEFAULT_DATA_DIR else data_dir
-    resume = stopping.resume_command(path, data_dir)
-    if done < total:
-        return (f"{path} already exists and holds {epochs_text(done)} of {total}; resume it with "
-                f"`{resume}`, {keep}")
-    return (f"{path} already exists and holds a finished run ({epochs_text(done)} of {total}); "
-            f"train it further with `{resume} --epochs {done + 5}`, score it with "
-            f"`{stopping.checkpoint_command('--evaluate', path, data_dir)}`, {keep}")
-
-
-def check_combinations(args: argparse.Namespace) -> None:
-    if args.evaluate and args.resume:
-        raise UsageError("--evaluate and --resume exclude each other: score a checkpoint, "
-                         "or continue its training")
-    if args.dry_run and (args.resume or args.evaluate):
-        raise UsageError("--dry-run checks a new run's set-up; it cannot be combined with "
-                         "--resume or --evaluate")
-    writing = [flag for flag, given in (("--save-model", args.save_model),
-                                        ("--metrics", args.metrics), ("--force", args.force))
-               if given]
-    if args.evaluate and writing:
-        raise UsageError(f"--evaluate prints its score and writes no file: drop "
-                         f"{' and '.join(writing)}")
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, torch.device]:
-    """The flags, checked: argparse's own errors for a malformed flag, a one-line `refuse`
-    (SystemExit 2) for everything after."""
-    args = build_parser().parse_args(argv)
-    try:
-        check_combinations(args)
-        try:
-            device = devices.get_device(args.device)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        if args.compile and device.type == "mps":
-            raise UsageError("--compile is not supported on MPS here: train without it")
-        check_data_dir(args.data_dir)
-        if args.no_save or args.dry_run or args.evaluate:
-            args.save_model = None  # a dry run or an evaluation never writes a checkpoint
-        elif args.save_model is None:
-            args.save_model = args.resume or DEFAULT_CHECKPOINT
-        check_paths(args)
-    except UsageError as err:
-        refuse(str(err))
-    return args, device
-
-
-@contextmanager
-def checkpoint_held(args: argparse.Namespace) -> Iterator[None]:
-    """The --save-model checkpoint's lock for the whole run (checkpoints.checkpoint_lock)."""
-    if not args.save_model:
-        yield
-        return
-    with checkpoints.checkpoint_lock(args.save_model) as removed:
-        for leftover in removed:
-            print(f"removed {leftover}, left by a save that was killed")
-        yield
 
 
 def recipe_from(args: argparse.Namespace) -> dict:
@@ -443,47 +188,6 @@ def recipe_from(args: argparse.Namespace) -> dict:
     RECIPE's defaults; a checkpoint carries them, so a resume repeats them."""
     given = {key: getattr(args, key, None) for key in utils.RECIPE}
     return utils.full_recipe({k: v for k, v in given.items() if v is not None})
-
-
-def refuse_ignored_flags(args: argparse.Namespace, saved: dict, honoured: tuple[str, ...],
-                         mode: str, remedy: str) -> None:
-    """Recipe flags given that differ from a checkpoint's recipe and are not `honoured` would
-    be ignored without a word: refuse them, saying what `mode` does and what to do instead."""
-    ignored = "; ".join(f"{flag(k)} {getattr(args, k)} (saved: {saved[k]})" for k in utils.RECIPE
-                        if k not in honoured and getattr(args, k, None) is not None
-                        and getattr(args, k) != saved[k])
-    if ignored:
-        raise UsageError(f"{mode}, so {ignored} cannot apply: {remedy}")
-
-
-def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
-    """The checkpoint's recipe, with the flags a resume honours."""
-    recipe = dict(checkpoint["recipe"])
-    refuse_ignored_flags(args, recipe, HONOURED_ON_RESUME, "--resume continues the saved recipe",
-                         "drop them, or start a new run with --save-model NEW.pt "
-                         "(only --epochs, --lr and --compile may change on resume)")
-    done = len(checkpoint["history"]["epoch"])
-    if args.epochs is not None:
-        recipe["epochs"] = args.epochs
-    if recipe["epochs"] <= done:
-        raise UsageError(f"{args.resume} already holds {epochs_text(done)} of {recipe['epochs']}: "
-                         f"give --epochs more than {done} to train further, "
-                         f"or score it with --evaluate")
-    if args.compile is not None:
-        recipe["compile"] = args.compile
-    return recipe
-
-
-def evaluation_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
-    """The checkpoint's own recipe (its model, its loader), with the test set's size and
-    batch size from the flags."""
-    recipe = dict(checkpoint["recipe"])
-    refuse_ignored_flags(args, recipe, HONOURED_ON_EVALUATE,
-                         "--evaluate scores the saved model with its own recipe",
-                         "drop them (only --test-batch-size and --limit-test apply to an "
-                         "evaluation)")
-    return {**recipe, "test_batch_size": args.test_batch_size or utils.RECIPE["test_batch_size"],
-            "limit_test": args.limit_test}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,7 +240,7 @@ def run_training(args: argparse.Namespace, device: torch.device, status: stoppin
     try:
         # Bars only on a terminal: a redirected log gets one line per epoch, not every refresh.
         utils.fit(run, on_epoch_end=save, progress=sys.stderr.isatty() and not args.quiet)
-    except utils.NonFiniteLoss as err:
+    except NonFiniteLoss as err:
         return error(stopping.report_divergence(err, run.optimizer.param_groups[0]["lr"], status))
     except BrokenPipeError:
         if len(run.history["epoch"]) > last_saved:

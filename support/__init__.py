@@ -3,15 +3,25 @@
 The learner reads the notebook, model.py, utils.py and train.py; these modules stand behind
 them, one concern each:
 
+    analysis       the notebook's pictures of the data and of the model's mistakes
     augment        the whole-batch crop-resize and rotation, pixel for pixel torchvision's
-    checkpoints    what a checkpoint holds, the atomic save, the lock, the checked load
+    bookkeeping    what the loop keeps out of sight: bars, on-device sums, NaN checks, history
+    boundary       train.py's error boundary: each early end is one line and an exit code
+    checkpoints    what a checkpoint holds, the atomic save, the lock, the checked load, resume
     devices        what differs between the CPU, CUDA and MPS, and the fast path's settings
     failures       which failures a user can cause or meet, in one line each
+    fast_loader    MNIST held on the device, each batch augmented and normalised there
     figures        how a figure is drawn, saved and shown, and where a run's figures go
+    flag_checks    the checks of train.py's flags and paths, before any work starts
+    flag_types     the value types of train.py's flags, and their limits
     fused_dropout  the fast path's ReLU + dropout in one module, fused into a built Net
     locks          one process at a time on a file
     metrics        the JSON file a run leaves for the benchmarks
     mnist_files    the four MNIST files: found, downloaded or rebuilt from PyPI, each checked
     outputs        which files a run may write or replace
+    pytest_smoke   the test suite runs the notebook in its 1-epoch smoke mode
+    recipe         the recipe: the write-up's settings, this project's switches, their checks
+    startup        Ctrl-C while train.py loads torch: noted, then a one-line stop
     stopping       how train.py stops early (signals, errors) and what it says then
+    workers        DataLoader workers leave Ctrl-C to the main process
 """

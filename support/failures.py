@@ -54,11 +54,11 @@ def out_of_memory(err: BaseException) -> bool:
 
 
 def while_testing(err: BaseException) -> bool:
-    """`err` was raised inside utils.evaluate (the test batches), not in a training step."""
+    """`err` was raised inside utils.test (the test batches), not in a training step."""
     tb = err.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code
-        if code.co_name == "evaluate" and code.co_filename.endswith("utils.py"):
+        if code.co_name == "test" and code.co_filename.endswith("utils.py"):
             return True
         tb = tb.tb_next
     return False

@@ -133,7 +133,7 @@ def syncs_of_an_epoch(monkeypatch, n_batches: int) -> Counter:
     return counter
 
 
-def test_train_epoch_reads_the_device_every_refresh_every_batches(monkeypatch):
+def test_train_reads_the_device_every_refresh_every_batches(monkeypatch):
     short, long = syncs_of_an_epoch(monkeypatch, 50), syncs_of_an_epoch(monkeypatch, 100)
     # 50 more steps = 2 more refreshes, each reading its 3 sums, and nothing per step.
     assert long.reads - short.reads == 2 * 3

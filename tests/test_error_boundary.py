@@ -307,7 +307,7 @@ CTRL_C_AS_WORKERS_START = """
 import os, signal, sys, time
 import torch
 from torch.utils.data import TensorDataset
-import utils
+from support import workers
 
 parent, got = os.getpid(), []
 

@@ -1,0 +1,253 @@
+"""The checks of train.py's flags and paths, made before any work starts.
+
+A flag or path that cannot work is refused in one line, in argparse's form (`UsageError`,
+`refuse`: exit 2), before anything is loaded or trained: flags that exclude each other, a
+device that is not there, a data folder that cannot be read or fetched into, and outputs that
+break support/outputs.py's policy. `check_flags` runs them in that order; while the run holds
+its checkpoint's lock (`checkpoint_held`), `check_replacements` refuses to replace a file that
+is not the run's own. A --resume or --evaluate run takes its recipe from the checkpoint
+(`resume_recipe`, `evaluation_recipe`), and refuses recipe flags that would be ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+import utils
+from support import checkpoints, devices, metrics, mnist_files, outputs, stopping
+from support.checkpoints import epochs_text
+from support.stopping import flag
+
+DEFAULT_CHECKPOINT = "checkpoints/last.pt"
+DEFAULT_DATA_DIR = "data"
+# With --resume, these flags change the run from the next epoch on; every other recipe flag
+# must match the checkpoint's recipe (README, "Interrupted? Resume").
+HONOURED_ON_RESUME = ("epochs", "lr", "compile")
+# With --evaluate, the checkpoint's recipe builds the model; only these flags apply.
+HONOURED_ON_EVALUATE = ("test_batch_size", "limit_test")
+
+
+class UsageError(ValueError):
+    """A flag or path refused after parsing: one line, exit 2 (see `refuse`)."""
+
+
+def refuse(message: str) -> NoReturn:
+    """A usage error in argparse's form and exit code, without its 13-line usage block: that
+    block helps with a malformed flag (argparse's own errors keep it), not with a refusal."""
+    print(f"{stopping.PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Before any work: each failure is a one-line usage error.
+# ---------------------------------------------------------------------------------------------
+def check_flags(args: argparse.Namespace) -> torch.device:
+    """The device the flags name, once every flag and path is checked; fills in --save-model
+    (None when nothing is saved). A failed check is `refuse`d: one line, SystemExit 2."""
+    try:
+        check_combinations(args)
+        try:
+            device = devices.get_device(args.device)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        if args.compile and device.type == "mps":
+            raise UsageError("--compile is not supported on MPS here: train without it")
+        check_data_dir(args.data_dir)
+        if args.no_save or args.dry_run or args.evaluate:
+            args.save_model = None  # a dry run or an evaluation never writes a checkpoint
+        elif args.save_model is None:
+            args.save_model = args.resume or DEFAULT_CHECKPOINT
+        check_paths(args)
+    except UsageError as err:
+        refuse(str(err))
+    return device
+
+
+def check_combinations(args: argparse.Namespace) -> None:
+    if args.evaluate and args.resume:
+        raise UsageError("--evaluate and --resume exclude each other: score a checkpoint, "
+                         "or continue its training")
+    if args.dry_run and (args.resume or args.evaluate):
+        raise UsageError("--dry-run checks a new run's set-up; it cannot be combined with "
+                         "--resume or --evaluate")
+    writing = [flag for flag, given in (("--save-model", args.save_model),
+                                        ("--metrics", args.metrics), ("--force", args.force))
+               if given]
+    if args.evaluate and writing:
+        raise UsageError(f"--evaluate prints its score and writes no file: drop "
+                         f"{' and '.join(writing)}")
+
+
+def check_data_dir(data_dir: str) -> None:
+    """The data folder needs to be writable only when a file must be fetched."""
+    try:
+        mnist_files.check_folders(data_dir)
+        fetch = mnist_files.needs_fetch(data_dir)
+    except mnist_files.DataFileError as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:
+        raise UsageError(f"--data-dir {data_dir}: {err.strerror or err}") from None
+    if fetch:
+        check_writable_dir(Path(data_dir), "--data-dir")
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Fail early, as a usage error, rather than after an epoch of training."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UsageError(f"{what} {path} is not writable: {err.strerror or err}") from None
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """outputs.py's policy, up to what needs the lock: every output a writable file, none an
+    input, no two the same."""
+    check_input("--resume", args.resume)
+    check_input("--evaluate", args.evaluate)
+    planned = planned_outputs(args)
+    try:
+        for name, path in planned.items():
+            outputs.check_writable(name, path, "out.json" if name == "--metrics" else "last.pt")
+        outputs.check_distinct(planned, inputs(args))
+    except outputs.Refused as err:
+        raise UsageError(str(err)) from None
+
+
+def check_input(flag_name: str, path: str | None) -> None:
+    """A path that cannot even be looked at (a name too long, a loop of links) is a usage
+    error; a missing or damaged file is load_checkpoint's to explain."""
+    if path is None:
+        return
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as err:
+        raise UsageError(f"{flag_name} {path}: {err.strerror or err}") from None
+
+
+def planned_outputs(args: argparse.Namespace) -> dict[str, str]:
+    """The files this run writes, by the flag that names them (a resume saves to its own)."""
+    checkpoint = "--resume" if args.resume and same_file(args.resume, args.save_model) else (
+        "--save-model")
+    return {name: path for name, path in ((checkpoint, args.save_model),
+                                          ("--metrics", args.metrics)) if path}
+
+
+def inputs(args: argparse.Namespace) -> dict[str, str]:
+    """The files this run reads, by what they are; a --resume checkpoint saved to again is
+    the one input an output may be."""
+    found = {f"the MNIST file {name}": str(mnist_files.raw_dir(args.data_dir) / name)
+             for name in mnist_files.MNIST_FILES}
+    if args.evaluate:
+        found["the --evaluate checkpoint"] = args.evaluate
+    if args.resume and not same_file(args.resume, args.save_model):
+        found["the --resume checkpoint"] = args.resume
+    return found
+
+
+def same_file(a: str, b: str | None) -> bool:
+    return b is not None and outputs.target(a) == outputs.target(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# While the run holds its checkpoint: no file replaced that is not the run's own.
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def checkpoint_held(args: argparse.Namespace) -> Iterator[None]:
+    """The --save-model checkpoint's lock for the whole run (checkpoints.checkpoint_lock)."""
+    if not args.save_model:
+        yield
+        return
+    with checkpoints.checkpoint_lock(args.save_model) as removed:
+        for leftover in removed:
+            print(f"removed {leftover}, left by a save that was killed")
+        yield
+
+
+def check_replacements(args: argparse.Namespace) -> None:
+    """No existing file is replaced unless it is the run's own: the checkpoint it resumes,
+    or a metrics file of train.py; --force replaces any. Checked while the lock is held."""
+    if args.force:
+        return
+    if args.save_model and outputs.would_replace(args.save_model,
+                                                 lambda file: same_file(file, args.resume)):
+        raise UsageError(existing_checkpoint(args.save_model, args.data_dir))
+    if args.metrics and outputs.would_replace(args.metrics, metrics.is_metrics_file):
+        raise UsageError(f"--metrics {args.metrics} already exists and is not a metrics file of "
+                         f"train.py, so it is kept: choose another path, or replace it with "
+                         f"--force")
+
+
+def existing_checkpoint(path: str, data_dir: str) -> str:
+    """Why --save-model PATH is refused, and what to do: resume the run (or train it further,
+    or score it, if it is finished), keep it, or replace it."""
+    keep = "keep it with --save-model OTHER.pt, or replace it with --force"
+    try:
+        saved = checkpoints.load_checkpoint(path)
+    except checkpoints.CheckpointError:
+        return f"{path} already exists and is not a checkpoint of this model: {keep}"
+    done, total = len(saved["history"]["epoch"]), saved["recipe"]["epochs"]
+    data_dir = None if data_dir == DEFAULT_DATA_DIR else data_dir
+    resume = stopping.resume_command(path, data_dir)
+    if done < total:
+        return (f"{path} already exists and holds {epochs_text(done)} of {total}; resume it with "
+                f"`{resume}`, {keep}")
+    return (f"{path} already exists and holds a finished run ({epochs_text(done)} of {total}); "
+            f"train it further with `{resume} --epochs {done + 5}`, score it with "
+            f"`{stopping.checkpoint_command('--evaluate', path, data_dir)}`, {keep}")
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume and --evaluate: the checkpoint's recipe, and the flags that may change it.
+# ---------------------------------------------------------------------------------------------
+def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
+    """The checkpoint's recipe, with the flags a resume honours."""
+    recipe = dict(checkpoint["recipe"])
+    refuse_ignored_flags(args, recipe, HONOURED_ON_RESUME, "--resume continues the saved recipe",
+                         "drop them, or start a new run with --save-model NEW.pt "
+                         "(only --epochs, --lr and --compile may change on resume)")
+    done = len(checkpoint["history"]["epoch"])
+    if args.epochs is not None:
+        recipe["epochs"] = args.epochs
+    if recipe["epochs"] <= done:
+        raise UsageError(f"{args.resume} already holds {epochs_text(done)} of {recipe['epochs']}: "
+                         f"give --epochs more than {done} to train further, "
+                         f"or score it with --evaluate")
+    if args.compile is not None:
+        recipe["compile"] = args.compile
+    return recipe
+
+
+def evaluation_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
+    """The checkpoint's own recipe (its model, its loader), with the test set's size and
+    batch size from the flags."""
+    recipe = dict(checkpoint["recipe"])
+    refuse_ignored_flags(args, recipe, HONOURED_ON_EVALUATE,
+                         "--evaluate scores the saved model with its own recipe",
+                         "drop them (only --test-batch-size and --limit-test apply to an "
+                         "evaluation)")
+    return {**recipe, "test_batch_size": args.test_batch_size or utils.RECIPE["test_batch_size"],
+            "limit_test": args.limit_test}
+
+
+def refuse_ignored_flags(args: argparse.Namespace, saved: dict, honoured: tuple[str, ...],
+                         mode: str, remedy: str) -> None:
+    """Recipe flags given that differ from a checkpoint's recipe and are not `honoured` would
+    be ignored without a word: refuse them, saying what `mode` does and what to do instead."""
+    ignored = "; ".join(f"{flag(k)} {getattr(args, k)} (saved: {saved[k]})" for k in utils.RECIPE
+                        if k not in honoured and getattr(args, k, None) is not None
+                        and getattr(args, k) != saved[k])
+    if ignored:
+        raise UsageError(f"{mode}, so {ignored} cannot apply: {remedy}")
