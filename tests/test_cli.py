@@ -61,6 +61,7 @@ def last_line(done: subprocess.CompletedProcess) -> str:
 FINAL = r"final test accuracy: [\d.]+% after {} \(best [\d.]+% at epoch \d+\); {}"
 
 
+@pytest.mark.quick
 def test_dry_run(tmp_path):
     done = train("--dry-run", "--no-save", "--device", "cpu", "--quiet")
     assert done.returncode == 0, done.stderr
@@ -108,6 +109,7 @@ BAD_ARGS = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case", list(BAD_ARGS))
 def test_bad_arguments_are_usage_errors(tmp_path, case):
     if case == "device-cuda-unavailable" and torch.cuda.is_available():

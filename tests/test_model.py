@@ -22,14 +22,17 @@ def table() -> list[model.LayerInfo]:
     return model.layer_table(Net())
 
 
+@pytest.mark.quick
 def test_layer_names_follow_the_write_up(table):
     assert [r.name for r in table] == STAGES
 
 
+@pytest.mark.quick
 def test_output_sizes(table):
     assert [r.out_size for r in table] == SIZES
 
 
+@pytest.mark.quick
 def test_receptive_fields_and_jumps(table):
     assert [r.receptive_field for r in table] == RECEPTIVE_FIELDS
     assert [r.jump for r in table] == JUMPS
@@ -37,6 +40,7 @@ def test_receptive_fields_and_jumps(table):
     assert table[-1].receptive_field >= 28
 
 
+@pytest.mark.quick
 def test_output_channels_follow_the_channel_plan(table):
     convs = [r.out_channels for r in table if r.kind != "maxpool"]
     assert tuple(convs) == model.CHANNELS
@@ -52,16 +56,19 @@ def test_layer_table_leaves_the_training_mode_alone():
     assert not net.training
 
 
+@pytest.mark.quick
 def test_parameter_count():
     n = model.count_parameters(Net())
     assert n == 19200
     assert n < 20000
 
 
+@pytest.mark.quick
 def test_parameter_count_of_the_table_adds_up(table):
     assert sum(r.params for r in table) == model.count_parameters(Net())
 
 
+@pytest.mark.quick
 def test_forward_gives_log_probabilities():
     torch.manual_seed(0)
     net = Net()
@@ -79,6 +86,7 @@ def stage(net: Net, name: str) -> nn.Module:
     return getattr(net.features, name)
 
 
+@pytest.mark.quick
 def test_blocks_follow_the_write_ups_table():
     """Every conv but the last is Conv-BN-ReLU, the 1x1 reductions too; dropout follows
     conv1 and conv2 only; conv6 is a bare conv."""
@@ -139,6 +147,7 @@ def test_fast_and_original_dropout_agree_in_eval_mode():
     torch.testing.assert_close(fast(x), original(x))
 
 
+@pytest.mark.quick
 def test_format_layer_table(table):
     text = model.format_layer_table(table)
     assert "| 32 |" in text
