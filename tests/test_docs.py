@@ -1,4 +1,4 @@
-"""What the README and the notebook say must match what the code computes."""
+"""What the README, docs/ and the notebook say must match what the code computes."""
 
 from __future__ import annotations
 
@@ -15,9 +15,14 @@ def readme(repo_root) -> str:
     return (repo_root / "README.md").read_text()
 
 
+@pytest.fixture(scope="module")
+def experiments(repo_root) -> str:
+    return (repo_root / "docs" / "experiments.md").read_text()
+
+
 def between(text: str, marker: str) -> str:
     match = re.search(rf"<!-- {marker} -->\n(.*?)\n<!-- /{marker} -->", text, re.S)
-    assert match, f"README lacks the <!-- {marker} --> block"
+    assert match, f"no <!-- {marker} --> block where the test looks for it"
     return match.group(1).strip()
 
 
@@ -27,6 +32,14 @@ def test_readme_architecture_table_is_the_computed_one(readme):
 
 def test_readme_states_the_parameter_count(readme):
     assert f"{count_parameters(Net()):,} parameters" in readme
+
+
+def test_the_first_screen_has_the_result_and_how_to_open_train_and_test(readme):
+    first = "\n".join(readme.splitlines()[:40])
+    assert f"{count_parameters(Net()):,} parameters" in first
+    assert "colab.research.google.com/github/" in first and "Session_6_Solution.ipynb" in first
+    assert "python train.py" in first
+    assert "<!-- /test-command -->" in first and "<!-- /quick-test-command -->" in first
 
 
 def without_header(text: str) -> str:
@@ -65,10 +78,24 @@ def test_readme_seed_table_is_the_reported_one(repo_root, readme):
         "paste the table of `python benchmarks/seeds.py --report` into the README")
 
 
-def test_readme_ablation_table_is_the_reported_one(repo_root, readme):
+def test_the_experiments_ablation_table_is_the_reported_one(repo_root, experiments):
     from benchmarks import ablation
 
     table = ablation.format_table(ablation.summarise(ablation.load_results(
         repo_root / "results" / "ablation")))
-    assert between(readme, "ablation-table") == table, (
-        "paste the table of `python benchmarks/ablation.py --report` into the README")
+    assert between(experiments, "ablation-table") == table, (
+        "paste the table of `python benchmarks/ablation.py --report` into docs/experiments.md")
+
+
+def test_readme_ablation_summary_is_the_reported_one(repo_root, readme):
+    """The README's short table: each variant's parameters and mean final test accuracy, as
+    the full report gives them."""
+    from benchmarks import ablation
+
+    rows = ablation.summarise(ablation.load_results(repo_root / "results" / "ablation"))
+    (seeds,) = {len(r.seeds) for r in rows}  # one seed count for every variant
+    lines = [f"| variant | what changes | parameters | final test acc % (mean of {seeds} seeds) |",
+             "|---|---|---|---|"]
+    lines += [f"| {r.variant} | {r.change} | {r.parameters:,} | {r.mean_test:.2f} |" for r in rows]
+    assert between(readme, "ablation-summary") == "\n".join(lines), (
+        "the README's summary of `python benchmarks/ablation.py --report` differs from it")
