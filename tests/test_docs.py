@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import jupytext
 import pytest
@@ -99,3 +100,67 @@ def test_readme_ablation_summary_is_the_reported_one(repo_root, readme):
     lines += [f"| {r.variant} | {r.change} | {r.parameters:,} | {r.mean_test:.2f} |" for r in rows]
     assert between(readme, "ablation-summary") == "\n".join(lines), (
         "the README's summary of `python benchmarks/ablation.py --report` differs from it")
+
+
+# ---------------------------------------------------------------------------------------------
+# Links: every relative link of the README and docs/ leads somewhere.
+# ---------------------------------------------------------------------------------------------
+def without_code(text: str) -> str:
+    """The Markdown without fenced blocks and inline code, where brackets are not links."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def github_slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped except '-' and '_', each
+    space a '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """The heading anchors of a Markdown file; a repeated heading gets -1, -2, ... as on GitHub."""
+    seen: dict[str, int] = {}
+    found = set()
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+    for heading in re.findall(r"^#{1,6} +(.+?) *#* *$", text, re.M):
+        slug = github_slug(heading)
+        found.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+def relative_links(path: Path) -> list[str]:
+    links = re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", without_code(path.read_text()))
+    return [link for link in links if not re.match(r"[a-z][a-z0-9+.-]*:", link, re.I)]
+
+
+def documents(repo_root: Path) -> list[Path]:
+    return [repo_root / "README.md", *sorted((repo_root / "docs").glob("*.md"))]
+
+
+def test_github_slug_follows_githubs_rules():
+    assert github_slug("How many parameters does 99.4% need?") == (
+        "how-many-parameters-does-994-need")
+    assert github_slug("Two loaders: `--loader fast` (default) and `--loader torchvision`") == (
+        "two-loaders---loader-fast-default-and---loader-torchvision")
+    assert github_slug("The course's checks") == "the-courses-checks"
+    assert github_slug("snake_case and dash-es") == "snake_case-and-dash-es"
+
+
+def test_every_relative_link_resolves(repo_root):
+    broken = []
+    for doc in documents(repo_root):
+        for link in relative_links(doc):
+            target, _, anchor = link.partition("#")
+            path = (doc.parent / target).resolve() if target else doc
+            if not path.exists():
+                broken.append(f"{doc.name}: {link} (no such file)")
+            elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+                broken.append(f"{doc.name}: {link} (no such heading in {path.name})")
+    assert broken == []
+
+
+def test_the_readme_links_every_doc(repo_root, readme):
+    linked = {Path(link.partition("#")[0]).name for link in relative_links(repo_root / "README.md")
+              if link.startswith("docs/")}
+    assert {p.name for p in (repo_root / "docs").glob("*.md")} <= linked
