@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import jupytext
@@ -164,3 +167,46 @@ def test_the_readme_links_every_doc(repo_root, readme):
     linked = {Path(link.partition("#")[0]).name for link in relative_links(repo_root / "README.md")
               if link.startswith("docs/")}
     assert {p.name for p in (repo_root / "docs").glob("*.md")} <= linked
+
+
+# ---------------------------------------------------------------------------------------------
+# The quick tier: one documented command, and what it covers.
+# ---------------------------------------------------------------------------------------------
+# Each area the README promises for the quick tier, and a test id (a prefix) that proves it.
+QUICK_AREAS = {
+    "the model's shapes and parameter count": "tests/test_model.py::test_parameter_count",
+    "the course's checks": "tests/test_course_checks.py::",
+    "the loaders: the fast loader's pixels equal torchvision's": "tests/test_fast_path.py::",
+    "the MNIST files' checks": "tests/test_data.py::",
+    "a short training and resume on real MNIST":
+        "tests/test_checkpoints.py::test_resumed_run_equals_an_unbroken_run",
+    "a checkpoint refused": "tests/test_checkpoints.py::test_refuses_",
+    "the CLI's usage errors": "tests/test_cli.py::test_bad_arguments_are_usage_errors",
+}
+
+
+def quick_command(readme: str) -> list[str]:
+    block = between(readme, "quick-test-command")
+    assert block.startswith("```bash\n") and block.endswith("```"), block
+    (line,) = block.removeprefix("```bash\n").removesuffix("```").strip().splitlines()
+    return shlex.split(line)
+
+
+def test_readme_quick_command_runs_the_quick_tier_of_the_tests_folder(repo_root, readme):
+    words = quick_command(readme)
+    pytest_at = words.index("pytest")
+    assert words[pytest_at - 1] == "-m" and words[pytest_at - 2].endswith("python"), words
+    args = words[pytest_at + 1:]
+    assert args[args.index("-m") + 1] == "quick"
+    assert "tests" in args  # given paths replace pyproject's testpaths: not the notebook
+    verbosity = [a for a in args if re.fullmatch(r"-q+|-v+|--quiet|--verbose", a)]
+    args = [a for a in args if a not in verbosity]  # -q once lists the ids, -qq only counts
+    done = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q",
+                           "-p", "no:cacheprovider"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ids = [line for line in done.stdout.splitlines() if "::" in line]
+    assert not any(".ipynb" in i for i in ids)
+    missing = [area for area, prefix in QUICK_AREAS.items()
+               if not any(i.startswith(prefix) for i in ids)]
+    assert missing == [], f"no quick test for: {missing}"
