@@ -1,8 +1,8 @@
 """How a run uses its device: the fast path's settings, the allocator, determinism, compile.
 
 The learner's code asks `prepare_model` once per run; everything that differs between
-the CPU, CUDA and MPS, or between the two loaders, is decided here (README, "Speed" and
-"Running on a GPU").
+the CPU, CUDA and MPS, or between the two loaders, is decided here (docs/speed.md and
+docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class FastPath:
 def fast_path(recipe: dict[str, Any], device: torch.device) -> FastPath:
     """The torchvision loader runs the model as the original did. The fast one also fuses
     ReLU and dropout (a CPU kernel; elsewhere ReLUDropout is plain relu + dropout), and on
-    the CPU only, where both were measured to help (README, "Speed"), runs channels-last and
+    the CPU only, where both were measured to help (docs/speed.md), runs channels-last and
     keeps freed memory. On MPS some torch releases ran channels-last convolution backward
     slowly or wrongly, and on CUDA it was never measured."""
     fast, cpu = recipe["loader"] == "fast", device.type == "cpu"

@@ -30,7 +30,7 @@ from support.stopping import flag
 DEFAULT_CHECKPOINT = "checkpoints/last.pt"
 DEFAULT_DATA_DIR = "data"
 # With --resume, these flags change the run from the next epoch on; every other recipe flag
-# must match the checkpoint's recipe (README, "Interrupted? Resume").
+# must match the checkpoint's recipe (docs/resume.md).
 HONOURED_ON_RESUME = ("epochs", "lr", "compile")
 # With --evaluate, the checkpoint's recipe builds the model; only these flags apply.
 HONOURED_ON_EVALUATE = ("test_batch_size", "limit_test")

@@ -4,7 +4,7 @@ model.py builds `Net` as the write-up's table, with nn.ReLU and nn.Dropout. The 
 (devices.fast_path decides it) then fuses each ReLU + Dropout pair of the built model into one
 ReLUDropout with `fuse_relu_dropout`, applied from outside as torch.compile wraps a built model:
 the same function, the same weights and the same state_dict keys, only cheaper on the CPU
-(README, "Speed").
+(docs/speed.md).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class ReLUDropout(nn.Dropout):
     Same function as nn.ReLU followed by nn.Dropout(p): each element is zeroed with
     probability p and survivors are scaled by 1 / (1 - p). It is an nn.Dropout, so code that
     looks for dropout by type (the course's graders do) finds it. It is cheaper on the CPU
-    because (README, "Speed"):
+    because (docs/speed.md):
     - PyTorch draws one Mersenne-Twister number per element for the dropout mask. Here each
       64-bit draw from the same seeded generator yields four 16-bit uniforms, compared against
       round(p * 2^16): the drop rate is p to within 1e-5.

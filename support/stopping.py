@@ -36,10 +36,16 @@ def resume_command(path: str, data_dir: str | None, *more: str) -> str:
 
 
 def checkpoint_command(option: str, path: str, data_dir: str | None, *more: str) -> str:
-    """`python train.py OPTION PATH`, with the run's data folder when it is not the default."""
-    words = ["python", PROG, option, path]
+    """`python train.py OPTION PATH`, with the run's data folder when it is not the default.
+    A value that starts with '-' is joined to its flag (`--resume=-run.pt`): on its own,
+    argparse would take it for a flag and refuse the pasted command."""
+
+    def given(name: str, value: str) -> list[str]:
+        return [f"{name}={value}"] if value.startswith("-") else [name, value]
+
+    words = ["python", PROG, *given(option, path)]
     if data_dir is not None:
-        words += ["--data-dir", data_dir]
+        words += given("--data-dir", data_dir)
     return shlex.join([*words, *more])
 
 

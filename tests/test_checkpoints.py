@@ -39,6 +39,7 @@ def leftovers(folder: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # save_checkpoint
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_save_and_load_round_trip(tmp_path):
     state = valid_state()
     path = tmp_path / "sub" / "last.pt"  # the folder is created
@@ -84,6 +85,7 @@ def assert_refused(path: Path) -> checkpoints.CheckpointError:
     return err.value
 
 
+@pytest.mark.quick
 def test_refuses_random_bytes(tmp_path):
     path = tmp_path / "random.pt"
     path.write_bytes(os.urandom(4096))
@@ -101,6 +103,7 @@ def test_refuses_a_missing_file(tmp_path):
     assert "no such file" in str(err)
 
 
+@pytest.mark.quick
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("kind", ["system", "eval"])
 @pytest.mark.parametrize("writer", ["pickle", "torch"])
@@ -124,6 +127,7 @@ def test_refuses_a_pickle_that_runs_code(tmp_path, evil, writer, kind):
     assert marker.exists()
 
 
+@pytest.mark.quick
 def test_refuses_a_model_of_another_shape(tmp_path):
     state = valid_state()
     state["model"] = model.Net(channels=(8, 16, 12, 24, 32, 16, 16, 10)).state_dict()
@@ -181,6 +185,7 @@ def without_seconds(history: dict) -> dict:
     return {k: v for k, v in history.items() if k != "seconds"}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("loader", ["fast", "torchvision"])
 def test_resumed_run_equals_an_unbroken_run(tmp_path, mnist_dir, loader):
     straight = utils.build_run(tiny_recipe(loader, 2), CPU, mnist_dir)
@@ -214,6 +219,7 @@ def test_resumed_run_equals_an_unbroken_run(tmp_path, mnist_dir, loader):
     assert straight.scheduler.state_dict() == resumed.scheduler.state_dict()
 
 
+@pytest.mark.quick
 def test_checkpoint_carries_the_run(tmp_path, mnist_dir):
     recipe = {**tiny_recipe("fast", 1), "limit_train": 64}
     run = utils.build_run(recipe, CPU, mnist_dir)
@@ -305,6 +311,7 @@ HAND_EDITED = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("edit", list(HAND_EDITED))
 def test_a_hand_edited_checkpoint_is_refused_naming_what_does_not_fit(tmp_path, edit):
     state = valid_state()

@@ -25,7 +25,7 @@ import torch
 
 import model
 import train as cli
-from support import checkpoints
+from support import checkpoints, stopping
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every training here is a few batches; none writes to the repository's checkpoints/.
@@ -61,6 +61,7 @@ def last_line(done: subprocess.CompletedProcess) -> str:
 FINAL = r"final test accuracy: [\d.]+% after {} \(best [\d.]+% at epoch \d+\); {}"
 
 
+@pytest.mark.quick
 def test_dry_run(tmp_path):
     done = train("--dry-run", "--no-save", "--device", "cpu", "--quiet")
     assert done.returncode == 0, done.stderr
@@ -108,6 +109,7 @@ BAD_ARGS = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case", list(BAD_ARGS))
 def test_bad_arguments_are_usage_errors(tmp_path, case):
     if case == "device-cuda-unavailable" and torch.cuda.is_available():
@@ -369,6 +371,27 @@ def pasted(hint: str, *more: str) -> subprocess.CompletedProcess:
     return subprocess.run(f"{shlex.quote(sys.executable)} {command} {' '.join(more)}",
                           shell=True, cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=300)
+
+
+# Paths a hint must give back exactly: spaces, quotes, shell characters, non-ASCII, and a
+# leading '-' (which argparse takes for a flag unless it is joined to its own: --resume=-run.pt).
+AWKWARD_PATHS = ["my run.pt", "it's \"here\".pt", "$HOME;`x` *.pt", "épreuve/последний.pt",
+                 "-run.pt", "--resume", "- a b/c.pt"]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("data_dir", [None, "my data", "-data"])
+@pytest.mark.parametrize("path", AWKWARD_PATHS)
+def test_a_hint_pastes_back_exactly_its_paths(path, data_dir):
+    hints = {"resume": stopping.resume_command(path, data_dir, "--epochs", "6"),
+             "evaluate": stopping.checkpoint_command("--evaluate", path, data_dir)}
+    for dest, hint in hints.items():
+        words = shlex.split(hint)  # as a shell splits the pasted line
+        assert words[:2] == ["python", "train.py"], hint
+        args = cli.build_parser().parse_args(words[2:])
+        assert getattr(args, dest) == path, hint
+        assert args.data_dir == (cli.DEFAULT_DATA_DIR if data_dir is None else data_dir), hint
+    assert cli.build_parser().parse_args(shlex.split(hints["resume"])[2:]).epochs == 6
 
 
 def test_a_second_run_on_a_finished_checkpoint_suggests_what_works(tiny_run, tmp_path):

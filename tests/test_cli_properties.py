@@ -30,7 +30,7 @@ import train as cli
 import utils
 from support import checkpoints, mnist_files
 
-EXAMPLES = 250  # the README says how many command lines this tries
+EXAMPLES = 250  # docs/resume.md says how many command lines this tries
 SAFE_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 64, "limit_test": 64,
                "batch_size": 64, "test_batch_size": 64}
 DATA_FILE = "data/MNIST/raw/t10k-labels-idx1-ubyte"

@@ -9,11 +9,14 @@ global average pool nor a Linear layer, so that check is run on the GAP form, `-
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from model import Net
 from support.fused_dropout import fuse_relu_dropout
+
+pytestmark = pytest.mark.quick  # the course's checks, all of them, are in the quick tier
 
 
 def total_parameters(model: nn.Module) -> int:

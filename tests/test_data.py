@@ -33,6 +33,7 @@ def assert_names_file_and_fix(err: pytest.ExceptionInfo, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # check_idx_file
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.quick
 @pytest.mark.parametrize("name", sorted(mnist_files.MNIST_FILES))
 def test_valid_file_passes(tmp_path, small_mnist, name):
     raw = small_mnist.write(tmp_path)
@@ -63,6 +64,7 @@ CORRUPTIONS = [
 ]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name,corrupt,match", CORRUPTIONS)
 def test_corrupt_file_is_refused(tmp_path, small_mnist, name, corrupt, match):
     path = small_mnist.write(tmp_path) / name
@@ -83,6 +85,7 @@ def test_wrong_image_dims(tmp_path, small_mnist):
     assert_names_file_and_fix(err, TRAIN_IMAGES)
 
 
+@pytest.mark.quick
 def test_real_mnist_files_pass(mnist_dir):
     raw = mnist_files.raw_dir(mnist_dir)
     for name, (size, md5) in mnist_files.MNIST_FILES.items():
@@ -116,6 +119,7 @@ def failing_source(message: str):
     return fetch
 
 
+@pytest.mark.quick
 def test_ensure_mnist_uses_valid_local_files(tmp_path, small_mnist):
     small_mnist.write(tmp_path)
     assert mnist_files.ensure_mnist(tmp_path, files=small_mnist.files, sources=(),

@@ -1,8 +1,12 @@
-"""What the README and the notebook say must match what the code computes."""
+"""What the README, docs/ and the notebook say must match what the code computes."""
 
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import jupytext
 import pytest
@@ -15,9 +19,14 @@ def readme(repo_root) -> str:
     return (repo_root / "README.md").read_text()
 
 
+@pytest.fixture(scope="module")
+def experiments(repo_root) -> str:
+    return (repo_root / "docs" / "experiments.md").read_text()
+
+
 def between(text: str, marker: str) -> str:
     match = re.search(rf"<!-- {marker} -->\n(.*?)\n<!-- /{marker} -->", text, re.S)
-    assert match, f"README lacks the <!-- {marker} --> block"
+    assert match, f"no <!-- {marker} --> block where the test looks for it"
     return match.group(1).strip()
 
 
@@ -27,6 +36,14 @@ def test_readme_architecture_table_is_the_computed_one(readme):
 
 def test_readme_states_the_parameter_count(readme):
     assert f"{count_parameters(Net()):,} parameters" in readme
+
+
+def test_the_first_screen_has_the_result_and_how_to_open_train_and_test(readme):
+    first = "\n".join(readme.splitlines()[:40])
+    assert f"{count_parameters(Net()):,} parameters" in first
+    assert "colab.research.google.com/github/" in first and "Session_6_Solution.ipynb" in first
+    assert "python train.py" in first
+    assert "<!-- /test-command -->" in first and "<!-- /quick-test-command -->" in first
 
 
 def without_header(text: str) -> str:
@@ -65,10 +82,131 @@ def test_readme_seed_table_is_the_reported_one(repo_root, readme):
         "paste the table of `python benchmarks/seeds.py --report` into the README")
 
 
-def test_readme_ablation_table_is_the_reported_one(repo_root, readme):
+def test_the_experiments_ablation_table_is_the_reported_one(repo_root, experiments):
     from benchmarks import ablation
 
     table = ablation.format_table(ablation.summarise(ablation.load_results(
         repo_root / "results" / "ablation")))
-    assert between(readme, "ablation-table") == table, (
-        "paste the table of `python benchmarks/ablation.py --report` into the README")
+    assert between(experiments, "ablation-table") == table, (
+        "paste the table of `python benchmarks/ablation.py --report` into docs/experiments.md")
+
+
+def test_readme_ablation_summary_is_the_reported_one(repo_root, readme):
+    """The README's short table: each variant's parameters and mean final test accuracy, as
+    the full report gives them."""
+    from benchmarks import ablation
+
+    rows = ablation.summarise(ablation.load_results(repo_root / "results" / "ablation"))
+    (seeds,) = {len(r.seeds) for r in rows}  # one seed count for every variant
+    lines = [f"| variant | what changes | parameters | final test acc % (mean of {seeds} seeds) |",
+             "|---|---|---|---|"]
+    lines += [f"| {r.variant} | {r.change} | {r.parameters:,} | {r.mean_test:.2f} |" for r in rows]
+    assert between(readme, "ablation-summary") == "\n".join(lines), (
+        "the README's summary of `python benchmarks/ablation.py --report` differs from it")
+
+
+# ---------------------------------------------------------------------------------------------
+# Links: every relative link of the README and docs/ leads somewhere.
+# ---------------------------------------------------------------------------------------------
+def without_code(text: str) -> str:
+    """The Markdown without fenced blocks and inline code, where brackets are not links."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def github_slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped except '-' and '_', each
+    space a '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """The heading anchors of a Markdown file; a repeated heading gets -1, -2, ... as on GitHub."""
+    seen: dict[str, int] = {}
+    found = set()
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+    for heading in re.findall(r"^#{1,6} +(.+?) *#* *$", text, re.M):
+        slug = github_slug(heading)
+        found.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+def relative_links(path: Path) -> list[str]:
+    links = re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", without_code(path.read_text()))
+    return [link for link in links if not re.match(r"[a-z][a-z0-9+.-]*:", link, re.I)]
+
+
+def documents(repo_root: Path) -> list[Path]:
+    return [repo_root / "README.md", *sorted((repo_root / "docs").glob("*.md"))]
+
+
+def test_github_slug_follows_githubs_rules():
+    assert github_slug("How many parameters does 99.4% need?") == (
+        "how-many-parameters-does-994-need")
+    assert github_slug("Two loaders: `--loader fast` (default) and `--loader torchvision`") == (
+        "two-loaders---loader-fast-default-and---loader-torchvision")
+    assert github_slug("The course's checks") == "the-courses-checks"
+    assert github_slug("snake_case and dash-es") == "snake_case-and-dash-es"
+
+
+def test_every_relative_link_resolves(repo_root):
+    broken = []
+    for doc in documents(repo_root):
+        for link in relative_links(doc):
+            target, _, anchor = link.partition("#")
+            path = (doc.parent / target).resolve() if target else doc
+            if not path.exists():
+                broken.append(f"{doc.name}: {link} (no such file)")
+            elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+                broken.append(f"{doc.name}: {link} (no such heading in {path.name})")
+    assert broken == []
+
+
+def test_the_readme_links_every_doc(repo_root, readme):
+    linked = {Path(link.partition("#")[0]).name for link in relative_links(repo_root / "README.md")
+              if link.startswith("docs/")}
+    assert {p.name for p in (repo_root / "docs").glob("*.md")} <= linked
+
+
+# ---------------------------------------------------------------------------------------------
+# The quick tier: one documented command, and what it covers.
+# ---------------------------------------------------------------------------------------------
+# Each area the README promises for the quick tier, and a test id (a prefix) that proves it.
+QUICK_AREAS = {
+    "the model's shapes and parameter count": "tests/test_model.py::test_parameter_count",
+    "the course's checks": "tests/test_course_checks.py::",
+    "the loaders: the fast loader's pixels equal torchvision's": "tests/test_fast_path.py::",
+    "the MNIST files' checks": "tests/test_data.py::",
+    "a short training and resume on real MNIST":
+        "tests/test_checkpoints.py::test_resumed_run_equals_an_unbroken_run",
+    "a checkpoint refused": "tests/test_checkpoints.py::test_refuses_",
+    "the CLI's usage errors": "tests/test_cli.py::test_bad_arguments_are_usage_errors",
+}
+
+
+def quick_command(readme: str) -> list[str]:
+    block = between(readme, "quick-test-command")
+    assert block.startswith("```bash\n") and block.endswith("```"), block
+    (line,) = block.removeprefix("```bash\n").removesuffix("```").strip().splitlines()
+    return shlex.split(line)
+
+
+def test_readme_quick_command_runs_the_quick_tier_of_the_tests_folder(repo_root, readme):
+    words = quick_command(readme)
+    pytest_at = words.index("pytest")
+    assert words[pytest_at - 1] == "-m" and words[pytest_at - 2].endswith("python"), words
+    args = words[pytest_at + 1:]
+    assert args[args.index("-m") + 1] == "quick"
+    assert "tests" in args  # given paths replace pyproject's testpaths: not the notebook
+    verbosity = [a for a in args if re.fullmatch(r"-q+|-v+|--quiet|--verbose", a)]
+    args = [a for a in args if a not in verbosity]  # -q once lists the ids, -qq only counts
+    done = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q",
+                           "-p", "no:cacheprovider"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ids = [line for line in done.stdout.splitlines() if "::" in line]
+    assert not any(".ipynb" in i for i in ids)
+    missing = [area for area, prefix in QUICK_AREAS.items()
+               if not any(i.startswith(prefix) for i in ids)]
+    assert missing == [], f"no quick test for: {missing}"

@@ -52,6 +52,7 @@ def test_identity_when_angle_zero_and_no_crop(digits):
     assert torch.equal(out, digits)
 
 
+@pytest.mark.quick
 def test_crop_resize_is_pils_byte_for_byte(digits):
     out = augment.augment_batch(digits, torch.zeros(len(digits)),
                               torch.ones(len(digits), dtype=torch.bool))
@@ -59,6 +60,7 @@ def test_crop_resize_is_pils_byte_for_byte(digits):
         assert torch.equal(out[i, 0], original(digits[i, 0], 0.0, crop=True)), i
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("angle", [-15.0, -7.5, -0.01, 4.0, 12.0, 15.0])
 def test_rotation_is_pils_nearest_rotation(digits, angle):
     out = augment.augment_batch(digits, torch.full((len(digits),), angle), no_crop(len(digits)))
@@ -66,6 +68,7 @@ def test_rotation_is_pils_nearest_rotation(digits, angle):
         assert torch.equal(out[i, 0], original(digits[i, 0], angle, crop=False)), (i, angle)
 
 
+@pytest.mark.quick
 def test_whole_augmentation_matches_the_original_on_3000_real_digits(real_images):
     """Same random draws in, the same pixels out as torchvision's ops, for every image."""
     n = len(real_images)
@@ -108,6 +111,7 @@ def test_augmented_pixel_statistics_agree_with_the_original_pipeline(mnist_dir, 
     assert got["lit"] > raw["lit"] + 0.01
 
 
+@pytest.mark.quick
 def test_fast_loader_yields_the_originals_normalised_values(digits):
     """uint8 -> /255 -> normalise, as ToTensor then Normalize: the same floats."""
     loader = fast_loader.DeviceLoader(digits[:, 0], torch.zeros(len(digits), dtype=torch.long),

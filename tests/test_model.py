@@ -29,14 +29,17 @@ def table() -> list[model.LayerInfo]:
     return model.layer_table(Net())
 
 
+@pytest.mark.quick
 def test_layer_names_follow_the_write_up(table):
     assert [r.name for r in table] == STAGES
 
 
+@pytest.mark.quick
 def test_output_sizes(table):
     assert [r.out_size for r in table] == SIZES
 
 
+@pytest.mark.quick
 def test_receptive_fields_and_jumps(table):
     assert [r.receptive_field for r in table] == RECEPTIVE_FIELDS
     assert [r.jump for r in table] == JUMPS
@@ -44,6 +47,7 @@ def test_receptive_fields_and_jumps(table):
     assert table[-1].receptive_field >= 28
 
 
+@pytest.mark.quick
 def test_output_channels_follow_the_channel_plan(table):
     convs = [r.out_channels for r in table if r.kind != "maxpool"]
     assert tuple(convs) == model.CHANNELS
@@ -59,16 +63,19 @@ def test_layer_table_leaves_the_training_mode_alone():
     assert not net.training
 
 
+@pytest.mark.quick
 def test_parameter_count():
     n = model.count_parameters(Net())
     assert n == 19200
     assert n < 20000
 
 
+@pytest.mark.quick
 def test_parameter_count_of_the_table_adds_up(table):
     assert sum(r.params for r in table) == model.count_parameters(Net())
 
 
+@pytest.mark.quick
 def test_forward_gives_log_probabilities():
     torch.manual_seed(0)
     net = Net()
@@ -86,6 +93,7 @@ def stage(net: Net, name: str) -> nn.Module:
     return getattr(net.features, name)
 
 
+@pytest.mark.quick
 def test_blocks_follow_the_write_ups_table():
     """Every conv but the last is Conv-BN-ReLU, the 1x1 reductions too; dropout follows
     conv1 and conv2 only; conv6 is a bare conv. The same in the fused form."""
@@ -263,6 +271,7 @@ def test_weights_saved_from_either_form_load_into_the_other(options, tmp_path):
         assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.quick
 def test_format_layer_table(table):
     text = model.format_layer_table(table)
     assert "| 32 |" in text

@@ -1,5 +1,6 @@
-"""The README's command for re-executing the notebook keeps one finished bar per progress bar,
-not every refresh of it (which made the committed notebook 580 KB)."""
+"""The documented command for re-executing the notebook (docs/notebook.md, once the README's
+"The notebook" section) keeps one finished bar per progress bar, not every refresh of it (which
+made the committed notebook 580 KB)."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ print("epoch  1: done")
 
 
 def readme_command() -> list[str]:
-    """The nbconvert command in the README's "The notebook" section, as arguments."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## The notebook", 1)[1].split("\n## ", 1)[0]
+    """The nbconvert command in docs/notebook.md's "Re-executing it in place" section (it was
+    the README's "The notebook" section until the README's reference moved to docs/), as
+    arguments."""
+    doc = (ROOT / "docs" / "notebook.md").read_text()
+    section = doc.split("## Re-executing it in place", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert block, "README's notebook section lacks the command"
+    assert block, "docs/notebook.md's re-executing section lacks the command"
     words = shlex.split(block.group(1).replace("\\\n", " "))
     while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # environment settings, e.g.
         words.pop(0)  # OMP_NUM_THREADS=1: they change the run's threads, not its outputs

@@ -380,6 +380,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_load_checkpoint_refuses_a_damaged_part(one_epoch, tmp_path, damage):
     state = torch.load(_write(tmp_path / "good.pt", one_epoch), weights_only=True)
@@ -408,6 +409,7 @@ def test_load_checkpoint_accepts_other_devices_rng_and_older_recipes(one_epoch, 
     assert loaded["recipe"]["dropout_plan"] == utils.RECIPE["dropout_plan"]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("flag", ["--evaluate", "--resume"])
 def test_nan_weights_are_refused_in_one_line(one_epoch, tmp_path, flag):
     state = torch.load(_write(tmp_path / "good.pt", one_epoch), weights_only=True)
