@@ -39,10 +39,11 @@ from typing import NoReturn
 import torch
 
 import utils
-from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, Net, count_parameters
+from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, count_parameters
 from support import checkpoints, devices, failures, metrics, mnist_files, outputs, stopping
 from support.augment import AUGMENTATIONS
 from support.checkpoints import epochs_text
+from support.recipe import COMPACT, MODELS, SCHEDULES, foreign_options
 from support.stopping import flag
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -104,6 +105,13 @@ def width_float(text: str) -> float:
     return value
 
 
+def dropout_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1 (1 drops everything), got {text}")
+    return value
+
+
 def path_text(text: str) -> str:
     """An empty path would mean the current folder, or no flag at all (`--evaluate ""` used
     to start a training): refused."""
@@ -140,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (torch.set_num_threads; default: torch's own, "
                         "one per core). The README's timings and histories depend on it: on "
                         "the CPU another thread count gives other last digits")
+    p.add_argument("--model", choices=list(MODELS),
+                   help="s6 = the write-up's Net; compact = CompactNet (7,594 parameters), "
+                        "whose named recipe (support/recipe.py COMPACT) then fills in every "
+                        f"recipe flag not given (default: {r['model']})")
+    p.add_argument("--schedule", choices=list(SCHEDULES),
+                   help="step = StepLR (--step-size, --gamma); onecycle = OneCycleLR peaking at "
+                        f"--lr, stepped once per epoch (default: {r['schedule']}; compact: "
+                        f"{COMPACT['schedule']})")
+    p.add_argument("--dropout", type=dropout_float,
+                   help="probability of each dropout layer in the model "
+                        f"(default: {r['dropout']:g}; compact: {COMPACT['dropout']:g})")
     p.add_argument("--loader", choices=["fast", "torchvision"],
                    help="fast: data kept and augmented on the device, and the model run with "
                         "fused ReLU-dropout (plus, on the CPU, channels-last memory and "
@@ -442,7 +461,12 @@ def recipe_from(args: argparse.Namespace) -> dict:
     """The settings that define a run (the keys of utils.RECIPE), from the flags given and
     RECIPE's defaults; a checkpoint carries them, so a resume repeats them."""
     given = {key: getattr(args, key, None) for key in utils.RECIPE}
-    return utils.full_recipe({k: v for k, v in given.items() if v is not None})
+    recipe = utils.full_recipe({k: v for k, v in given.items() if v is not None})
+    foreign = foreign_options(recipe)
+    if foreign:
+        raise UsageError(f"{' and '.join(flag(k) for k in foreign)} apply to the s6 model "
+                         f"only, not to --model {recipe['model']}: drop them")
+    return recipe
 
 
 def refuse_ignored_flags(args: argparse.Namespace, saved: dict, honoured: tuple[str, ...],
@@ -463,6 +487,11 @@ def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
                          "drop them, or start a new run with --save-model NEW.pt "
                          "(only --epochs, --lr and --compile may change on resume)")
     done = len(checkpoint["history"]["epoch"])
+    changed = [flag(k) for k in ("epochs", "lr") if getattr(args, k) not in (None, recipe[k])]
+    if recipe["schedule"] == "onecycle" and changed:
+        raise UsageError(f"{args.resume} follows a OneCycle schedule fixed by its epochs and "
+                         f"peak lr when it started, so {' and '.join(changed)} cannot change it: "
+                         f"drop them, or start a new run with --save-model NEW.pt")
     if args.epochs is not None:
         recipe["epochs"] = args.epochs
     if recipe["epochs"] <= done:
@@ -566,7 +595,7 @@ def final_line(args: argparse.Namespace, history: dict) -> str:
 def score_checkpoint(args: argparse.Namespace, device: torch.device, weights: dict,
                      recipe: dict) -> int:
     """Score saved weights on --limit-test images (default: the whole test set)."""
-    model = utils.prepare_model(Net(**utils.net_options(recipe)), recipe, device)
+    model = utils.prepare_model(utils.make_model(recipe), recipe, device)
     model.load_state_dict(weights)
     _, test_loader = utils.make_loaders(recipe, args.data_dir, device)
     loss, acc = utils.test(model, device, test_loader, progress=False)

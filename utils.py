@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import Net
 from support import checkpoints
 from support.analysis import augmented_samples, image_grid, save_analysis  # noqa: F401 (offered to the notebook)
 from support.augment import CROP_P, CROP_SIZE, MAX_ANGLE, augmentation_parts
@@ -52,6 +51,7 @@ from support.recipe import (  # noqa: F401 (offered to the notebook)
     STD,
     format_recipe,
     full_recipe,
+    make_model,
     make_optimizer,
     net_options,
     smoke_mode,
@@ -210,7 +210,7 @@ def build_run(recipe: dict[str, Any], device: torch.device,
     the tests build their runs with it)."""
     recipe = full_recipe(recipe)
     torch.manual_seed(recipe["seed"])  # also seeds CUDA and MPS
-    model = prepare_model(Net(**net_options(recipe)), recipe, device)
+    model = prepare_model(make_model(recipe), recipe, device)
     optimizer, scheduler = make_optimizer(model, recipe)
     train_loader, test_loader = make_loaders(recipe, data_dir, device)
     trained = compiled(model, device) if recipe["compile"] else model
