@@ -240,3 +240,26 @@ def test_a_onecycle_resume_refuses_a_new_length_or_peak(compact_cli_run):
     assert done.returncode == 2
     assert "OneCycle schedule fixed by its epochs and peak lr" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The search: benchmarks/compact.py's candidates and its report.
+# ---------------------------------------------------------------------------------------------
+def test_every_candidate_is_a_compact_recipe_of_at_most_15_epochs():
+    from benchmarks import compact
+
+    for name in compact.CANDIDATES:
+        got = recipe_of(compact.train_flags(name))
+        assert got["model"] == "compact" and got["epochs"] <= 15, name
+
+
+def test_the_report_reads_the_last_epoch_of_each_seed(tmp_path):
+    from benchmarks import compact
+
+    for seed, finals in ((1, [99.1, 99.5, 99.48]), (2, [99.2, 99.3, 99.42])):
+        history = {"epoch": [1, 2, 3], "test_acc": finals}
+        (tmp_path / f"trial_seed{seed}.json").write_text(json.dumps(
+            {"parameters": 7594, "final_test_acc": finals[-1], "history": history}))
+    table = compact.report(tmp_path)
+    assert ("| trial | 7,594 | 1, 2 | 99.48, 99.42 | 99.450 | 0.042 | 99.42 | 99.50, 99.42 "
+            "| met so far (2 seeds) |") in table, table
