@@ -464,8 +464,9 @@ def recipe_from(args: argparse.Namespace) -> dict:
     recipe = utils.full_recipe({k: v for k, v in given.items() if v is not None})
     foreign = foreign_options(recipe)
     if foreign:
-        raise UsageError(f"{' and '.join(flag(k) for k in foreign)} apply to the s6 model "
-                         f"only, not to --model {recipe['model']}: drop them")
+        verb, them = ("applies", "it") if len(foreign) == 1 else ("apply", "them")
+        raise UsageError(f"{' and '.join(flag(k) for k in foreign)} {verb} to the s6 model "
+                         f"only, not to --model {recipe['model']}: drop {them}")
     return recipe
 
 

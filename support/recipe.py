@@ -177,7 +177,7 @@ def check_recipe(recipe: Any) -> dict[str, Any]:
             raise ValueError(f"recipe {key}={full[key]!r} is not {what}")
     foreign = foreign_options(full)
     if foreign:
-        raise ValueError(f"recipe {', '.join(foreign)} apply to the s6 model only, not to "
+        raise ValueError(f"recipe {', '.join(foreign)}: only for the s6 model, not for "
                          f"{full['model']!r}")
     return full
 

@@ -105,7 +105,9 @@ def test_flags_given_override_the_named_recipe():
 def test_nets_architecture_flags_are_refused_for_the_compact_model():
     with pytest.raises(train.UsageError, match="--dropout-plan and --width apply to the s6"):
         recipe_of(["--model", "compact", "--dropout-plan", "every", "--width", "0.5"])
-    with pytest.raises(ValueError, match="dropout_plan apply to the s6 model only"):
+    with pytest.raises(train.UsageError, match="--head applies to the s6 model only"):
+        recipe_of(["--model", "compact", "--head", "gap"])
+    with pytest.raises(ValueError, match="dropout_plan: only for the s6 model"):
         recipe.check_recipe({"model": "compact", "dropout_plan": "none"})
 
 
