@@ -126,13 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = utils.RECIPE
     p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=positive_int,
-                   help=f"total epochs to train (default: {r['epochs']})")
+                   help=f"total epochs to train (default: {r['epochs']}; compact: "
+                        f"{COMPACT['epochs']})")
     p.add_argument("--batch-size", type=positive_int,
                    help=f"training images per SGD step (default: {r['batch_size']})")
     p.add_argument("--test-batch-size", type=positive_int,
                    help=f"test images per forward pass (default: {r['test_batch_size']})")
     p.add_argument("--lr", type=positive_float,
-                   help=f"SGD's learning rate (default: {r['lr']})")
+                   help=f"SGD's learning rate, OneCycle's peak with --schedule onecycle "
+                        f"(default: {r['lr']}; compact: {COMPACT['lr']})")
     p.add_argument("--momentum", type=non_negative_float,
                    help=f"SGD's momentum (default: {r['momentum']})")
     p.add_argument("--step-size", type=positive_int,
