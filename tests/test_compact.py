@@ -265,3 +265,8 @@ def test_the_report_reads_the_last_epoch_of_each_seed(tmp_path):
     table = compact.report(tmp_path)
     assert ("| trial | 7,594 | 1, 2 | 99.48, 99.42 | 99.450 | 0.042 | 99.42 | 99.50, 99.42 "
             "| met so far (2 seeds) |") in table, table
+
+
+def test_docs_compact_shows_the_computed_layer_table(repo_root):
+    text = (repo_root / "docs" / "compact.md").read_text()
+    assert format_layer_table(layer_table(CompactNet())) in text
