@@ -255,6 +255,12 @@ def test_every_candidate_is_a_compact_recipe_of_at_most_15_epochs():
         assert got["model"] == "compact" and got["epochs"] <= 15, name
 
 
+def test_the_named_recipe_is_the_candidate_the_search_kept():
+    from benchmarks import compact
+
+    assert recipe_of(compact.train_flags(compact.KEPT)) == recipe_of(["--model", "compact"])
+
+
 def test_the_report_reads_the_last_epoch_of_each_seed(tmp_path):
     from benchmarks import compact
 
