@@ -214,3 +214,42 @@ def format_layer_table(rows: list[LayerInfo]) -> str:
                      f"| {r.receptive_field} | {r.jump} | {r.params:,} |")
     lines.append(f"| **total** | | | | | | **{sum(r.params for r in rows):,}** |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compact model: the course's checks in under 8,000 parameters (docs/compact.md).
+# ---------------------------------------------------------------------------------------------
+COMPACT_DROPOUT = 0.02  # after every 3x3 block; the search in docs/compact.md chose it
+
+
+class CompactNet(nn.Module):
+    """A 7,594-parameter CNN for MNIST: Conv-BN-ReLU blocks, a max-pool and a 1x1 reduction
+    after the first two, three more 3x3 blocks, global average pooling and a 1x1 conv to the
+    10 classes. `forward` returns log-probabilities of shape (N, 10).
+
+    Every 3x3 block is followed by nn.Dropout(`dropout`) (the fast path fuses each ReLU +
+    Dropout pair, as for Net). No padding anywhere: output sizes 26 -> 24 -> 12 -> 12 -> 10 ->
+    8 -> 6 -> 1. Built with Net's helpers, so its stages read like Net's table.
+    """
+
+    def __init__(self, dropout: float = COMPACT_DROPOUT) -> None:
+        super().__init__()
+        self.channels = (10, 16, 10, 14, 16, 16, 10)
+        c1, c2, t1, c3, c4, c5, out = self.channels
+        p = dropout
+        rows: list[tuple[str, nn.Module]] = [
+            ("conv1", conv_bn_relu(1, c1, 3, dropout=p)),  # 28 -> 26, RF 3
+            ("conv2", conv_bn_relu(c1, c2, 3, dropout=p)),  # 26 -> 24, RF 5
+            ("pool1", nn.MaxPool2d(2, 2)),  # 24 -> 12, RF 6
+            ("trans1", conv_bn_relu(c2, t1, 1)),  # 12 -> 12, RF 6
+            ("conv3", conv_bn_relu(t1, c3, 3, dropout=p)),  # 12 -> 10, RF 10
+            ("conv4", conv_bn_relu(c3, c4, 3, dropout=p)),  # 10 -> 8, RF 14
+            ("conv5", conv_bn_relu(c4, c5, 3, dropout=p)),  # 8 -> 6, RF 18
+            ("gap", nn.AdaptiveAvgPool2d(1)),  # 6 -> 1, RF 28
+            ("conv6", nn.Conv2d(c5, out, 1, bias=False)),  # 1 -> 1: 16 averages -> 10 scores
+        ]
+        self.features = nn.Sequential(OrderedDict(rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return F.log_softmax(x.flatten(1), dim=1)

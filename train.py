@@ -27,7 +27,7 @@ import sys
 import torch
 
 import utils
-from model import DROPOUT_PLANS, HEADS, TRANSITIONS, Net, count_parameters
+from model import DROPOUT_PLANS, HEADS, TRANSITIONS, count_parameters
 from support import checkpoints, failures, flag_checks, flag_types, metrics, outputs, stopping
 from support.augment import AUGMENTATIONS
 from support.bookkeeping import NonFiniteLoss
@@ -35,6 +35,8 @@ from support.boundary import error, guarded
 from support.checkpoints import epochs_text
 from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, UsageError
 from support.mnist_files import ensure_mnist
+from support.recipe import COMPACT, MODELS, SCHEDULES, foreign_options
+from support.stopping import flag
 
 if __name__ == "__main__":
     startup.release_ctrl_c()  # and one noted meanwhile stops here, in one line
@@ -46,13 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = utils.RECIPE
     p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=flag_types.positive_int,
-                   help=f"total epochs to train (default: {r['epochs']})")
+                   help=f"total epochs to train (default: {r['epochs']}; compact: "
+                        f"{COMPACT['epochs']})")
     p.add_argument("--batch-size", type=flag_types.positive_int,
                    help=f"training images per SGD step (default: {r['batch_size']})")
     p.add_argument("--test-batch-size", type=flag_types.positive_int,
                    help=f"test images per forward pass (default: {r['test_batch_size']})")
     p.add_argument("--lr", type=flag_types.positive_float,
-                   help=f"SGD's learning rate (default: {r['lr']})")
+                   help=f"SGD's learning rate, OneCycle's peak with --schedule onecycle "
+                        f"(default: {r['lr']}; compact: {COMPACT['lr']})")
     p.add_argument("--momentum", type=flag_types.non_negative_float,
                    help=f"SGD's momentum (default: {r['momentum']})")
     p.add_argument("--step-size", type=flag_types.positive_int,
@@ -68,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (torch.set_num_threads; default: torch's own, "
                         "one per core). The README's timings and histories depend on it: on "
                         "the CPU another thread count gives other last digits")
+    p.add_argument("--model", choices=list(MODELS),
+                   help="s6 = the write-up's Net; compact = CompactNet (7,594 parameters), "
+                        "whose named recipe (support/recipe.py COMPACT) then fills in every "
+                        f"recipe flag not given (default: {r['model']})")
+    p.add_argument("--schedule", choices=list(SCHEDULES),
+                   help="step = StepLR (--step-size, --gamma); onecycle = OneCycleLR peaking at "
+                        f"--lr, stepped once per epoch (default: {r['schedule']}; compact: "
+                        f"{COMPACT['schedule']})")
+    p.add_argument("--dropout", type=flag_types.dropout_float,
+                   help="probability of each dropout layer in the model "
+                        f"(default: {r['dropout']:g}; compact: {COMPACT['dropout']:g})")
     p.add_argument("--loader", choices=["fast", "torchvision"],
                    help="fast: data kept and augmented on the device, and the model run with "
                         "fused ReLU-dropout (plus, on the CPU, channels-last memory and "
@@ -187,7 +202,13 @@ def recipe_from(args: argparse.Namespace) -> dict:
     """The settings that define a run (the keys of utils.RECIPE), from the flags given and
     RECIPE's defaults; a checkpoint carries them, so a resume repeats them."""
     given = {key: getattr(args, key, None) for key in utils.RECIPE}
-    return utils.full_recipe({k: v for k, v in given.items() if v is not None})
+    recipe = utils.full_recipe({k: v for k, v in given.items() if v is not None})
+    foreign = foreign_options(recipe)
+    if foreign:
+        verb, them = ("applies", "it") if len(foreign) == 1 else ("apply", "them")
+        raise UsageError(f"{' and '.join(flag(k) for k in foreign)} {verb} to the s6 model "
+                         f"only, not to --model {recipe['model']}: drop {them}")
+    return recipe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +291,7 @@ def final_line(args: argparse.Namespace, history: dict) -> str:
 def score_checkpoint(args: argparse.Namespace, device: torch.device, weights: dict,
                      recipe: dict) -> int:
     """Score saved weights on --limit-test images (default: the whole test set)."""
-    model = utils.prepare_model(Net(**utils.net_options(recipe)), recipe, device)
+    model = utils.prepare_model(utils.make_model(recipe), recipe, device)
     model.load_state_dict(weights)
     _, test_loader = utils.make_loaders(recipe, args.data_dir, device)
     loss, acc = utils.test(model, device, test_loader, progress=False)

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import Net
 from support import checkpoints
 from support.analysis import augmented_samples, image_grid, save_analysis  # noqa: F401 (offered to the notebook)
 from support.augment import CROP_P, CROP_SIZE, MAX_ANGLE, augmentation_parts
@@ -48,10 +47,12 @@ from support.figures import TARGET_ACC, figures_dir, finish, legible, save_figur
 from support.mnist_files import ensure_mnist  # noqa: F401 (offered to the notebook)
 from support.recipe import (  # noqa: F401 (offered to the notebook)
     MEAN,
+    MODELS,
     RECIPE,
     STD,
     format_recipe,
     full_recipe,
+    make_model,
     make_optimizer,
     net_options,
     smoke_mode,
@@ -200,6 +201,12 @@ class Run:
 
     def __post_init__(self) -> None:
         self.recipe = full_recipe(self.recipe)
+        built = MODELS[self.recipe["model"]]
+        if type(self.model) is not built:  # e.g. the notebook's Net for a compact recipe
+            raise ValueError(f"the recipe's model is {self.recipe['model']!r}, a "
+                             f"{built.__name__}, not the {type(self.model).__name__} given: "
+                             f"build the model from the same recipe (the compact model trains "
+                             f"with python train.py --model compact)")
         self.trained = self.trained or self.model
         self.device = self.device or next(self.model.parameters()).device
 
@@ -210,7 +217,7 @@ def build_run(recipe: dict[str, Any], device: torch.device,
     the tests build their runs with it)."""
     recipe = full_recipe(recipe)
     torch.manual_seed(recipe["seed"])  # also seeds CUDA and MPS
-    model = prepare_model(Net(**net_options(recipe)), recipe, device)
+    model = prepare_model(make_model(recipe), recipe, device)
     optimizer, scheduler = make_optimizer(model, recipe)
     train_loader, test_loader = make_loaders(recipe, data_dir, device)
     trained = compiled(model, device) if recipe["compile"] else model
@@ -353,16 +360,18 @@ def epoch_ranges(epochs: list[int]) -> str:
 
 def read_ablation(results: str | os.PathLike = "results/ablation",
                   save_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
-    """The ablation's table (Markdown) and its two figures, from the result files that
-    benchmarks/ablation.py wrote (None when there are none yet); the figures are saved in
-    `save_dir` when given."""
+    """The ablation's table and how-many-parameters table (Markdown, the latter with the
+    compact model's runs) and their two figures, from the result files the benchmarks wrote
+    (None when there are none yet); the figures are saved in `save_dir` when given."""
     from benchmarks import ablation
 
     found = ablation.load_results(results)
     if not any(found.values()):
         return None
+    compact = ablation.compact_runs(Path(results).parent / "compact")
     out = Path(save_dir) if save_dir else None
     return {"table": ablation.format_table(ablation.summarise(found)),
+            "parameters_table": ablation.parameters_table(found, compact),
             "accuracy": ablation.plot_ablation(found, path=out / "ablation.png" if out else None),
             "parameters": ablation.plot_parameters(
-                found, path=out / "parameters.png" if out else None)}
+                found, out / "parameters.png" if out else None, compact)}

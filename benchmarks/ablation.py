@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script, it sees only benchmarks/
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, compact  # noqa: E402
 from support.figures import TARGET_ACC, finish, legible  # noqa: E402
 
 RESULTS = ROOT / "results" / "ablation"
@@ -208,16 +208,19 @@ PUBLISHED_RUNS = (
 )
 PARAMETER_SWEEP = "width-"  # the variants that scale every channel count: width-0.85, ...
 GAP_HEAD = "gap-head"
+COMPACT_NAME = "compact"  # the compact model's named recipe, in the figure and the table
 
 
 @legible
 def plot_parameters(results: dict[str, dict[int, dict[str, Any]]],
-                    path: str | os.PathLike | None = None) -> Any:
+                    path: str | os.PathLike | None = None,
+                    compact_runs: dict[int, dict[str, Any]] | None = None) -> Any:
     """How many parameters does 99.4% need? Final test accuracy against parameters (log scale).
 
     A dot per seed for the recipe and its narrower widths (the variants named width-*), their
-    means joined by a line; the gap-head variant apart; the dashed 99.4% target; and, marked
-    as such, single runs other people published (PUBLISHED_RUNS).
+    means joined by a line; the gap-head variant apart; the compact model's named recipe
+    (`compact_runs`, benchmarks/compact.py's KEPT candidate), the other family; the dashed
+    99.4% target; and, marked as such, single runs other people published (PUBLISHED_RUNS).
     """
     import matplotlib.pyplot as plt
 
@@ -225,7 +228,8 @@ def plot_parameters(results: dict[str, dict[int, dict[str, Any]]],
     sweep = {n: r for n, r in results.items()
              if r and (n == "recipe" or n.startswith(PARAMETER_SWEEP))}
     means = _seed_dots(ax, sweep, "o", "tab:blue", "our runs, a dot per seed")
-    _name_variants(ax, {**sweep, GAP_HEAD: results.get(GAP_HEAD)})
+    levels = _name_variants(ax, {**sweep, GAP_HEAD: results.get(GAP_HEAD),
+                                 COMPACT_NAME: compact_runs})
     if means:
         xs, ys = zip(*sorted(means), strict=True)
         ax.plot(xs, ys, "-_", color="black", linewidth=1.2, markersize=16, markeredgewidth=2,
@@ -237,12 +241,17 @@ def plot_parameters(results: dict[str, dict[int, dict[str, Any]]],
         (params, mean), = _seed_dots(ax, {GAP_HEAD: results[GAP_HEAD]}, "^", "tab:green",
                                      "gap head, a dot per seed")
         ax.plot([params], [mean], "_", color="black", markersize=16, markeredgewidth=2)
+    if compact_runs:
+        (params, mean), = _seed_dots(ax, {COMPACT_NAME: compact_runs}, "D", "tab:orange",
+                                     "compact model, 15 epochs, a dot per seed")
+        ax.plot([params], [mean], "_", color="black", markersize=16, markeredgewidth=2)
     _published(ax)
     ax.axhline(TARGET_ACC, color="tab:red", linestyle="--", linewidth=1,
                label=f"target {TARGET_ACC}%")
     _parameter_axis(ax)
     ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("How many parameters does 99.4% need?", pad=34)  # over the variants' names
+    # over the variants' names
+    ax.set_title("How many parameters does 99.4% need?", pad=34 + 28 * levels)
     ax.margins(x=0.08, y=0.15)  # room for the names under the dots and over the stars
     ax.grid(alpha=0.3)
     # Below the axes: inside, "best" still hid a published star.
@@ -273,12 +282,13 @@ def _published(ax: Any) -> None:
     ax.plot([r["parameters"][0] for r in singles], [r["test_acc"] for r in singles], "*",
             linestyle="none", color="tab:purple", markersize=15,
             label="published by others (single runs)")
-    # The two stars are close: one name to the left, the other to the right.
-    for r, side in zip(singles, (-1, 1), strict=False):
+    # The two stars are close: the first named under it (above and to its left stand the
+    # compact model's dots), the other above and to its right.
+    for r, (dx, dy, ha, va) in zip(singles, ((-6, -10, "center", "top"),
+                                             (8, 6, "left", "bottom")), strict=False):
         ax.annotate(f"{r['label']}\n{r['parameters'][0]:,}: {r['test_acc']:.2f}%\n"
                     f"({r['epochs']})", (r["parameters"][0], r["test_acc"]),
-                    textcoords="offset points", xytext=(8 * side, 6),
-                    ha="right" if side < 0 else "left", va="bottom", fontsize=10,
+                    textcoords="offset points", xytext=(dx, dy), ha=ha, va=va, fontsize=10,
                     color="tab:purple")
     for r in PUBLISHED_RUNS:
         low, high = r["parameters"]
@@ -286,20 +296,29 @@ def _published(ax: Any) -> None:
             continue
         ax.plot([low, high], [r["test_acc"]] * 2, "-", color="tab:purple", linewidth=8,
                 solid_capstyle="butt", alpha=0.5)
+        # Well under its bar, with a line to it: around the bar stand the runs near 99.4%
+        # that it is compared with.
+        centre = (low * high) ** 0.5
         ax.annotate(f"{r['label']}: {low:,}-{high:,}\n({r['epochs']})",
-                    ((low * high) ** 0.5, r["test_acc"]), textcoords="offset points",
-                    xytext=(0, 7), ha="center", va="bottom", fontsize=10, color="tab:purple")
+                    (centre, r["test_acc"]), xytext=(centre * 1.1, r["test_acc"] - 0.1),
+                    ha="center", va="top", fontsize=10, color="tab:purple",
+                    arrowprops={"arrowstyle": "-", "color": "tab:purple", "linewidth": 0.8})
 
 
-def _name_variants(ax: Any, runs: dict[str, dict[int, dict[str, Any]] | None]) -> None:
+def _name_variants(ax: Any, runs: dict[str, dict[int, dict[str, Any]] | None]) -> int:
     """Each variant's name and parameter count over the axes, above its dots: names next to
-    the dots would collide with them."""
-    for name, by_seed in runs.items():
-        if by_seed:
-            params = next(iter(by_seed.values()))["parameters"]
-            ax.annotate(f"{name}\n{params:,}", (params, 1), xycoords=("data", "axes fraction"),
-                        xytext=(0, 4), textcoords="offset points", ha="center", va="bottom",
-                        fontsize=10, color="dimgrey")
+    the dots would collide with them. A name within 15% of the previous one's parameters goes
+    a level higher, so the two do not overlap; returns the number of levels above the first."""
+    placed = sorted((next(iter(by_seed.values()))["parameters"], name)
+                    for name, by_seed in runs.items() if by_seed)
+    level, levels, last = 0, 0, None
+    for params, name in placed:
+        level = 1 - level if last is not None and params < last * 1.15 else 0
+        levels, last = max(levels, level), params
+        ax.annotate(f"{name}\n{params:,}", (params, 1), xycoords=("data", "axes fraction"),
+                    xytext=(0, 4 + 28 * level), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=10, color="dimgrey")
+    return levels
 
 
 def _parameter_axis(ax: Any) -> None:
@@ -313,15 +332,44 @@ def _parameter_axis(ax: Any) -> None:
     ax.set_xlabel("parameters (log scale)")
 
 
+def compact_runs(out: str | os.PathLike = compact.RESULTS) -> dict[int, dict[str, Any]]:
+    """The compact model's named recipe's runs ({seed: metrics}; {} before any)."""
+    return compact.load_results(out).get(compact.KEPT, {})
+
+
+def parameters_table(results: dict[str, dict[int, dict[str, Any]]],
+                     compact: dict[int, dict[str, Any]] | None = None) -> str:
+    """How many parameters does 99.4% need, as Markdown: the write-up's table scaled by width,
+    its GAP head, and the compact model, each with every seed's final (last-epoch) accuracy."""
+    lines = ["| model | parameters | epochs | seeds | final test accuracy, each seed | mean "
+             "| seeds ≥ 99.4% | final train accuracy (mean) |", "|---|---|---|---|---|---|---|---|"]
+    families = [(f"`{n}`" if n != "recipe" else "the table (`recipe`)", results.get(n))
+                for n in ("recipe", "width-0.85", "width-0.7", "width-0.55", GAP_HEAD)]
+    families.append(("compact (`--model compact`)", compact))
+    for label, runs in families:
+        if not runs:
+            continue
+        ms = [runs[s] for s in sorted(runs)]
+        finals = [m["final_test_acc"] for m in ms]
+        lines.append(f"| {label} | {ms[0]['parameters']:,} | {len(ms[0]['history']['epoch'])} "
+                     f"| {len(ms)} | {', '.join(f'{a:.2f}' for a in finals)} "
+                     f"| {statistics.mean(finals):.2f} "
+                     f"| {sum(a >= TARGET_ACC for a in finals)} "
+                     f"| {statistics.mean(m['history']['train_acc'][-1] for m in ms):.2f} |")
+    return "\n".join(lines)
+
+
 def report(out: str | os.PathLike = RESULTS, figure: str | os.PathLike | None = FIGURE,
-           parameters_figure: str | os.PathLike | None = None) -> str:
-    """The table as Markdown; the figures are written where given, and closed."""
+           parameters_figure: str | os.PathLike | None = None,
+           compact_out: str | os.PathLike = compact.RESULTS) -> str:
+    """The tables as Markdown (what each part buys, then how many parameters 99.4% needs); the
+    figures are written where given, and closed."""
     import matplotlib.pyplot as plt
 
-    results = load_results(out)
+    results, kept = load_results(out), compact_runs(compact_out)
     plt.close(plot_ablation(results, figure))
-    plt.close(plot_parameters(results, parameters_figure))
-    return format_table(summarise(results))
+    plt.close(plot_parameters(results, parameters_figure, kept))
+    return f"{format_table(summarise(results))}\n\n{parameters_table(results, kept)}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -199,8 +199,10 @@ for digit, acc in enumerate(analysis["per_class_accuracy"]):
 # rate, bare 1x1 transitions, dropout after every 3x3 block, a global-average-pooling head
 # (`--head gap`, the form that passes every one of the course's checks), and the table's
 # channels scaled to about 3/4, 1/2 and 1/3 of its parameters (`--width 0.85`, `0.7`, `0.55`);
-# 20 epochs and several seeds each. This cell retrains none of them: it reads their results
-# from `results/ablation/` (docs/experiments.md).
+# 20 epochs and several seeds each. The second table and figure set them beside another
+# design, the compact model (`python train.py --model compact`: 7,594 parameters, every course
+# check, 15 epochs; docs/compact.md). This cell retrains none of them: it reads their results
+# from `results/` (docs/experiments.md).
 
 # %%
 ablation = read_ablation("results/ablation", save_dir=figures)
@@ -208,9 +210,10 @@ if ablation:
     display(Markdown(ablation["table"]))
     show(ablation["accuracy"], "Final test accuracy of each ablation variant, a dot per seed and "
          "a bar at their mean, against the dashed 99.4% target")
+    display(Markdown(ablation["parameters_table"]))
     show(ablation["parameters"], "Final test accuracy against parameters (log scale) for the "
-         "recipe, its narrower widths and the GAP head, a dot per seed, with published single "
-         "runs by others and the 99.4% target")
+         "recipe, its narrower widths, the GAP head and the compact model, a dot per seed, with "
+         "published single runs by others and the 99.4% target")
 else:
     print("No ablation results in results/ablation/ yet: run "
           "`python benchmarks/ablation.py --seeds 1 2 3`, then this cell again.")

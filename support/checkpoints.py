@@ -2,9 +2,10 @@
 
 A checkpoint is one dict, written by torch.save:
 
-    model      the Net's state_dict (the plain module's, whether or not it trained compiled)
+    model      the state_dict of the recipe's model, Net or CompactNet (the plain module's,
+               whether or not it trained compiled)
     optimizer  the SGD's state_dict
-    scheduler  the StepLR's state_dict
+    scheduler  the StepLR's state_dict (the OneCycleLR's, for the recipe's schedule "onecycle")
     history    support.bookkeeping.new_history()'s columns, one value per finished epoch
     recipe     the run's recipe (the keys of support.recipe.RECIPE)
     rng        generator states: "torch" (the CPU's), "loader" (the train loader's, on its
@@ -13,10 +14,10 @@ A checkpoint is one dict, written by torch.save:
 `save_run` writes it to a temporary file and renames it over the old one, so a crash never
 leaves half a checkpoint. `load_checkpoint` reads it with weights_only=True (no code in the
 file can run), then checks every part by loading it into freshly built objects of the saved
-recipe (its Net, and an SGD and a StepLR as support.recipe builds them): a value of the wrong
-kind, or one that cannot have come from that recipe, is refused with a CheckpointError that
-says what does not fit. A key the running torch does not write is not applied; a key it needs
-is required.
+recipe (its Net or CompactNet, and an SGD and a StepLR or OneCycleLR as support.recipe builds
+them): a value of the wrong kind, or one that cannot have come from that recipe, is refused with
+a CheckpointError that says what does not fit. A key the running torch does not write is not
+applied; a key it needs is required.
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from model import Net
 from support import locks, outputs
 from support.bookkeeping import new_history
 from support.mnist_files import strip_colour
-from support.recipe import check_recipe, make_optimizer, net_options
+from support.recipe import check_recipe, make_model, make_optimizer
 
 FORMAT = ("model", "optimizer", "scheduler", "history", "recipe", "rng")
 
@@ -288,12 +288,12 @@ def _check_tensors_finite(tensors: dict[str, Any], what: str) -> None:
             raise ValueError(f"{what} {name} holds NaN or infinite values")
 
 
-def _check_model(state: Any, recipe: dict[str, Any]) -> Net:
-    """The weights load strictly into the recipe's Net, every one is finite, and every
-    BatchNorm's running variance is >= 0 (a negative one makes evaluation NaN)."""
+def _check_model(state: Any, recipe: dict[str, Any]) -> nn.Module:
+    """The weights load strictly into the recipe's model (Net or CompactNet), every one is
+    finite, and every BatchNorm's running variance is >= 0 (a negative one makes evaluation NaN)."""
     if not isinstance(state, dict):
         raise ValueError("model is not a state dict")
-    net = Net(**net_options(recipe))
+    net = make_model(recipe)
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError, KeyError) as err:
@@ -309,7 +309,7 @@ def _check_model(state: Any, recipe: dict[str, Any]) -> Net:
 LEARNING_RATES = ("lr", "initial_lr")
 
 
-def _check_optimizer(state: Any, net: Net, recipe: dict[str, Any]) -> dict[str, Any]:
+def _check_optimizer(state: Any, net: nn.Module, recipe: dict[str, Any]) -> dict[str, Any]:
     """An SGD state of this model's parameters whose hyperparameters are those make_optimizer
     builds from the recipe (the learning rate aside: StepLR and --lr change it); each momentum
     buffer a finite tensor of its parameter's shape. Returns the state as loaded."""
@@ -350,29 +350,42 @@ def _check_optimizer(state: Any, net: Net, recipe: dict[str, Any]) -> dict[str, 
     return fresh.state_dict()
 
 
-# What defines the schedule; StepLR's other keys are torch's bookkeeping, which a fresh
-# StepLR of the running torch provides when a checkpoint from another release lacks one.
-SCHEDULE_KEYS = ("step_size", "gamma", "base_lrs", "last_epoch")
+# What defines each schedule; a scheduler's other keys are torch's bookkeeping, which a fresh
+# one of the running torch provides when a checkpoint from another release lacks one.
+SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
+    "step": ("step_size", "gamma", "base_lrs", "last_epoch"),
+    "onecycle": ("total_steps", "_schedule_phases", "cycle_momentum", "base_lrs", "last_epoch"),
+}
+SCHEDULERS = {"step": "StepLR", "onecycle": "OneCycleLR"}
 
 
-def _check_scheduler(state: Any, net: Net, recipe: dict[str, Any], epochs: int
+def _check_scheduler(state: Any, net: nn.Module, recipe: dict[str, Any], epochs: int
                      ) -> dict[str, Any]:
-    """A StepLR state of the recipe's schedule, stepped once per finished epoch: the keys a
-    fresh StepLR writes, each of the kind it writes (a key this torch does not write is left
-    out). Returns the state to load."""
+    """A state of the recipe's schedule (StepLR, or OneCycleLR for schedule "onecycle"),
+    stepped once per finished epoch: the keys a fresh one writes, each of the kind it writes
+    (a key this torch does not write is left out), and the values the recipe sets. Returns
+    the state to load."""
     expected = make_optimizer(net, recipe)[1].state_dict()
+    schedule = recipe["schedule"]
+    kind = SCHEDULERS[schedule]
     if not isinstance(state, dict):
         raise ValueError("scheduler is not a dict")
-    missing = [key for key in SCHEDULE_KEYS if key not in state]
+    missing = [key for key in SCHEDULE_KEYS[schedule] if key not in state]
     if missing:
-        raise ValueError(f"scheduler lacks {', '.join(missing)}: not a StepLR")
+        raise ValueError(f"scheduler lacks {', '.join(missing)}: not a {kind}")
     known = {k: v for k, v in state.items() if k in expected}
     for key, value in known.items():
         if not _same_kind(value, expected[key]):
-            raise ValueError(f"scheduler {key}={str(value)[:40]} does not belong to a StepLR")
-    for key in ("step_size", "gamma"):
-        if known[key] != recipe[key]:
-            raise ValueError(f"scheduler {key}={known[key]} is not the recipe's ({recipe[key]})")
+            raise ValueError(f"scheduler {key}={str(value)[:40]} does not belong to a {kind}")
+    # What the recipe fixes: StepLR's step and factor (its lr may change on resume); all of
+    # OneCycle's shape, its epochs and peak included (a resume may change neither).
+    fixed = (("step_size", "gamma") if schedule == "step" else
+             ("total_steps", "_schedule_phases", "_anneal_func_type", "cycle_momentum",
+              "base_lrs"))
+    for key in fixed:
+        if key in known and known[key] != expected[key]:
+            raise ValueError(f"scheduler {key}={str(known[key])[:60]} is not the recipe's "
+                             f"({str(expected[key])[:60]})")
     if len(known["base_lrs"]) != len(expected["base_lrs"]) or not all(
             _positive_real(lr) for lr in known["base_lrs"]):
         raise ValueError("scheduler base_lrs do not match the optimizer")
@@ -382,13 +395,15 @@ def _check_scheduler(state: Any, net: Net, recipe: dict[str, Any], epochs: int
 
 
 def _same_kind(value: Any, reference: Any) -> bool:
-    """`value` could stand where a fresh StepLR has `reference`."""
+    """`value` could stand where a fresh scheduler has `reference`."""
     if isinstance(reference, bool):
         return isinstance(value, bool)
     if isinstance(reference, int):
         return _is_int(value)
     if isinstance(reference, float):
         return _is_real(value)
+    if isinstance(reference, list) and all(isinstance(r, dict) for r in reference):
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
     if isinstance(reference, list):
         return isinstance(value, list) and all(_is_real(v) for v in value)
     return reference is None or type(value) is type(reference)

@@ -219,6 +219,11 @@ def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
                          "drop them, or start a new run with --save-model NEW.pt "
                          "(only --epochs, --lr and --compile may change on resume)")
     done = len(checkpoint["history"]["epoch"])
+    changed = [flag(k) for k in ("epochs", "lr") if getattr(args, k) not in (None, recipe[k])]
+    if recipe["schedule"] == "onecycle" and changed:
+        raise UsageError(f"{args.resume} follows a OneCycle schedule fixed by its epochs and "
+                         f"peak lr when it started, so {' and '.join(changed)} cannot change it: "
+                         f"drop them, or start a new run with --save-model NEW.pt")
     if args.epochs is not None:
         recipe["epochs"] = args.epochs
     if recipe["epochs"] <= done:

@@ -61,6 +61,13 @@ def width_float(text: str) -> float:
     return value
 
 
+def dropout_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1 (1 drops everything), got {text}")
+    return value
+
+
 def path_text(text: str) -> str:
     """An empty path would mean the current folder, or no flag at all (`--evaluate ""` used
     to start a training): refused."""

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model import DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS
+from model import DROPOUT, DROPOUT_PLANS, HEADS, MAX_WIDTH, TRANSITIONS, CompactNet, Net
 from support.augment import AUGMENTATIONS
 
 # The write-up's recipe: SGD with momentum, StepLR, 20 epochs of batch 128.
@@ -29,6 +29,9 @@ WRITE_UP: dict[str, Any] = {
 }
 # This project's switches; each default is the write-up's choice, every key a train.py flag.
 SWITCHES: dict[str, Any] = {
+    "model": "s6",  # "s6": the write-up's Net; "compact": CompactNet, with the COMPACT recipe
+    "schedule": "step",  # "step": StepLR (step_size, gamma); "onecycle": OneCycleLR, peak lr
+    "dropout": DROPOUT,  # the probability of each nn.Dropout in the model
     "loader": "fast",  # "fast": whole batches on the device; "torchvision": the original's
     "dropout_plan": "table",  # blocks followed by dropout (model.DROPOUT_PLANS)
     "batch_norm": True,  # False: no BatchNorm anywhere (the ablation; convs get a bias)
@@ -42,23 +45,55 @@ SWITCHES: dict[str, Any] = {
     "limit_test": None,  # and the first N test images (None: all 10,000)
 }
 RECIPE: dict[str, Any] = {**WRITE_UP, **SWITCHES}
+# The compact model's named recipe (issue 27; the search behind it is in docs/compact.md): what
+# `train.py --model compact` changes from RECIPE, for every key the user does not give.
+COMPACT: dict[str, Any] = {
+    "model": "compact",
+    "epochs": 15,
+    "lr": 0.1,  # OneCycle's peak
+    "schedule": "onecycle",  # stepped once per epoch: total_steps = epochs
+    "dropout": 0.02,  # after every 3x3 block of CompactNet
+    "augmentation": "rotate",  # rotation only: the ablation found it carries the most
+}
+# Each model's named recipe: RECIPE with these values.
+NAMED: dict[str, dict[str, Any]] = {"s6": {}, "compact": COMPACT}
 MEAN, STD = 0.1307, 0.3081  # of MNIST's training pixels: inputs are normalised with these
-NET_OPTIONS = ("dropout_plan", "batch_norm", "transitions", "head", "width")
+NET_OPTIONS = ("dropout_plan", "batch_norm", "transitions", "head", "width", "dropout")
+# The options of each model: Net's architecture switches apply to Net only.
+MODEL_OPTIONS: dict[str, tuple[str, ...]] = {"s6": NET_OPTIONS, "compact": ("dropout",)}
+MODELS = {"s6": Net, "compact": CompactNet}
+SCHEDULES = ("step", "onecycle")
 
 
 def full_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
-    """RECIPE with `recipe`'s values; a key RECIPE does not know is a mistake, not a setting."""
+    """The named recipe of `recipe`'s model (RECIPE for the write-up's, the default) with
+    `recipe`'s values; a key RECIPE does not know is a mistake, not a setting."""
     unknown = sorted(set(recipe) - set(RECIPE))
     if unknown:
         raise ValueError(f"unknown recipe keys: {', '.join(unknown)} "
                          f"(known: {', '.join(RECIPE)})")
-    return {**RECIPE, **recipe}
+    named = NAMED.get(recipe.get("model", RECIPE["model"]), {})
+    return {**RECIPE, **named, **recipe}
 
 
 def net_options(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's choices of architecture, as Net's keyword arguments."""
+    """The recipe's choices of architecture, as its model's keyword arguments."""
     recipe = full_recipe(recipe)
-    return {key: recipe[key] for key in NET_OPTIONS}
+    return {key: recipe[key] for key in MODEL_OPTIONS[recipe["model"]]}
+
+
+def make_model(recipe: dict[str, Any]) -> nn.Module:
+    """The recipe's model, freshly built (its weights drawn from torch's generator)."""
+    recipe = full_recipe(recipe)
+    return MODELS[recipe["model"]](**net_options(recipe))
+
+
+def foreign_options(recipe: dict[str, Any]) -> list[str]:
+    """Net's architecture switches set away from RECIPE in a recipe of another model: they
+    would be ignored, so they are refused."""
+    recipe = full_recipe(recipe)
+    return [key for key in NET_OPTIONS if key not in MODEL_OPTIONS[recipe["model"]]
+            and recipe[key] != RECIPE[key]]
 
 
 def format_recipe(recipe: dict[str, Any]) -> str:
@@ -109,6 +144,10 @@ RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "step_size": (_positive_int, "a positive integer"),
     "gamma": (_positive_real, "a finite number > 0"),
     "seed": (lambda v: _is_int(v) and -(2**63) <= v < 2**64, "an integer torch can seed with"),
+    "model": (lambda v: isinstance(v, str) and v in MODELS, f"one of {', '.join(MODELS)}"),
+    "schedule": (lambda v: isinstance(v, str) and v in SCHEDULES,
+                 f"one of {', '.join(SCHEDULES)}"),
+    "dropout": (lambda v: _is_real(v) and 0 <= v < 1, "a number >= 0 and < 1"),
     "loader": (lambda v: v in ("fast", "torchvision"), "'fast' or 'torchvision'"),
     "dropout_plan": (lambda v: isinstance(v, str) and v in DROPOUT_PLANS,
                      f"one of {', '.join(DROPOUT_PLANS)}"),
@@ -136,15 +175,28 @@ def check_recipe(recipe: Any) -> dict[str, Any]:
     for key, (ok, what) in RECIPE_RULES.items():
         if not ok(full[key]):
             raise ValueError(f"recipe {key}={full[key]!r} is not {what}")
+    foreign = foreign_options(full)
+    if foreign:
+        raise ValueError(f"recipe {', '.join(foreign)}: only for the s6 model, not for "
+                         f"{full['model']!r}")
     return full
 
 
 def make_optimizer(model: nn.Module, recipe: dict[str, Any]) -> tuple[torch.optim.Optimizer, Any]:
-    """SGD with momentum and a StepLR schedule, as the write-up (and the notebook, in view)."""
+    """SGD with momentum and a StepLR schedule, as the write-up (and the notebook, in view);
+    with schedule "onecycle", a OneCycleLR to the peak `lr` instead (the compact recipe). Either
+    is stepped once per epoch by the loop, so OneCycle's total_steps is the epochs; it keeps the
+    recipe's momentum (no momentum cycling)."""
+    recipe = full_recipe(recipe)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"],
                                 momentum=recipe["momentum"])
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe["step_size"],
-                                                gamma=recipe["gamma"])
+    if recipe["schedule"] == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe["lr"],
+                                                        total_steps=recipe["epochs"],
+                                                        cycle_momentum=False)
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe["step_size"],
+                                                    gamma=recipe["gamma"])
     return optimizer, scheduler
 
 

@@ -105,6 +105,29 @@ def test_readme_ablation_summary_is_the_reported_one(repo_root, readme):
         "the README's summary of `python benchmarks/ablation.py --report` differs from it")
 
 
+def test_the_experiments_parameters_table_is_the_reported_one(repo_root, experiments):
+    """How many parameters 99.4% needs: both families (the table scaled, the compact model)."""
+    from benchmarks import ablation
+
+    table = ablation.parameters_table(
+        ablation.load_results(repo_root / "results" / "ablation"),
+        ablation.compact_runs(repo_root / "results" / "compact"))
+    assert "compact (`--model compact`)" in table
+    assert between(experiments, "parameters-table") == table, (
+        "paste the second table of `python benchmarks/ablation.py --report` into "
+        "docs/experiments.md")
+
+
+def test_readme_compact_table_is_the_reported_one(repo_root, readme):
+    """The compact model's seeds, as benchmarks/compact.py --report gives them, in the README
+    and in docs/compact.md."""
+    from benchmarks import compact
+
+    table = compact.report(repo_root / "results" / "compact")
+    assert between(readme, "compact-table") == table, (
+        "paste the table of `python benchmarks/compact.py --report` into the README")
+
+
 # ---------------------------------------------------------------------------------------------
 # Links: every relative link of the README and docs/ leads somewhere.
 # ---------------------------------------------------------------------------------------------

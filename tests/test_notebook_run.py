@@ -19,6 +19,7 @@ import torch
 from test_checkpoints import CPU, TINY, without_seconds
 
 import utils
+from model import Net
 from support import bookkeeping, checkpoints, figures, recipe
 
 RECIPE = {**utils.RECIPE, **TINY, "epochs": 3}
@@ -145,7 +146,7 @@ TRAINING_CELL = "".join(c.source for c in nbformat.read(NOTEBOOK, as_version=4).
 
 def training_cell(recipe: dict, path: Path, data_dir: Path, retrain: bool = False) -> utils.Run:
     """Run the notebook's training cell; return its run."""
-    names = {**vars(utils), "recipe": recipe, "device": CPU, "DATA": str(data_dir),
+    names = {**vars(utils), "Net": Net, "recipe": recipe, "device": CPU, "DATA": str(data_dir),
              "CHECKPOINT": path, "RETRAIN": retrain}
     exec(TRAINING_CELL, names)
     return names["run"]
@@ -400,3 +401,8 @@ def test_colab_cell_whose_clone_fails_says_why_in_one_line(tmp_path):
     assert done.returncode == 0 and done.stderr == ""
     (line,) = done.stdout.splitlines()
     assert line.startswith("could not clone https://github.com/someone/s6-mnist: fatal:")
+
+
+def test_a_compact_recipe_is_refused_by_the_cell_that_builds_net(tmp_path, mnist_dir):
+    with pytest.raises(ValueError, match="train.py --model compact"):
+        training_cell({**RECIPE, "model": "compact"}, tmp_path / "c.pt", mnist_dir)
