@@ -22,7 +22,6 @@ applied; a key it needs is required.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from torch import nn
 from support import locks, outputs
 from support.bookkeeping import new_history
 from support.mnist_files import strip_colour
-from support.recipe import check_recipe, make_model, make_optimizer
+from support.recipe import check_recipe, is_int, is_real, make_model, make_optimizer, positive_real
 
 FORMAT = ("model", "optimizer", "scheduler", "history", "recipe", "rng")
 
@@ -264,20 +263,8 @@ def check_checkpoint(checkpoint: Any) -> dict[str, Any]:
             "rng": rng}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _positive_real(v: Any) -> bool:
-    return _is_real(v) and v > 0
-
-
 def _real_list(v: Any) -> bool:
-    return isinstance(v, list) and all(_is_real(x) for x in v)
+    return isinstance(v, list) and all(is_real(x) for x in v)
 
 
 def _check_tensors_finite(tensors: dict[str, Any], what: str) -> None:
@@ -334,7 +321,7 @@ def _check_optimizer(state: Any, net: nn.Module, recipe: dict[str, Any]) -> dict
         if missing:
             raise ValueError(f"optimizer lacks {', '.join(missing)}")
         for key in LEARNING_RATES:
-            if key in group and not _positive_real(group[key]):
+            if key in group and not positive_real(group[key]):
                 raise ValueError(f"optimizer {key}={str(group[key])[:40]} is not a number > 0")
         for key, value in want.items():
             if key not in ("params", *LEARNING_RATES) and group[key] != value:
@@ -387,7 +374,7 @@ def _check_scheduler(state: Any, net: nn.Module, recipe: dict[str, Any], epochs:
             raise ValueError(f"scheduler {key}={str(known[key])[:60]} is not the recipe's "
                              f"({str(expected[key])[:60]})")
     if len(known["base_lrs"]) != len(expected["base_lrs"]) or not all(
-            _positive_real(lr) for lr in known["base_lrs"]):
+            positive_real(lr) for lr in known["base_lrs"]):
         raise ValueError("scheduler base_lrs do not match the optimizer")
     if known["last_epoch"] != epochs:
         raise ValueError(f"scheduler at epoch {known['last_epoch']}, history at {epochs}")
@@ -399,13 +386,13 @@ def _same_kind(value: Any, reference: Any) -> bool:
     if isinstance(reference, bool):
         return isinstance(value, bool)
     if isinstance(reference, int):
-        return _is_int(value)
+        return is_int(value)
     if isinstance(reference, float):
-        return _is_real(value)
+        return is_real(value)
     if isinstance(reference, list) and all(isinstance(r, dict) for r in reference):
         return isinstance(value, list) and all(isinstance(v, dict) for v in value)
     if isinstance(reference, list):
-        return isinstance(value, list) and all(_is_real(v) for v in value)
+        return isinstance(value, list) and all(is_real(v) for v in value)
     return reference is None or type(value) is type(reference)
 
 

@@ -111,43 +111,45 @@ def format_recipe(recipe: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # The checks of a recipe read from a file: each value of the type a run needs.
 # ---------------------------------------------------------------------------------------------
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (True is an int to Python, not a setting)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_real(v: Any) -> bool:
+def is_real(v: Any) -> bool:
+    """A finite int or float, not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _positive_int(v: Any) -> bool:
-    return _is_int(v) and v > 0
+    return is_int(v) and v > 0
 
 
 def _optional_positive_int(v: Any) -> bool:
     return v is None or _positive_int(v)
 
 
-def _positive_real(v: Any) -> bool:
-    return _is_real(v) and v > 0
+def positive_real(v: Any) -> bool:
+    return is_real(v) and v > 0
 
 
 def _non_negative_real(v: Any) -> bool:
-    return _is_real(v) and v >= 0
+    return is_real(v) and v >= 0
 
 
 RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": (_positive_int, "a positive integer"),
     "batch_size": (_positive_int, "a positive integer"),
     "test_batch_size": (_positive_int, "a positive integer"),
-    "lr": (_positive_real, "a finite number > 0"),
+    "lr": (positive_real, "a finite number > 0"),
     "momentum": (_non_negative_real, "a finite number >= 0"),
     "step_size": (_positive_int, "a positive integer"),
-    "gamma": (_positive_real, "a finite number > 0"),
-    "seed": (lambda v: _is_int(v) and -(2**63) <= v < 2**64, "an integer torch can seed with"),
+    "gamma": (positive_real, "a finite number > 0"),
+    "seed": (lambda v: is_int(v) and -(2**63) <= v < 2**64, "an integer torch can seed with"),
     "model": (lambda v: isinstance(v, str) and v in MODELS, f"one of {', '.join(MODELS)}"),
     "schedule": (lambda v: isinstance(v, str) and v in SCHEDULES,
                  f"one of {', '.join(SCHEDULES)}"),
-    "dropout": (lambda v: _is_real(v) and 0 <= v < 1, "a number >= 0 and < 1"),
+    "dropout": (lambda v: is_real(v) and 0 <= v < 1, "a number >= 0 and < 1"),
     "loader": (lambda v: v in ("fast", "torchvision"), "'fast' or 'torchvision'"),
     "dropout_plan": (lambda v: isinstance(v, str) and v in DROPOUT_PLANS,
                      f"one of {', '.join(DROPOUT_PLANS)}"),
@@ -155,7 +157,7 @@ RECIPE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "transitions": (lambda v: isinstance(v, str) and v in TRANSITIONS,
                     f"one of {', '.join(TRANSITIONS)}"),
     "head": (lambda v: isinstance(v, str) and v in HEADS, f"one of {', '.join(HEADS)}"),
-    "width": (lambda v: _positive_real(v) and v <= MAX_WIDTH,
+    "width": (lambda v: positive_real(v) and v <= MAX_WIDTH,
               f"a number > 0 and <= {MAX_WIDTH:g}"),
     "augmentation": (lambda v: isinstance(v, str) and v in AUGMENTATIONS,
                      f"one of {', '.join(AUGMENTATIONS)}"),
