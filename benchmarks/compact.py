@@ -56,6 +56,8 @@ CANDIDATES: dict[str, Candidate] = {
                     "OneCycle peak 0.1"),
     "d02-rotate-oc0.2": Candidate(
         _compact(lr="0.2"), "the same with twice the peak learning rate"),
+    "d02-rotate-oc0.3": Candidate(
+        _compact(lr="0.3"), "three times the peak: does the trend from 0.1 to 0.2 go on?"),
     "d05-rotate-oc0.1": Candidate(
         _compact(dropout="0.05"), "the same with dropout 0.05"),
     "d02-rotate-oc0.1-b64": Candidate(
