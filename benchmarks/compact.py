@@ -56,13 +56,15 @@ CANDIDATES: dict[str, Candidate] = {
                     "OneCycle peak 0.1"),
     "d02-rotate-oc0.2": Candidate(
         _compact(lr="0.2"), "the same with twice the peak learning rate"),
+    "d02-rotate-oc0.3": Candidate(
+        _compact(lr="0.3"), "three times the peak: does the trend from 0.1 to 0.2 go on?"),
     "d05-rotate-oc0.1": Candidate(
         _compact(dropout="0.05"), "the same with dropout 0.05"),
     "d02-rotate-oc0.1-b64": Candidate(
         _compact(**{"--batch-size": "64"}), "the same with batch 64: twice the steps"),
 }
 
-KEPT = "d02-rotate-oc0.1"  # the candidate support/recipe.py's COMPACT is (docs/compact.md)
+KEPT = "d02-rotate-oc0.2"  # the candidate support/recipe.py's COMPACT is (docs/compact.md)
 
 
 def train_flags(candidate: str) -> list[str]:

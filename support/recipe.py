@@ -50,7 +50,7 @@ RECIPE: dict[str, Any] = {**WRITE_UP, **SWITCHES}
 COMPACT: dict[str, Any] = {
     "model": "compact",
     "epochs": 15,
-    "lr": 0.1,  # OneCycle's peak
+    "lr": 0.2,  # OneCycle's peak
     "schedule": "onecycle",  # stepped once per epoch: total_steps = epochs
     "dropout": 0.02,  # after every 3x3 block of CompactNet
     "augmentation": "rotate",  # rotation only: the ablation found it carries the most
