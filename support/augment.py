@@ -2,8 +2,8 @@
 
 torchvision augments one PIL image at a time: with probability 0.1 a centre crop to 22x22
 resized back to 28x28 (bilinear), then a rotation by a uniform angle in ±15° (nearest
-neighbour, filled with 0). The fast loader (utils.DeviceLoader) does the same to a whole uint8
-batch on its device, and gets the same pixels, byte for byte, for the same draws: the bilinear
+neighbour, filled with 0). The fast loader (fast_loader.DeviceLoader) does the same to a whole
+uint8 batch on its device, and gets the same pixels, byte for byte, for the same draws: the bilinear
 resize and the rotation below transcribe Pillow's fixed-point code (libImaging/Resample.c and
 Geometry.c). Read top to bottom: the settings, the draws, the batch transform, then Pillow's
 two operations.

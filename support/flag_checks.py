@@ -22,9 +22,9 @@ from typing import NoReturn
 
 import torch
 
-import utils
 from support import checkpoints, devices, metrics, mnist_files, outputs, stopping
 from support.checkpoints import epochs_text
+from support.recipe import RECIPE
 from support.stopping import flag
 
 DEFAULT_CHECKPOINT = "checkpoints/last.pt"
@@ -243,7 +243,7 @@ def evaluation_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
                          "--evaluate scores the saved model with its own recipe",
                          "drop them (only --test-batch-size and --limit-test apply to an "
                          "evaluation)")
-    return {**recipe, "test_batch_size": args.test_batch_size or utils.RECIPE["test_batch_size"],
+    return {**recipe, "test_batch_size": args.test_batch_size or RECIPE["test_batch_size"],
             "limit_test": args.limit_test}
 
 
@@ -251,7 +251,7 @@ def refuse_ignored_flags(args: argparse.Namespace, saved: dict, honoured: tuple[
                          mode: str, remedy: str) -> None:
     """Recipe flags given that differ from a checkpoint's recipe and are not `honoured` would
     be ignored without a word: refuse them, saying what `mode` does and what to do instead."""
-    ignored = "; ".join(f"{flag(k)} {getattr(args, k)} (saved: {saved[k]})" for k in utils.RECIPE
+    ignored = "; ".join(f"{flag(k)} {getattr(args, k)} (saved: {saved[k]})" for k in RECIPE
                         if k not in honoured and getattr(args, k, None) is not None
                         and getattr(args, k) != saved[k])
     if ignored:
