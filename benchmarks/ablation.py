@@ -399,18 +399,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def to_run(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """(variant, seed) of each run still to do: seed by seed, so that a batch stopped half-way
-    leaves every variant with some seeds."""
-    todo = []
-    for seed in args.seeds:
-        for variant in args.variants:
-            label = f"{variant} seed {seed}"
-            if common.still_to_run(metrics_path(args.out, variant, seed), NEEDS, label,
-                                   args.force):
-                todo.append((variant, seed))
-            else:
-                print(f"{label}: skipped, results exist", flush=True)
-    return todo
+    """(variant, seed) of each run still to do, seed by seed (common.pending)."""
+    return common.pending(args.variants, args.seeds,
+                          lambda variant, seed: metrics_path(args.out, variant, seed), NEEDS,
+                          args.force)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,17 +410,13 @@ def main(argv: list[str] | None = None) -> int:
 
     matplotlib.use("Agg")  # a script: draw into files, never a window
     args = parse_args(argv)
-    failed = []
+    failed = 0
     if not args.report:
         args.out.mkdir(parents=True, exist_ok=True)
-        todo = to_run(args)
-        try:
-            codes = common.run_batch([job(v, s, args) for v, s in todo], args.jobs,
-                                     args.threads)
-        except common.Interrupted as stop:
-            print(stop, file=sys.stderr)
+        failed = common.run_all([job(v, s, args) for v, s in to_run(args)], args.jobs,
+                                args.threads)
+        if failed is None:
             return 130
-        failed = [vs for vs, rc in zip(todo, codes, strict=True) if rc != 0]
     print(report(args.out, args.figure, args.parameters_figure))
     print(f"figures: {args.figure}, {args.parameters_figure}")
     return 1 if failed else 0

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,32 @@ def run_batch(todo: list[Job], jobs: int, threads: int) -> list[int | None]:
     # Several runs share the cores: give each its own threads rather than let them fight.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     return Batch(jobs, env).run(todo)
+
+
+def run_all(todo: list[Job], jobs: int, threads: int) -> int | None:
+    """run_batch for a benchmark's main: how many runs failed, or None once Ctrl-C stopped the
+    batch (which runs finished is said on stderr; the script then exits 130)."""
+    try:
+        codes = run_batch(todo, jobs, threads)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        return None
+    return sum(rc != 0 for rc in codes)
+
+
+def pending(names: list[str], seeds: list[int], path_of: Callable[[str, int], Path],
+            needs: Needs, force: bool = False) -> list[tuple[str, int]]:
+    """(name, seed) of each run still to do (still_to_run), seed by seed, so that a batch
+    stopped half-way leaves every name with some seeds; a run skipped says so."""
+    todo = []
+    for seed in seeds:
+        for name in names:
+            label = f"{name} seed {seed}"
+            if still_to_run(path_of(name, seed), needs, label, force):
+                todo.append((name, seed))
+            else:
+                print(f"{label}: skipped, results exist", flush=True)
+    return todo
 
 
 def default_threads(jobs: int) -> int:

@@ -172,32 +172,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def to_run(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """(candidate, seed) of each run still to do, seed by seed."""
-    todo = []
-    for seed in args.seeds:
-        for name in args.candidates:
-            label = f"{name} seed {seed}"
-            if common.still_to_run(metrics_path(args.out, name, seed), NEEDS, label,
-                                   args.force):
-                todo.append((name, seed))
-            else:
-                print(f"{label}: skipped, results exist", flush=True)
-    return todo
+    """(candidate, seed) of each run still to do, seed by seed (common.pending)."""
+    return common.pending(args.candidates, args.seeds,
+                          lambda name, seed: metrics_path(args.out, name, seed), NEEDS,
+                          args.force)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    failed = []
+    failed = 0
     if not args.report:
         args.out.mkdir(parents=True, exist_ok=True)
-        todo = to_run(args)
-        try:
-            codes = common.run_batch([job(c, s, args) for c, s in todo], args.jobs,
-                                     args.threads)
-        except common.Interrupted as stop:
-            print(stop, file=sys.stderr)
+        failed = common.run_all([job(c, s, args) for c, s in to_run(args)], args.jobs,
+                                args.threads)
+        if failed is None:
             return 130
-        failed = [cs for cs, rc in zip(todo, codes, strict=True) if rc != 0]
     print(report(args.out))
     return 1 if failed else 0
 

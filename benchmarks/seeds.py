@@ -130,16 +130,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    failed = []
+    failed = 0
     if not args.report:
         todo = [s for s in args.seeds if common.still_to_run(
             metrics_path(args.out, args.name, s), NEEDS, f"seed {s}", args.force)]
-        try:
-            codes = common.run_batch([job(s, args) for s in todo], args.jobs, args.threads)
-        except common.Interrupted as stop:
-            print(stop, file=sys.stderr)
+        failed = common.run_all([job(s, args) for s in todo], args.jobs, args.threads)
+        if failed is None:
             return 130
-        failed = [s for s, rc in zip(todo, codes, strict=True) if rc != 0]
     print(report(args.out))
     return 1 if failed else 0
 
