@@ -5,6 +5,7 @@ process, and start with it held, so that stopping a run never prints a worker's 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,8 +16,19 @@ from torch.utils.data import DataLoader
 
 def leave_ctrl_c(worker_id: int) -> None:
     """A DataLoader worker leaves Ctrl-C to the main process, which stops the workers: one that
-    took it could die mid-batch, and its ConnectionResetError reach the user as a traceback."""
+    took it could die mid-batch, and its ConnectionResetError reach the user as a traceback.
+    And a main process stopped by Ctrl-C while it fetched a batch's file descriptor from the
+    worker hangs up on the worker's resource-sharer thread, which reports the reset through
+    sys.excepthook: in a worker, a lost connection to the main process is not news."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = _quiet_about_a_gone_main_process(sys.excepthook)
+
+
+def _quiet_about_a_gone_main_process(hook: Any) -> Any:
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            hook(kind, value, tb)
+    return excepthook
 
 
 class CtrlCSafeDataLoader(DataLoader):

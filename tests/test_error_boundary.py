@@ -359,6 +359,25 @@ def ctrl_c_as_workers_start(tmp_path: Path, case: str) -> list[str]:
     return done.stdout.splitlines()
 
 
+WORKER_EXCEPTHOOK = """
+import sys
+from support.workers import leave_ctrl_c
+leave_ctrl_c(0)
+for err in (ConnectionResetError(104, "Connection reset by peer"), EOFError(), ValueError("kept")):
+    try:
+        raise err
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # as multiprocessing's resource sharer reports it
+"""
+
+
+def test_a_worker_is_quiet_about_a_main_process_that_hung_up_and_about_nothing_else():
+    done = subprocess.run([sys.executable, "-c", WORKER_EXCEPTHOOK], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert "ValueError: kept" in done.stderr
+    assert "ConnectionResetError" not in done.stderr and "EOFError" not in done.stderr
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no forked workers")
 def test_a_ctrl_c_before_a_worker_has_run_leave_ctrl_c_waits_for_it(tmp_path, mnist_dir):
     train, test = utils.torchvision_loaders(mnist_dir, 64, 64, seed=1, limit_train=64,
