@@ -207,8 +207,10 @@ class Run:
                              f"{built.__name__}, not the {type(self.model).__name__} given: "
                              f"build the model from the same recipe (the compact model trains "
                              f"with python train.py --model compact)")
-        self.trained = self.trained or self.model
-        self.device = self.device or next(self.model.parameters()).device
+        if self.trained is None:  # not `or`: a compiled module refuses bool()
+            self.trained = self.model
+        if self.device is None:
+            self.device = next(self.model.parameters()).device
 
 
 def build_run(recipe: dict[str, Any], device: torch.device,
