@@ -165,8 +165,19 @@ def _geometry(module: nn.Module, in_size: int) -> tuple[int, int, int]:
     raise ValueError(f"no conv or pool in {module}")
 
 
-def layer_table(model: Net, input_size: int = 28) -> list[LayerInfo]:
-    """Per-stage output size, receptive field and jump, read off the model itself.
+class LayerTable(list):
+    """layer_table's rows; a notebook shows them as the Markdown table (format_layer_table)."""
+
+    def _repr_markdown_(self) -> str:
+        return format_layer_table(self)
+
+    def __repr__(self) -> str:
+        return format_layer_table(self)
+
+
+def layer_table(model: nn.Module, input_size: int = 28) -> LayerTable:
+    """Per-stage output size, receptive field and jump, read off the model itself; as the last
+    line of a notebook cell it shows as a Markdown table, a total row last.
 
     Sizes come from a real forward pass (hooks), so they can never disagree with the model;
     receptive field r and jump j follow the usual recurrence r += (k - 1) * j, j *= s.
@@ -200,7 +211,7 @@ def layer_table(model: Net, input_size: int = 28) -> list[LayerInfo]:
                 "gap" if isinstance(stage, nn.AdaptiveAvgPool2d) else f"conv{kernel}x{kernel}")
         rows.append(LayerInfo(name, kind, kernel, stride, padding, size, channels, rf, jump,
                               count_parameters(stage)))
-    return rows
+    return LayerTable(rows)
 
 
 def format_layer_table(rows: list[LayerInfo]) -> str:
@@ -219,7 +230,7 @@ def format_layer_table(rows: list[LayerInfo]) -> str:
 # ---------------------------------------------------------------------------------------------
 # The compact model: the course's checks in under 8,000 parameters (docs/compact.md).
 # ---------------------------------------------------------------------------------------------
-COMPACT_DROPOUT = 0.02  # after every 3x3 block: the pre-check's best rate (docs/compact.md)
+COMPACT_DROPOUT = 0.02  # after every 3x3 block: the exploratory runs' best (docs/compact.md)
 
 
 class CompactNet(nn.Module):

@@ -23,19 +23,41 @@ if __name__ == "__main__":
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
+from tqdm import tqdm
 
 import utils
 from model import DROPOUT_PLANS, HEADS, TRANSITIONS, count_parameters
 from support import checkpoints, failures, flag_checks, flag_types, metrics, outputs, stopping
 from support.augment import AUGMENTATIONS
-from support.bookkeeping import NonFiniteLoss
+from support.bookkeeping import (
+    STDOUT,
+    NonFiniteLoss,
+    Progress,
+    check_finite,
+    epoch_line,
+    final_line,
+)
 from support.boundary import error, guarded
-from support.checkpoints import epochs_text
-from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, UsageError
+from support.devices import compiled, prepare_model
+from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, HONOURED_ON_RESUME, UsageError
 from support.mnist_files import ensure_mnist
-from support.recipe import COMPACT, MODELS, SCHEDULES, foreign_options
+from support.recipe import (
+    COMPACT,
+    MODELS,
+    RECIPE,
+    SCHEDULES,
+    foreign_options,
+    full_recipe,
+    make_model,
+    make_optimizer,
+)
 from support.stopping import flag
 
 if __name__ == "__main__":
@@ -44,8 +66,8 @@ if __name__ == "__main__":
 
 def build_parser() -> argparse.ArgumentParser:
     """Recipe flags default to None, so a flag the user gave can be told from a default (a
-    resume honours or refuses it); recipe_from fills in utils.RECIPE."""
-    r = utils.RECIPE
+    resume honours or refuses it); recipe_from fills in RECIPE."""
+    r = RECIPE
     p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=flag_types.positive_int,
                    help=f"total epochs to train (default: {r['epochs']}; compact: "
@@ -160,7 +182,7 @@ def main(argv: list[str] | None = None, then_exit: bool = False) -> int:
     """The command. Inside its error boundary (support/boundary.py) a failure a user can cause
     or meet ends in one line and an exit code, and a bug keeps its traceback; `then_exit` when
     the process ends after it (stopping_on_signals)."""
-    status = stopping.Status()
+    status = stopping.Status(test=utils.test)
 
     def command() -> int:
         args, device = parse_args(argv)
@@ -181,7 +203,7 @@ def execute(args: argparse.Namespace, device: torch.device, status: stopping.Sta
     checkpoint = None
     if args.resume or args.evaluate:
         status.doing = "reading the checkpoint"
-        checkpoint = checkpoints.load_checkpoint(args.resume or args.evaluate)
+        checkpoint = checkpoints.read_checkpoint(args.resume or args.evaluate)
     if args.evaluate:
         recipe = flag_checks.evaluation_recipe(args, checkpoint)
     else:
@@ -199,10 +221,10 @@ def execute(args: argparse.Namespace, device: torch.device, status: stopping.Sta
 
 
 def recipe_from(args: argparse.Namespace) -> dict:
-    """The settings that define a run (the keys of utils.RECIPE), from the flags given and
+    """The settings that define a run (the keys of RECIPE), from the flags given and
     RECIPE's defaults; a checkpoint carries them, so a resume repeats them."""
-    given = {key: getattr(args, key, None) for key in utils.RECIPE}
-    recipe = utils.full_recipe({k: v for k, v in given.items() if v is not None})
+    given = {key: getattr(args, key, None) for key in RECIPE}
+    recipe = full_recipe({k: v for k, v in given.items() if v is not None})
     foreign = foreign_options(recipe)
     if foreign:
         verb, them = ("applies", "it") if len(foreign) == 1 else ("apply", "them")
@@ -212,23 +234,83 @@ def recipe_from(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run.
+# The run: built as the notebook's training cell builds it, trained by the same loop.
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What the notebook's training cell builds from a recipe. `trained` is the module the loop
+    trains: the model, or its torch.compile wrapper (a checkpoint keeps the model's keys)."""
+
+    recipe: dict
+    model: nn.Module
+    trained: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Any
+    test_loader: Any
+    device: torch.device
+    history: list[dict] = field(default_factory=list)
+
+
+def build_run(recipe: dict, device: torch.device, data_dir: str = DEFAULT_DATA_DIR) -> Run:
+    """The notebook's training cell up to its loop (train.py, the benchmarks and the tests)."""
+    recipe = full_recipe(recipe)
+    torch.manual_seed(recipe["seed"])  # also seeds CUDA and MPS
+    model = prepare_model(make_model(recipe), recipe, device)
+    optimizer, scheduler = make_optimizer(model, recipe)
+    train_loader, test_loader = utils.get_loaders(recipe, data_dir, device)
+    trained = compiled(model, device) if recipe["compile"] else model
+    return Run(recipe, model, trained, optimizer, scheduler, train_loader, test_loader, device)
+
+
+def fit(run: Run, on_epoch_end: Callable[[list[dict]], None] | None = None,
+        progress: Progress = STDOUT, log: bool = True) -> list[dict]:
+    """The notebook's epoch loop: train until the recipe's epochs are in the history (a
+    restored run goes on), printing each epoch's line and calling `on_epoch_end` after it."""
+    for epoch in range(len(run.history) + 1, run.recipe["epochs"] + 1):
+        lr, start = run.optimizer.param_groups[0]["lr"], time.perf_counter()
+        train_loss, train_acc = utils.train(run.trained, run.device, run.train_loader,
+                                            run.optimizer, epoch, progress)
+        test_loss, test_acc = utils.test(run.model, run.device, run.test_loader, epoch, progress)
+        run.scheduler.step()
+        row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
+                   test_loss=test_loss, test_acc=test_acc, lr=lr,
+                   seconds=time.perf_counter() - start)
+        check_finite(run.model, row)  # a diverged epoch is neither recorded nor saved
+        run.history.append(row)
+        if log:
+            tqdm.write(epoch_line(row))
+        if on_epoch_end is not None:
+            on_epoch_end(run.history)
+    return run.history
+
+
+def save_run(run: Run, path: str) -> None:
+    """utils.save_checkpoint of the run as it stands (its epoch line is already printed)."""
+    utils.save_checkpoint(path, run.trained, run.optimizer, run.scheduler, run.train_loader,
+                          run.recipe, run.history, log=False)
+
+
+def resume_run(run: Run, path: str, may_change: tuple[str, ...] = HONOURED_ON_RESUME) -> None:
+    """utils.load_checkpoint into the run: its history, model, SGD, schedule and draws."""
+    run.history = utils.load_checkpoint(path, run.trained, run.optimizer, run.scheduler,
+                                        run.train_loader, run.recipe, may_change=may_change)
+
+
 def start_run(args: argparse.Namespace, device: torch.device, status: stopping.Status,
-              recipe: dict, checkpoint: dict | None) -> utils.Run:
-    """The run, built as the notebook's training cell builds it (utils.build_run), restored
-    from the checkpoint and with a new --lr when resuming."""
+              recipe: dict, checkpoint: dict | None) -> Run:
+    """The run, built from the recipe, restored from the checkpoint and with a new --lr when
+    resuming."""
     if args.dry_run:
         recipe.update(epochs=1, limit_train=recipe["batch_size"],
                       limit_test=recipe["test_batch_size"])
         print("dry run: one batch each way; no checkpoint is written")
     status.doing = "loading the data"
-    run = utils.build_run(recipe, device, args.data_dir)
+    run = build_run(recipe, device, args.data_dir)
     if checkpoint is not None:
-        checkpoints.restore_run(run, checkpoint)
-        done = len(run.history["epoch"])
+        resume_run(run, args.resume)
+        done = len(run.history)
         status.expect(args.resume, done)
-        print(f"resuming {args.resume} after epoch {done} of {recipe['epochs']}")
         if args.lr is not None:
             for group in run.optimizer.param_groups:
                 group["lr"] = args.lr
@@ -244,56 +326,48 @@ def run_training(args: argparse.Namespace, device: torch.device, status: stoppin
     commit = metrics.git_commit() if args.metrics else None
     print(f"device: {device} | loader: {recipe['loader']} | "
           f"parameters: {count_parameters(run.model):,}")
-    last_saved = len(run.history["epoch"])
+    last_saved = len(run.history)
 
-    def save(history: dict) -> None:
+    def save(history: list[dict]) -> None:
         nonlocal last_saved
-        n = len(history["epoch"])
+        n = len(history)
         status.doing = f"saving epoch {n}"
         if args.save_model:
             status.expect(args.save_model, n)
             failures.written(f"save epoch {n} in {args.save_model}",
-                             lambda: checkpoints.save_run(run, outputs.target(args.save_model)))
+                             lambda: save_run(run, outputs.target(args.save_model)))
         last_saved = n
         status.doing = f"training epoch {n + 1}"
 
-    status.doing = f"training epoch {len(run.history['epoch']) + 1}"
+    status.doing = f"training epoch {len(run.history) + 1}"
     try:
         # Bars only on a terminal: a redirected log gets one line per epoch, not every refresh.
-        utils.fit(run, on_epoch_end=save, progress=sys.stderr.isatty() and not args.quiet)
+        fit(run, on_epoch_end=save, progress=sys.stderr.isatty() and not args.quiet)
     except NonFiniteLoss as err:
         return error(stopping.report_divergence(err, run.optimizer.param_groups[0]["lr"], status))
     except BrokenPipeError:
-        if len(run.history["epoch"]) > last_saved:
+        if len(run.history) > last_saved:
             save(run.history)  # the epoch whose line could not be printed is whole: keep it
         raise
     if args.metrics:
         status.doing = "writing --metrics"
         failures.written(f"write --metrics {args.metrics}",
-                         lambda: metrics.write_metrics(args.metrics, run, device, commit))
-    print(final_line(args, run.history))
-    return 0
-
-
-def final_line(args: argparse.Namespace, history: dict) -> str:
-    """The final accuracy first (tests and the README read it), then the best epoch and
-    where the run is kept."""
-    acc, n = history["test_acc"], len(history["epoch"])
-    best = max(range(n), key=lambda i: acc[i])  # the first epoch of the best accuracy
+                         lambda: metrics.write_metrics(args.metrics, run.recipe, run.history,
+                                                       run.model, device, commit))
     kept = (f"checkpoint: {args.save_model}" if args.save_model else
             f"no checkpoint ({'--dry-run' if args.dry_run else '--no-save'})")
     if args.metrics:
         kept += f"; metrics: {args.metrics}"
-    return (f"final test accuracy: {acc[-1]:.2f}% after {epochs_text(n)} "
-            f"(best {acc[best]:.2f}% at epoch {history['epoch'][best]}); {kept}")
+    print(final_line(run.history, kept))
+    return 0
 
 
 def score_checkpoint(args: argparse.Namespace, device: torch.device, weights: dict,
                      recipe: dict) -> int:
     """Score saved weights on --limit-test images (default: the whole test set)."""
-    model = utils.prepare_model(utils.make_model(recipe), recipe, device)
+    model = prepare_model(make_model(recipe), recipe, device)
     model.load_state_dict(weights)
-    _, test_loader = utils.make_loaders(recipe, args.data_dir, device)
+    _, test_loader = utils.get_loaders(recipe, args.data_dir, device)
     loss, acc = utils.test(model, device, test_loader, progress=False)
     print(f"{args.evaluate}: test loss {loss:.4f}, accuracy {acc:.2f}% "
           f"on {len(test_loader.dataset):,} images")

@@ -52,7 +52,7 @@ def _compact(dropout: str = "0.02", augmentation: str = "rotate", lr: str = "0.1
 
 CANDIDATES: dict[str, Candidate] = {
     "d02-rotate-oc0.1": Candidate(
-        _compact(), "the colleague's best pre-check: dropout 0.02, rotation only, "
+        _compact(), "the best exploratory run's recipe: dropout 0.02, rotation only, "
                     "OneCycle peak 0.1"),
     "d02-rotate-oc0.2": Candidate(
         _compact(lr="0.2"), "the same with twice the peak learning rate"),

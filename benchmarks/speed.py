@@ -29,6 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import train  # noqa: E402
 import utils  # noqa: E402
 from benchmarks.common import non_negative_int, positive_int  # noqa: E402
 from support import devices, mnist_files  # noqa: E402
@@ -41,7 +42,7 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def throughput(run: utils.Run, steps: int, warmup: int) -> float:
+def throughput(run: train.Run, steps: int, warmup: int) -> float:
     """Training images per second over `steps` steps, data loading included, after warm-up."""
     model, opt, device = run.trained, run.optimizer, run.device
     model.train()
@@ -63,10 +64,10 @@ def throughput(run: utils.Run, steps: int, warmup: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def one_epoch(run: utils.Run) -> float:
-    run.recipe["epochs"] = len(run.history["epoch"]) + 1
-    utils.fit(run, progress=False, log=False)
-    return run.history["seconds"][-1]
+def one_epoch(run: train.Run) -> float:
+    run.recipe["epochs"] = len(run.history) + 1
+    train.fit(run, progress=False, log=False)
+    return run.history[-1]["seconds"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     for loader, compiled in variants:
         label = loader + (" + compile" if compiled else "")
         recipe = {"loader": loader, "batch_size": args.batch_size, "compile": compiled}
-        run = utils.build_run(recipe, device, args.data_dir)
+        run = train.build_run(recipe, device, args.data_dir)
         rate = throughput(run, args.steps, args.warmup)
         epoch = one_epoch(run) if args.epoch else None
         rows[label] = (rate, epoch)

@@ -5,8 +5,8 @@ resized back to 28x28 (bilinear), then a rotation by a uniform angle in ±15° (
 neighbour, filled with 0). The fast loader (fast_loader.DeviceLoader) does the same to a whole
 uint8 batch on its device, and gets the same pixels, byte for byte, for the same draws: the bilinear
 resize and the rotation below transcribe Pillow's fixed-point code (libImaging/Resample.c and
-Geometry.c). Read top to bottom: the settings, the draws, the batch transform, then Pillow's
-two operations.
+Geometry.c). Read top to bottom: the settings, the draws, the batch transform (utils.augment
+applies its two steps in the write-up's order), then Pillow's two operations.
 """
 
 from __future__ import annotations
@@ -46,20 +46,21 @@ def sample_augment_params(
 
 def augment_batch(images: torch.Tensor, angles: torch.Tensor, crop: torch.Tensor,
                   crop_size: int = CROP_SIZE) -> torch.Tensor:
-    """The original's augmentation of a whole batch, on the batch's device, without a host sync.
+    """The original's augmentation of a whole batch for given draws (utils.augment draws them):
+    `crop_resize`, then `rotate_nearest`. `images` is (N, 1, H, W) uint8."""
+    return rotate_nearest(crop_resize(images, crop, crop_size), angles)
 
-    `images` is (N, 1, H, W) uint8. As torchvision does to one PIL image at a time: the images
-    flagged in `crop` are centre-cropped to `crop_size` and resized back bilinearly (PIL's
-    arithmetic, `pil_resize`); then every image is rotated by its angle (degrees,
-    counter-clockwise) with nearest-neighbour sampling about PIL's centre, outside filled with
-    0 (`rotate_nearest`). The crop-resize is computed for every image and kept where flagged:
-    cheaper on a GPU than gathering the 10% that need it, which would read their count back.
-    """
+
+def crop_resize(images: torch.Tensor, crop: torch.Tensor,
+                crop_size: int = CROP_SIZE) -> torch.Tensor:
+    """The images flagged in `crop` centre-cropped to `crop_size` and resized back bilinearly,
+    with PIL's arithmetic (`pil_resize`), on the batch's device and without a host sync: the
+    crop-resize is computed for every image and kept where flagged, which is cheaper on a GPU
+    than gathering the 10% that need it (that would read their count back)."""
     h, w = images.shape[-2:]
     top, left = round((h - crop_size) / 2), round((w - crop_size) / 2)  # as TF.center_crop
     zoomed = pil_resize(images[..., top:top + crop_size, left:left + crop_size], (h, w))
-    images = torch.where(crop.view(-1, 1, 1, 1), zoomed, images)
-    return rotate_nearest(images, angles)
+    return torch.where(crop.view(-1, 1, 1, 1), zoomed, images)
 
 
 # PIL's fixed-point resampling: coefficients carry 22 fractional bits for 8-bit images

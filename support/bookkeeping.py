@@ -1,16 +1,15 @@
 """What the training loop keeps out of the learner's way: progress bars, running sums kept on
 the device, the divergence check, and the history with its one line per epoch.
 
-utils.train and utils.test show the five lines of a training step and the three of an
-evaluation; everything they count goes through a `Tally`, and each finished epoch through
-`record_epoch`.
+utils.train and utils.test show the lines of a training step and of an evaluation in full;
+everything they count goes through a `Tally`. The history is a list of rows in memory, one dict
+per epoch, and columns in a file.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import time
 from typing import IO, Any
 
 import torch
@@ -86,34 +85,55 @@ class Tally:
         return self.loss_sum.item() / self.seen, 100.0 * self.correct.item() / self.seen
 
 
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+Row = dict[str, float]
+
+
 def new_history() -> dict[str, list[float]]:
-    """One list per column, one value per finished epoch (a checkpoint holds it as is)."""
-    keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
-    return {k: [] for k in keys}
+    """One list per column, one value per finished epoch: a checkpoint's and a metrics file's
+    form of the history (in memory it is a list of rows, one dict per epoch)."""
+    return {k: [] for k in HISTORY_KEYS}
 
 
-def start_epoch(run: Any) -> None:
-    """Note the learning rate the next epoch trains at, and start its clock."""
-    run.lr = run.optimizer.param_groups[0]["lr"]
-    run.clock = time.perf_counter()
+def history_columns(rows: list[Row]) -> dict[str, list[float]]:
+    """A list of epoch rows as the columns a file holds."""
+    return {k: [row[k] for row in rows] for k in HISTORY_KEYS}
 
 
-def record_epoch(run: Any, train_loss: float, train_acc: float, test_loss: float,
-                 test_acc: float, log: bool = True) -> None:
-    """Append the finished epoch to run.history and print its line (it stays when the bars
-    clear). A run whose test loss or weights are no longer finite raises NonFiniteLoss before
-    anything is recorded, so a diverged last step is never saved."""
-    epoch = len(run.history["epoch"]) + 1
-    if not math.isfinite(test_loss) or not all_finite(run.model):
-        raise NonFiniteLoss(epoch, None)
-    row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
-               test_acc=test_acc, lr=run.lr, seconds=time.perf_counter() - run.clock)
-    for key, value in row.items():
-        run.history[key].append(value)
-    if log:
-        tqdm.write(f"epoch {epoch:>2}: train loss {train_loss:.4f} acc {train_acc:.2f}% | "
-                   f"test loss {test_loss:.4f} acc {test_acc:.2f}% | lr {run.lr:g} | "
-                   f"{row['seconds']:.1f}s")
+def history_rows(columns: dict[str, list[float]]) -> list[Row]:
+    """A file's columns as one dict per epoch, in HISTORY_KEYS' order."""
+    return [dict(zip(HISTORY_KEYS, values, strict=True))
+            for values in zip(*(columns[k] for k in HISTORY_KEYS), strict=True)]
+
+
+def check_epoch_row(row: Any, epoch: int) -> None:
+    """A history row as the training loop appends it: every column, finite numbers, the epoch
+    after the last; ValueError says what is missing."""
+    if not isinstance(row, dict) or set(row) != set(HISTORY_KEYS):
+        given = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"each history row needs exactly the keys {', '.join(HISTORY_KEYS)} "
+                         f"(epoch {epoch} has {given})")
+    if row["epoch"] != epoch:
+        raise ValueError(f"history row {epoch} says epoch {row['epoch']}: append one row per "
+                         f"epoch, in order")
+    for key in HISTORY_KEYS:
+        value = row[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"history epoch {epoch}: {key} is {value!r}, not a number")
+
+
+def check_finite(model: nn.Module, row: Row) -> None:
+    """NonFiniteLoss when the epoch's test loss or the model's weights are no longer finite,
+    so that a diverged last step is never saved."""
+    if not math.isfinite(row["test_loss"]) or not all_finite(model):
+        raise NonFiniteLoss(int(row["epoch"]), None)
+
+
+def epoch_line(row: Row) -> str:
+    """The line each finished epoch prints (it stays when the bars clear)."""
+    return (f"epoch {row['epoch']:>2}: train loss {row['train_loss']:.4f} acc "
+            f"{row['train_acc']:.2f}% | test loss {row['test_loss']:.4f} acc "
+            f"{row['test_acc']:.2f}% | lr {row['lr']:g} | {row['seconds']:.1f}s")
 
 
 def all_finite(model: nn.Module) -> bool:
@@ -121,8 +141,11 @@ def all_finite(model: nn.Module) -> bool:
                if t.is_floating_point())
 
 
-def final_line(history: dict[str, list[float]]) -> str:
-    """The notebook's last line: the final test accuracy, the best, and the epochs run."""
-    acc, n = history["test_acc"], len(history["epoch"])
-    return (f"final test accuracy: {acc[-1]:.2f}% (best {max(acc):.2f}%) after {n} "
-            f"epoch{'' if n == 1 else 's'}")
+def final_line(history: list[Row], kept: str = "") -> str:
+    """The last line of a run: the final test accuracy first (tests and the README read it),
+    then the best epoch, and where the run is kept when `kept` says."""
+    best = max(history, key=lambda row: row["test_acc"])  # the first epoch of the best
+    line = (f"final test accuracy: {history[-1]['test_acc']:.2f}% after "
+            f"{len(history)} epoch{'' if len(history) == 1 else 's'} "
+            f"(best {best['test_acc']:.2f}% at epoch {best['epoch']})")
+    return f"{line}; {kept}" if kept else line

@@ -8,7 +8,6 @@ docs/gpu.md).
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from support.fused_dropout import fuse_relu_dropout
+from support.recipe import full_recipe
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,9 @@ def prepare_model(model: nn.Module, recipe: dict[str, Any], device: torch.device
     """A built model on the device, in the form the recipe's loader trains it; applied from
     outside, as torch.compile is. The fast path fuses each ReLU + Dropout into one
     ReLUDropout (same function, same state_dict keys) and, on the CPU, lays it out
-    channels-last. Also applies the run's process-wide settings (see `prepare`)."""
-    settings = prepare(recipe, device)
+    channels-last. Also applies the run's process-wide settings (see `prepare`). `recipe` may
+    name only what it changes (full_recipe fills in the rest)."""
+    settings = prepare(full_recipe(recipe), device)
     if settings.fused_dropout:
         fuse_relu_dropout(model)
     return model.to(device, memory_format=settings.memory_format)
@@ -150,18 +151,3 @@ def get_device(name: str = "auto") -> torch.device:
     if not available[name]:
         raise ValueError(f"device {name!r} is not available on this machine")
     return torch.device(name)
-
-
-def describe_device(device: torch.device) -> str:
-    """What the notebook prints first: the device it got, and in Colab on a CPU runtime how
-    to get a GPU (the recipe's 20 epochs take minutes on a GPU, far longer on Colab's CPU)."""
-    if device.type == "cuda":
-        return f"device: cuda ({torch.cuda.get_device_name(device)})"
-    if device.type == "mps":
-        return "device: mps (Apple GPU)"
-    threads = torch.get_num_threads()
-    line = f"device: cpu ({threads} thread{'' if threads == 1 else 's'})"
-    if "google.colab" in sys.modules:
-        line += ("\nThis Colab runtime has no GPU, so training runs on its CPU (slowly). For a "
-                 "GPU: Runtime > Change runtime type > T4 GPU > Save, then run all cells again.")
-    return line

@@ -1,19 +1,21 @@
-"""The fast loader: MNIST held as uint8 on the device, each batch shuffled, augmented (with
-support.augment's whole-batch, pixel-exact crop-resize and rotation) and normalised there.
+"""The fast loader: MNIST held as uint8 on the device, each batch shuffled, augmented (by the
+function it is given: utils.augment, the write-up's steps with Pillow's pixels) and normalised
+there. utils.get_loaders builds it.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import TensorDataset
 
-from support.augment import augment_batch, augmentation_parts, sample_augment_params
-from support.mnist_files import load_mnist_tensors
 from support.recipe import MEAN, STD
+
+# What a training batch goes through before it is normalised: uint8 images and the loader's
+# generator in, uint8 images out (utils.augment).
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -25,17 +27,15 @@ class DeviceLoader:
 
     Iterating yields (images, labels) like a DataLoader. All randomness comes from
     `self.generator`, on the loader's device, so a seed fixes the whole sequence of batches.
-    `augmentation` (a key of AUGMENTATIONS) switches the crop-resize or the rotation off; the
-    same numbers are drawn either way, so every variant shuffles the data in the same order.
+    A training loader (`train`) shuffles, and passes each batch through `augment` when given.
     """
 
     def __init__(
         self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
         device: torch.device | str, train: bool, seed: int = 0,
         memory_format: torch.memory_format = torch.contiguous_format,
-        augmentation: str = "both",
+        augment: Augment | None = None,
     ) -> None:
-        self.crop, self.rotate = augmentation_parts(augmentation)
         self.device = torch.device(device)
         self.images = images.to(self.device).unsqueeze(1)  # (N, 1, 28, 28) uint8
         self.labels = labels.to(self.device)
@@ -43,6 +43,7 @@ class DeviceLoader:
         self.batch_size = batch_size
         self.train = train
         self.memory_format = memory_format
+        self.augment = augment
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def __len__(self) -> int:
@@ -55,22 +56,7 @@ class DeviceLoader:
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
             x = self.images[idx]
-            if self.train:
-                angles, crop = sample_augment_params(len(idx), self.generator, self.device)
-                if self.crop or self.rotate:  # a zero angle and no crop leave an image as is
-                    x = augment_batch(x, angles if self.rotate else torch.zeros_like(angles),
-                                      crop if self.crop else torch.zeros_like(crop))
+            if self.train and self.augment is not None:
+                x = self.augment(x, self.generator)
             x = normalize(x.float().div_(255))  # as ToTensor then Normalize
             yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
-
-
-def device_loader(
-    data_dir: str | os.PathLike, train: bool, batch_size: int, device: torch.device | str,
-    seed: int = 0, limit: int | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format, augmentation: str = "both",
-) -> DeviceLoader:
-    images, labels = load_mnist_tensors(data_dir, train=train)
-    if limit:
-        images, labels = images[:limit], labels[:limit]
-    return DeviceLoader(images, labels, batch_size, device, train=train, seed=seed,
-                        memory_format=memory_format, augmentation=augmentation)

@@ -2,7 +2,8 @@
 
 Text legible at the notebook's 80 dpi, files saved at 120 dpi, and in a notebook a light PNG
 with alternative text (`show`). The figures themselves live with what they show: the
-learner's in utils.py, the ablation's in benchmarks/ablation.py.
+learner's in utils.py (its accuracy figure's zoomed panel here), the ablation's in
+benchmarks/ablation.py.
 """
 
 from __future__ import annotations
@@ -91,18 +92,72 @@ def whole_epochs(ax: Any) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
 
 
-def figures_dir(run: Any, images: str | os.PathLike | None) -> str | os.PathLike | None:
-    """Where the notebook saves `run`'s figures: `images` once the run has all its epochs, else
-    None (drawn inline only, with a word why), so a half-trained model never replaces them."""
-    done, total = len(run.history["epoch"]), run.recipe["epochs"]
-    if images is None or done == total:
-        return images
-    print(f"the run is incomplete ({done} of {total} epochs): its figures are drawn here, not "
-          f"saved in {images}/; run the training cell again to finish it")
-    return None
+def target_line(ax: Any) -> None:
+    """The assignment's 99.4%, dashed, named in the legend."""
+    ax.axhline(TARGET_ACC, color="tab:red", linestyle="--", linewidth=1,
+               label=f"target {TARGET_ACC}%")
 
 
-def save_figure(fig: Any, folder: str | os.PathLike | None, name: str) -> None:
-    """Save a figure drawn earlier into `folder` (None: nowhere), as the plot helpers save."""
-    if folder is not None:
-        finish(fig, Path(folder) / name)
+def show_inline(fig: Any, alt: str) -> None:
+    """`show` in a running notebook (an IPython kernel); elsewhere (train.py, the tests) the
+    figure is only returned."""
+    if _in_a_kernel():
+        show(fig, alt)
+
+
+def _in_a_kernel() -> bool:
+    import sys
+
+    shell = sys.modules.get("IPython")
+    get = getattr(shell, "get_ipython", None) if shell else None
+    return get is not None and get() is not None and "IPKernelApp" in get().config
+
+
+# ---------------------------------------------------------------------------------------------
+# The accuracy figure's zoomed panel (utils.plot_history).
+# ---------------------------------------------------------------------------------------------
+ZOOM_FROM = 98.5  # the accuracy plot's second panel starts here, so the last 0.1% shows
+
+
+def zoomed_accuracy(ax: Any, history: dict[str, list[float]]) -> None:
+    """Accuracy from ZOOM_FROM up, with the target line and the final test accuracy."""
+    train = ax.plot(history["epoch"], history["train_acc"], "o-", alpha=0.5, label="train")[0]
+    test = ax.plot(history["epoch"], history["test_acc"], "s-", label="test")[0]
+    target_line(ax)
+    top = max([TARGET_ACC, *history["test_acc"], *history["train_acc"]])
+    # Room above the highest point for the final accuracy's note: a third of the span.
+    ax.set_ylim(ZOOM_FROM, top + max(0.15, 0.3 * (top - ZOOM_FROM)))
+    for line, name in ((train, "train"), (test, "test")):
+        _mark_below_floor(ax, line, name)
+    if history["epoch"]:
+        last, acc = history["epoch"][-1], history["test_acc"][-1]
+        ax.annotate(f"{acc:.2f}%", (last, acc), textcoords="offset points", xytext=(0, 9),
+                    ha="center", va="bottom", fontsize=12, fontweight="bold",
+                    color=test.get_color())
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"Accuracy from {ZOOM_FROM}% up")
+    ax.legend(loc="best")  # up to five entries: where they cover the fewest points
+
+
+def _mark_below_floor(ax: Any, line: Any, name: str) -> None:
+    """A curve's epochs under the panel's floor, as ▼ on its bottom edge, named in the legend."""
+    below = [e for e, a in zip(line.get_xdata(), line.get_ydata(), strict=True) if a < ZOOM_FROM]
+    if not below:
+        return
+    # x in epochs, y in the panel's height: just above the bottom edge, whatever the limits.
+    edge = ax.get_xaxis_transform()
+    epochs = f"epoch{'s' if len(below) > 1 else ''} {epoch_ranges(below)}"
+    ax.plot(below, [0.03] * len(below), "v", transform=edge, color=line.get_color(),
+            markersize=8, clip_on=False, label=f"{name} below {ZOOM_FROM}%: {epochs}")
+
+
+def epoch_ranges(epochs: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7': consecutive epochs as one range."""
+    runs: list[list[int]] = []
+    for e in sorted(int(e) for e in epochs):
+        if runs and e == runs[-1][-1] + 1:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+

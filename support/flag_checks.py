@@ -126,7 +126,7 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def check_input(flag_name: str, path: str | None) -> None:
     """A path that cannot even be looked at (a name too long, a loop of links) is a usage
-    error; a missing or damaged file is load_checkpoint's to explain."""
+    error; a missing or damaged file is read_checkpoint's to explain."""
     if path is None:
         return
     try:
@@ -195,7 +195,7 @@ def existing_checkpoint(path: str, data_dir: str) -> str:
     or score it, if it is finished), keep it, or replace it."""
     keep = "keep it with --save-model OTHER.pt, or replace it with --force"
     try:
-        saved = checkpoints.load_checkpoint(path)
+        saved = checkpoints.read_checkpoint(path)
     except checkpoints.CheckpointError:
         return f"{path} already exists and is not a checkpoint of this model: {keep}"
     done, total = len(saved["history"]["epoch"]), saved["recipe"]["epochs"]

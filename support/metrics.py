@@ -11,12 +11,12 @@ import json
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from model import count_parameters
 from support import outputs
+from support.bookkeeping import history_columns
 from support.recipe import net_options
 
 KEYS = ("recipe", "history", "final_test_acc")  # what every metrics file has
@@ -51,12 +51,14 @@ def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict,
             "torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
-def write_metrics(path: str, run: Any, device: torch.device, commit: str | None) -> None:
-    """The run's recipe, facts and history, written atomically (outputs.atomic_write);
-    `commit` is git_commit() as the run started."""
-    out = {"recipe": run.recipe, **run_facts(device, run.model, run.recipe, commit),
-           "history": run.history, "final_test_acc": run.history["test_acc"][-1],
-           "best_test_acc": max(run.history["test_acc"])}
+def write_metrics(path: str, recipe: dict, history: list[dict], model: torch.nn.Module,
+                  device: torch.device, commit: str | None) -> None:
+    """The run's recipe, facts and history (as columns), written atomically
+    (outputs.atomic_write); `commit` is git_commit() as the run started."""
+    columns = history_columns(history)
+    out = {"recipe": recipe, **run_facts(device, model, recipe, commit),
+           "history": columns, "final_test_acc": columns["test_acc"][-1],
+           "best_test_acc": max(columns["test_acc"])}
     text = json.dumps(out, indent=2) + "\n"
     outputs.atomic_write(path, lambda f: f.write(text.encode()))
 

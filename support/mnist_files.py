@@ -320,9 +320,15 @@ def _use_local(dest: Path, files: dict[str, tuple[int, str]], verbose: bool) -> 
     return _verified(dest, verbose)
 
 
+_REPORTED: set[Path] = set()  # folders whose files this process has said it uses
+
+
 def _verified(dest: Path, verbose: bool) -> str:
-    if verbose:
+    """Say once per process and folder which files a run uses (train.py checks them before
+    utils.get_loaders does again)."""
+    if verbose and dest.resolve() not in _REPORTED:
         print(f"MNIST: using verified files in {dest}")
+    _REPORTED.add(dest.resolve())  # said, or kept quiet about (--quiet): not said again
     return "local"
 
 

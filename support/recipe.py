@@ -96,18 +96,6 @@ def foreign_options(recipe: dict[str, Any]) -> list[str]:
             and recipe[key] != RECIPE[key]]
 
 
-def format_recipe(recipe: dict[str, Any]) -> str:
-    """The write-up's settings one per line, values aligned (a printed dict wraps mid-word on
-    GitHub), then only the switches that differ from the write-up's choice."""
-    changed = {k: v for k, v in recipe.items() if k not in WRITE_UP and v != SWITCHES.get(k)}
-    shown = {**{k: recipe[k] for k in WRITE_UP if k in recipe}, **changed}
-    width = max(map(len, shown))
-    lines = [f"  {key:<{width}}  {value}" for key, value in shown.items()]
-    if changed:
-        lines.insert(len(shown) - len(changed), "  switches changed from the write-up's:")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------
 # The checks of a recipe read from a file: each value of the type a run needs.
 # ---------------------------------------------------------------------------------------------
@@ -200,19 +188,3 @@ def make_optimizer(model: nn.Module, recipe: dict[str, Any]) -> tuple[torch.opti
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe["step_size"],
                                                     gamma=recipe["gamma"])
     return optimizer, scheduler
-
-
-# ---------------------------------------------------------------------------------------------
-# The notebook's one environment switch.
-# ---------------------------------------------------------------------------------------------
-SMOKE_VALUES = {None: False, "": False, "0": False, "1": True}  # S6_SMOKE: unset/""/0 or 1
-
-
-def smoke_mode(value: str | None) -> bool:
-    """S6_SMOKE's one rule: unset, empty or "0" is the full run, "1" the smoke run; anything
-    else is refused, so that a "true" or a " 1" never starts a 20-epoch run that replaces the
-    committed figures."""
-    if value not in SMOKE_VALUES:
-        raise ValueError(f"S6_SMOKE={value!r} is not a setting: use S6_SMOKE=1 for the smoke run "
-                         f"(1 epoch on 2,048 images), or 0 (or leave it unset) for the full run")
-    return SMOKE_VALUES[value]

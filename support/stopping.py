@@ -4,7 +4,7 @@ Ctrl-C, SIGTERM and SIGHUP stop a run cleanly (`stopping_on_signals`); a failure
 cause or meet (failures.py recognises them) is one line (`failure_message`); a closed stdout
 stops it quietly (`stop_quietly`); a diverged loss points to a checkpoint only after checking
 it (`report_divergence`). Each says which epoch is on disk, and `Status` says so only after
-load_checkpoint found that epoch in the file itself, with a command that pastes as it is.
+read_checkpoint found that epoch in the file itself, with a command that pastes as it is.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -60,6 +60,7 @@ class Status:
     data_dir: str | None = None  # given with --data-dir, so a resume command repeats it
     evaluating: bool = False
     recipe: dict = field(default_factory=dict)
+    test: Callable | None = None  # utils.test: a failure inside it happened while testing
     # path -> the epoch counts that file may hold from this run (a save may be cut short)
     candidates: dict[str, set[int]] = field(default_factory=dict)
 
@@ -72,7 +73,7 @@ class Status:
         best = None
         for path, epochs in self.candidates.items():
             try:
-                n = len(checkpoints.load_checkpoint(path)["history"]["epoch"])
+                n = len(checkpoints.read_checkpoint(path)["history"]["epoch"])
             except checkpoints.CheckpointError:
                 continue
             if n in epochs and (best is None or n > best[1]):
@@ -192,7 +193,7 @@ def _no_compiler(reason: str, status: Status) -> str:
 
 def _out_of_memory(err: Exception, status: Status) -> str:
     """Which batch ran out of memory, and the flag that makes it smaller."""
-    testing = failures.while_testing(err)
+    testing = failures.while_testing(err, status.test)
     key = "test_batch_size" if status.evaluating or testing else "batch_size"
     name = flag(key)
     # fit tests each epoch after training it, under the same "training epoch N"
@@ -217,7 +218,7 @@ def stop_quietly(status: Status) -> int:
 
 
 def report_divergence(err: NonFiniteLoss, lr: float, status: Status) -> str:
-    """The line for a loss that became NaN: a checkpoint is named only after load_checkpoint
+    """The line for a loss that became NaN: a checkpoint is named only after read_checkpoint
     found it whole and finite."""
     found = status.saved()
     if found is None:

@@ -24,12 +24,9 @@ import train  # noqa: E402
 import utils  # noqa: E402
 from benchmarks import ablation  # noqa: E402
 from model import Net  # noqa: E402
-from support import (
-    augment,  # noqa: E402
-    fast_loader,
-    mnist_files,  # noqa: E402
-)
+from support import augment, fast_loader, mnist_files, torchvision_loader  # noqa: E402
 from support.fused_dropout import ReLUDropout, fuse_relu_dropout  # noqa: E402
+from support.recipe import net_options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVS = ("conv1", "conv2", "trans1", "conv3", "conv4", "trans2", "conv5")
@@ -85,7 +82,7 @@ def test_every_model_variant_stays_under_20k_parameters(options):
 
 def built(recipe: dict) -> torch.nn.Module:
     """The recipe's model as the notebook builds it: Net, then the recipe's fast path."""
-    return utils.prepare_model(Net(**utils.net_options(recipe)), recipe, torch.device("cpu"))
+    return utils.prepare_model(Net(**net_options(recipe)), recipe, torch.device("cpu"))
 
 
 def test_prepare_model_follows_the_recipe():
@@ -101,8 +98,8 @@ def test_prepare_model_follows_the_recipe():
 # The augmentation option, in both loaders.
 # ---------------------------------------------------------------------------------------------
 def first_batch(mnist_dir, augmentation: str, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    loader = fast_loader.device_loader(mnist_dir, train=True, batch_size=64, device="cpu",
-                                       seed=seed, limit=256, augmentation=augmentation)
+    recipe = {"batch_size": 64, "seed": seed, "limit_train": 256, "augmentation": augmentation}
+    loader, _ = utils.get_loaders(recipe, mnist_dir, torch.device("cpu"))
     return next(iter(loader))
 
 
@@ -136,26 +133,26 @@ def test_the_variants_differ_from_the_recipe(mnist_dir):
 
 def test_torchvision_pipeline_applies_only_the_named_augmentation():
     digit = Image.fromarray((torch.arange(28 * 28) % 256).to(torch.uint8).view(28, 28).numpy())
-    plain = utils.test_transforms()(digit)
-    assert torch.equal(utils.train_transforms("none")(digit), plain)
+    plain = torchvision_loader.test_transforms()(digit)
+    assert torch.equal(torchvision_loader.train_transforms("none")(digit), plain)
 
     def kinds(augmentation: str) -> set[str]:
-        return {type(t).__name__ for t in utils.train_transforms(augmentation).transforms}
+        steps = torchvision_loader.train_transforms(augmentation).transforms
+        return {type(t).__name__ for t in steps}
 
     assert {"RandomApply", "RandomRotation"} <= kinds("both")
     assert "RandomApply" in kinds("crop") and "RandomRotation" not in kinds("crop")
     assert "RandomRotation" in kinds("rotate") and "RandomApply" not in kinds("rotate")
     torch.manual_seed(0)  # whose first angle, -0.1°, moves no pixel: so try a few
-    rotate = utils.train_transforms("rotate")
+    rotate = torchvision_loader.train_transforms("rotate")
     assert any(not torch.equal(rotate(digit), plain) for _ in range(5))
 
 
-def test_an_unknown_augmentation_is_refused():
+def test_an_unknown_augmentation_is_refused(mnist_dir):
     with pytest.raises(ValueError, match="unknown augmentation 'flip'"):
-        utils.train_transforms("flip")
+        torchvision_loader.train_transforms("flip")
     with pytest.raises(ValueError, match="unknown augmentation 'flip'"):
-        fast_loader.DeviceLoader(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4), 2,
-                                 "cpu", train=True, augmentation="flip")
+        utils.get_loaders({"augmentation": "flip"}, mnist_dir, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,12 @@ import pickle
 from pathlib import Path
 
 import pytest
+import runs
 import torch
+from runs import cols
 
 import model
+import train as cli
 import utils
 from support import bookkeeping, checkpoints, recipe
 
@@ -43,8 +46,8 @@ def leftovers(folder: Path) -> list[str]:
 def test_save_and_load_round_trip(tmp_path):
     state = valid_state()
     path = tmp_path / "sub" / "last.pt"  # the folder is created
-    checkpoints.save_checkpoint(state, path)
-    loaded = checkpoints.load_checkpoint(path)
+    checkpoints.write_checkpoint(state, path)
+    loaded = checkpoints.read_checkpoint(path)
     assert set(loaded) == set(state)
     for k, v in state["model"].items():
         assert torch.equal(loaded["model"][k], v)
@@ -55,7 +58,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, exc):
     path = tmp_path / "last.pt"
     state = valid_state()
-    checkpoints.save_checkpoint(state, path)
+    checkpoints.write_checkpoint(state, path)
     before = path.read_bytes()
 
     def broken_save(obj, f, *args, **kwargs):
@@ -65,11 +68,11 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, exc):
     monkeypatch.setattr(checkpoints.torch, "save", broken_save)
     new_state = {**state, "history": {**bookkeeping.new_history(), "epoch": [1]}}
     with pytest.raises(type(exc)):
-        checkpoints.save_checkpoint(new_state, path)
+        checkpoints.write_checkpoint(new_state, path)
     monkeypatch.undo()
 
     assert path.read_bytes() == before
-    loaded = checkpoints.load_checkpoint(path)
+    loaded = checkpoints.read_checkpoint(path)
     assert loaded["history"]["epoch"] == []
     assert leftovers(tmp_path) == []
     assert os.listdir(tmp_path) == ["last.pt"]
@@ -80,7 +83,7 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, exc):
 # ---------------------------------------------------------------------------------------------
 def assert_refused(path: Path) -> checkpoints.CheckpointError:
     with pytest.raises(checkpoints.CheckpointError) as err:
-        checkpoints.load_checkpoint(path)
+        checkpoints.read_checkpoint(path)
     assert str(path) in str(err.value)
     return err.value
 
@@ -188,26 +191,26 @@ def without_seconds(history: dict) -> dict:
 @pytest.mark.quick
 @pytest.mark.parametrize("loader", ["fast", "torchvision"])
 def test_resumed_run_equals_an_unbroken_run(tmp_path, mnist_dir, loader):
-    straight = utils.build_run(tiny_recipe(loader, 2), CPU, mnist_dir)
-    utils.fit(straight, progress=False, log=False)
-    assert straight.history["epoch"] == [1, 2]
+    straight = cli.build_run(tiny_recipe(loader, 2), CPU, mnist_dir)
+    cli.fit(straight, progress=False, log=False)
+    assert cols(straight.history)["epoch"] == [1, 2]
 
-    first = utils.build_run(tiny_recipe(loader, 1), CPU, mnist_dir)
-    utils.fit(first, progress=False, log=False)
+    first = cli.build_run(tiny_recipe(loader, 1), CPU, mnist_dir)
+    cli.fit(first, progress=False, log=False)
     path = tmp_path / "epoch1.pt"
-    checkpoints.save_run(first, path)
+    cli.save_run(first, path)
     del first
 
     # Something else uses the global RNG in between: the checkpoint must carry its own state.
     torch.manual_seed(12345)
     torch.rand(1000)
 
-    resumed = utils.build_run(tiny_recipe(loader, 1), CPU, mnist_dir)
-    checkpoints.restore_run(resumed, checkpoints.load_checkpoint(path))
+    resumed = cli.build_run(tiny_recipe(loader, 1), CPU, mnist_dir)
+    runs.restore_run(resumed, checkpoints.read_checkpoint(path))
     resumed.recipe["epochs"] = 2
-    utils.fit(resumed, progress=False, log=False)
+    cli.fit(resumed, progress=False, log=False)
 
-    assert without_seconds(resumed.history) == without_seconds(straight.history)
+    assert without_seconds(cols(resumed.history)) == without_seconds(cols(straight.history))
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert list(a) == list(b)
     for k in a:
@@ -222,26 +225,26 @@ def test_resumed_run_equals_an_unbroken_run(tmp_path, mnist_dir, loader):
 @pytest.mark.quick
 def test_checkpoint_carries_the_run(tmp_path, mnist_dir):
     recipe = {**tiny_recipe("fast", 1), "limit_train": 64}
-    run = utils.build_run(recipe, CPU, mnist_dir)
-    utils.fit(run, progress=False, log=False)
+    run = cli.build_run(recipe, CPU, mnist_dir)
+    cli.fit(run, progress=False, log=False)
     path = tmp_path / "run.pt"
-    checkpoints.save_run(run, path)
-    loaded = checkpoints.load_checkpoint(path)
+    cli.save_run(run, path)
+    loaded = checkpoints.read_checkpoint(path)
     assert loaded["recipe"] == run.recipe
     assert loaded["history"]["epoch"] == [1]
     # The saved weights score exactly what the run scored.
     net = model.Net()
     net.load_state_dict(loaded["model"])
     loss, acc = utils.test(net, CPU, run.test_loader, progress=False)
-    assert loss == pytest.approx(run.history["test_loss"][-1], rel=1e-5)
-    assert acc == run.history["test_acc"][-1]
+    assert loss == pytest.approx(cols(run.history)["test_loss"][-1], rel=1e-5)
+    assert acc == cols(run.history)["test_acc"][-1]
 
 
 def test_run_fit_can_be_silent(mnist_dir, capsys):
     recipe = {**tiny_recipe("fast", 1), "limit_train": 64, "limit_test": 64}
-    run = utils.build_run(recipe, CPU, mnist_dir)
-    utils.fit(run, progress=False, log=False)
-    assert run.history["epoch"] == [1]
+    run = cli.build_run(recipe, CPU, mnist_dir)
+    cli.fit(run, progress=False, log=False)
+    assert cols(run.history)["epoch"] == [1]
     captured = capsys.readouterr()
     assert "epoch" not in captured.out + captured.err
 
@@ -258,17 +261,17 @@ def saved(tmp_path: Path, state: dict, name: str = "edited.pt") -> Path:
 def test_a_scheduler_key_this_torch_does_not_write_is_left_out_and_the_run_resumes(
         tmp_path, mnist_dir):
     """Another torch release may write one key more into StepLR's state: not applied."""
-    first = utils.build_run(tiny_recipe("fast", 1), CPU, mnist_dir)
-    utils.fit(first, progress=False, log=False)
-    state = checkpoints.run_state(first)
+    first = cli.build_run(tiny_recipe("fast", 1), CPU, mnist_dir)
+    cli.fit(first, progress=False, log=False)
+    state = runs.run_state(first)
     state["scheduler"]["_a_key_of_a_later_release"] = True
-    loaded = checkpoints.load_checkpoint(saved(tmp_path, state))
+    loaded = checkpoints.read_checkpoint(saved(tmp_path, state))
     assert "_a_key_of_a_later_release" not in loaded["scheduler"]
-    resumed = utils.build_run(tiny_recipe("fast", 2), CPU, mnist_dir)
-    checkpoints.restore_run(resumed, loaded)
+    resumed = cli.build_run(tiny_recipe("fast", 2), CPU, mnist_dir)
+    runs.restore_run(resumed, loaded)
     assert not hasattr(resumed.scheduler, "_a_key_of_a_later_release")
-    utils.fit(resumed, progress=False, log=False)
-    assert resumed.history["epoch"] == [1, 2]
+    cli.fit(resumed, progress=False, log=False)
+    assert cols(resumed.history)["epoch"] == [1, 2]
     assert resumed.scheduler.last_epoch == 2
 
 
@@ -279,7 +282,7 @@ def test_a_scheduler_without_torchs_bookkeeping_keys_takes_a_fresh_steplrs(tmp_p
     assert private
     for key in private:
         del state["scheduler"][key]
-    loaded = checkpoints.load_checkpoint(saved(tmp_path, state))
+    loaded = checkpoints.read_checkpoint(saved(tmp_path, state))
     assert set(private) <= set(loaded["scheduler"])
 
 
@@ -324,7 +327,7 @@ def test_a_hand_edited_checkpoint_is_refused_naming_what_does_not_fit(tmp_path, 
 def test_an_optimizer_key_this_torch_does_not_write_is_left_out(tmp_path):
     state = valid_state()
     state["optimizer"]["param_groups"][0]["a_later_option"] = 3
-    group = checkpoints.load_checkpoint(saved(tmp_path, state))["optimizer"]["param_groups"][0]
+    group = checkpoints.read_checkpoint(saved(tmp_path, state))["optimizer"]["param_groups"][0]
     assert "a_later_option" not in group
     assert group["momentum"] == utils.RECIPE["momentum"]
 
@@ -332,5 +335,5 @@ def test_an_optimizer_key_this_torch_does_not_write_is_left_out(tmp_path):
 def test_a_learning_rate_changed_by_the_schedule_or_by_lr_is_accepted(tmp_path):
     state = valid_state()
     state["optimizer"]["param_groups"][0]["lr"] = 0.0005
-    loaded = checkpoints.load_checkpoint(saved(tmp_path, state))
+    loaded = checkpoints.read_checkpoint(saved(tmp_path, state))
     assert loaded["optimizer"]["param_groups"][0]["lr"] == 0.0005

@@ -166,7 +166,7 @@ def test_metrics_json(tiny_run):
 
 
 def test_checkpoint_of_tiny_run_loads(tiny_run):
-    checkpoint = checkpoints.load_checkpoint(tiny_run["checkpoint"])
+    checkpoint = checkpoints.read_checkpoint(tiny_run["checkpoint"])
     assert checkpoint["history"]["epoch"] == [1]
     assert checkpoint["recipe"]["limit_train"] == 256
     assert [p.name for p in tiny_run["checkpoint"].parent.iterdir()] == ["last.pt"]
@@ -231,7 +231,7 @@ def test_diverged_epoch_is_not_saved_as_good(tmp_path):
     assert done.returncode != 0
     assert_no_traceback(done)
     if path.exists():
-        checkpoint = checkpoints.load_checkpoint(path)
+        checkpoint = checkpoints.read_checkpoint(path)
         assert all(math.isfinite(v) for v in checkpoint["history"]["test_loss"])
         for name, tensor in checkpoint["model"].items():
             if tensor.is_floating_point():
@@ -270,7 +270,7 @@ def test_sigint_then_resume(tmp_path):
     assert_no_traceback(stderr + out.read_text())
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no .partial left
 
-    saved = checkpoints.load_checkpoint(path)
+    saved = checkpoints.read_checkpoint(path)
     epochs = len(saved["history"]["epoch"])
     assert epochs >= 1
     assert saved["history"]["epoch"] == list(range(1, epochs + 1))
@@ -282,7 +282,7 @@ def test_sigint_then_resume(tmp_path):
     assert f"after epoch {epochs} of {epochs + 1}" in done.stdout
     assert re.fullmatch(FINAL.format(f"{epochs + 1} epochs", re.escape(f"checkpoint: {path}")),
                         last_line(done)), done.stdout
-    resumed = checkpoints.load_checkpoint(path)
+    resumed = checkpoints.read_checkpoint(path)
     assert resumed["history"]["epoch"] == list(range(1, epochs + 2))
     # The finished epochs are kept as they were; the recipe is the interrupted run's.
     for key in ("train_loss", "test_loss", "test_acc", "lr"):
@@ -404,7 +404,7 @@ def test_a_second_run_on_a_finished_checkpoint_suggests_what_works(tiny_run, tmp
                     f"--save-model OTHER.pt, or replace it with --force")
     done = pasted(line, "--device", "cpu", "--quiet")  # accepted, not refused in turn
     assert done.returncode == 0, done.stderr
-    assert checkpoints.load_checkpoint(path)["history"]["epoch"] == [1, 2, 3, 4, 5, 6]
+    assert checkpoints.read_checkpoint(path)["history"]["epoch"] == [1, 2, 3, 4, 5, 6]
 
 
 def test_both_hints_for_a_finished_checkpoint_keep_the_runs_data_folder(tiny_run, tmp_path):
@@ -436,7 +436,7 @@ def test_a_second_run_on_an_unfinished_checkpoint_suggests_resuming(tiny_run, tm
                     f"OTHER.pt, or replace it with --force")
     done = pasted(line, "--device", "cpu", "--quiet")
     assert done.returncode == 0, done.stderr
-    assert checkpoints.load_checkpoint(path)["history"]["epoch"] == [1, 2]
+    assert checkpoints.read_checkpoint(path)["history"]["epoch"] == [1, 2]
 
 
 def test_a_policy_refusal_is_one_line_without_the_usage_block(tmp_path):

@@ -28,7 +28,7 @@ from test_outputs import SMALL as SAFE  # the tiny sizes every drawn command lin
 
 import train as cli
 import utils
-from support import checkpoints, mnist_files
+from support import mnist_files
 
 EXAMPLES = 250  # docs/resume.md says how many command lines this tries
 SAFE_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 64, "limit_test": 64,
@@ -96,10 +96,10 @@ def data_copy(mnist_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint_bytes(data_copy, tmp_path_factory) -> bytes:
-    run = utils.build_run(SAFE_RECIPE, torch.device("cpu"), data_copy)
-    utils.fit(run, progress=False, log=False)
+    run = cli.build_run(SAFE_RECIPE, torch.device("cpu"), data_copy)
+    cli.fit(run, progress=False, log=False)
     path = tmp_path_factory.mktemp("ck") / "run.pt"
-    checkpoints.save_run(run, path)
+    cli.save_run(run, path)
     return path.read_bytes()
 
 
@@ -178,7 +178,7 @@ def offline(monkeypatch):
 
     for name in mnist_files.SOURCES:
         monkeypatch.setitem(mnist_files.SOURCES, name, offline_source)
-    monkeypatch.setattr(utils, "compiled", lambda model, device: model)
+    monkeypatch.setattr(cli, "compiled", lambda model, device: model)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

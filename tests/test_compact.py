@@ -12,11 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import runs
 import torch
+from runs import cols
 from test_course_checks import total_parameters
 from torch import nn
 
 import train
+import train as cli
 import utils
 from model import CompactNet, count_parameters, format_layer_table, layer_table
 from support import checkpoints, recipe
@@ -139,41 +142,41 @@ def test_onecycle_peaks_at_lr_when_stepped_once_per_epoch():
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: a compact run saves, loads (checked) and resumes as an unbroken one runs.
 # ---------------------------------------------------------------------------------------------
-def compact_run(epochs: int, mnist_dir: Path) -> utils.Run:
-    return utils.build_run({"model": "compact", **TINY, "epochs": epochs}, CPU, mnist_dir)
+def compact_run(epochs: int, mnist_dir: Path) -> cli.Run:
+    return cli.build_run({"model": "compact", **TINY, "epochs": epochs}, CPU, mnist_dir)
 
 
 def test_a_compact_checkpoint_saves_loads_and_resumes(tmp_path, mnist_dir):
     unbroken = compact_run(2, mnist_dir)
-    utils.fit(unbroken, progress=False, log=False)
+    cli.fit(unbroken, progress=False, log=False)
 
     class Stop(Exception):
         pass
 
     def save_then_stop(_history: dict) -> None:  # saved after epoch 1, then cut short
-        checkpoints.save_run(first, tmp_path / "compact.pt")
+        cli.save_run(first, tmp_path / "compact.pt")
         raise Stop
 
     first = compact_run(2, mnist_dir)
     with pytest.raises(Stop):
-        utils.fit(first, on_epoch_end=save_then_stop, progress=False, log=False)
-    loaded = checkpoints.load_checkpoint(tmp_path / "compact.pt")
+        cli.fit(first, on_epoch_end=save_then_stop, progress=False, log=False)
+    loaded = checkpoints.read_checkpoint(tmp_path / "compact.pt")
     assert loaded["recipe"]["model"] == "compact"
     assert loaded["recipe"]["schedule"] == "onecycle"
 
     resumed = compact_run(2, mnist_dir)
-    checkpoints.restore_run(resumed, loaded)
-    utils.fit(resumed, progress=False, log=False)
-    for column, values in unbroken.history.items():
+    runs.restore_run(resumed, loaded)
+    cli.fit(resumed, progress=False, log=False)
+    for column, values in cols(unbroken.history).items():
         if column != "seconds":
-            assert resumed.history[column] == values, column
+            assert cols(resumed.history)[column] == values, column
     for key, value in unbroken.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
 
 
 def test_a_compact_checkpoint_of_another_schedule_or_model_is_refused(mnist_dir):
     run = compact_run(1, mnist_dir)
-    state = checkpoints.run_state(run)
+    state = runs.run_state(run)
     longer = {**state, "scheduler": {**state["scheduler"], "total_steps": 20}}
     with pytest.raises(ValueError, match="scheduler total_steps=20 is not the recipe's"):
         checkpoints.check_checkpoint(longer)
@@ -187,8 +190,8 @@ def test_a_compact_checkpoint_of_another_schedule_or_model_is_refused(mnist_dir)
 
 def test_a_steplr_checkpoint_from_before_the_new_keys_still_loads(mnist_dir):
     old = {k: v for k, v in utils.RECIPE.items() if k not in ("model", "schedule", "dropout")}
-    run = utils.build_run({**old, **TINY, "epochs": 1}, CPU, mnist_dir)
-    state = checkpoints.run_state(run)
+    run = cli.build_run({**old, **TINY, "epochs": 1}, CPU, mnist_dir)
+    state = runs.run_state(run)
     state["recipe"] = {**old, **TINY, "epochs": 1}
     loaded = checkpoints.check_checkpoint(state)
     assert (loaded["recipe"]["model"], loaded["recipe"]["schedule"]) == ("s6", "step")
@@ -222,7 +225,7 @@ def test_train_py_model_compact_records_its_recipe(compact_cli_run):
     assert {k: metrics["recipe"][k] for k in recipe.COMPACT if k != "epochs"} == {
         k: v for k, v in recipe.COMPACT.items() if k != "epochs"}
     assert metrics["model"]["channels"] == list(CompactNet().channels)
-    saved = checkpoints.load_checkpoint(compact_cli_run["checkpoint"])
+    saved = checkpoints.read_checkpoint(compact_cli_run["checkpoint"])
     assert saved["recipe"] == metrics["recipe"]
 
 

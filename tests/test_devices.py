@@ -8,9 +8,12 @@ import sys
 import types
 
 import pytest
+import runs
 import torch
+from runs import cols
 from torch import nn
 
+import train as cli
 import utils
 from support import checkpoints, devices
 
@@ -18,8 +21,8 @@ CPU = torch.device("cpu")
 TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
 
 
-def tiny_run(mnist_dir, epochs: int = 1, loader: str = "fast") -> utils.Run:
-    return utils.build_run({**TINY, "loader": loader, "epochs": epochs}, CPU, mnist_dir)
+def tiny_run(mnist_dir, epochs: int = 1, loader: str = "fast") -> cli.Run:
+    return cli.build_run({**TINY, "loader": loader, "epochs": epochs}, CPU, mnist_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,32 +36,32 @@ FOREIGN = {"cuda": 16, "mps": 44}
 def test_checkpoint_from_another_device_resumes_with_a_warning(tmp_path, mnist_dir, capsys,
                                                                saved_on):
     run = tiny_run(mnist_dir)
-    utils.fit(run, progress=False, log=False)
-    state = checkpoints.run_state(run)
+    cli.fit(run, progress=False, log=False)
+    state = runs.run_state(run)
     size = FOREIGN[saved_on]
     state["rng"]["loader"] = torch.arange(size, dtype=torch.uint8)  # the fast loader's, there
     state["rng"][saved_on] = torch.arange(size, dtype=torch.uint8)
     path = tmp_path / "gpu.pt"
-    checkpoints.save_checkpoint(state, path)
+    checkpoints.write_checkpoint(state, path)
 
     resumed = tiny_run(mnist_dir)
-    checkpoints.restore_run(resumed, checkpoints.load_checkpoint(path))
+    runs.restore_run(resumed, checkpoints.read_checkpoint(path))
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1
     assert f"saved on {saved_on} and resumes on cpu" in warnings[0]
     assert "shuffling and augmentation" in warnings[0] and "dropout masks" in warnings[0]
     resumed.recipe["epochs"] = 2
-    utils.fit(resumed, progress=False, log=False)  # and the run goes on
-    assert resumed.history["epoch"] == [1, 2]
+    cli.fit(resumed, progress=False, log=False)  # and the run goes on
+    assert cols(resumed.history)["epoch"] == [1, 2]
 
 
 def test_checkpoint_from_the_same_device_resumes_without_a_warning(tmp_path, mnist_dir,
                                                                    capsys):
     run = tiny_run(mnist_dir)
-    utils.fit(run, progress=False, log=False)
-    checkpoints.save_run(run, tmp_path / "cpu.pt")
-    checkpoints.restore_run(tiny_run(mnist_dir), checkpoints.load_checkpoint(tmp_path / "cpu.pt"))
+    cli.fit(run, progress=False, log=False)
+    cli.save_run(run, tmp_path / "cpu.pt")
+    runs.restore_run(tiny_run(mnist_dir), checkpoints.read_checkpoint(tmp_path / "cpu.pt"))
     assert "warning" not in capsys.readouterr().err
 
 
@@ -69,19 +72,19 @@ def test_the_training_devices_generator_is_saved(mnist_dir, monkeypatch, kind):
     backend = torch.cuda if kind == "cuda" else torch.mps
     monkeypatch.setattr(backend, "get_rng_state", lambda *args, **kwargs: state)
     run = tiny_run(mnist_dir)
-    run.device = torch.device(kind)  # as built there; nothing below touches the device
-    assert torch.equal(checkpoints.run_state(run)["rng"][kind], state)
+    # utils.save_checkpoint's random states, for a model on that device
+    assert torch.equal(checkpoints.rng_states(run.train_loader, torch.device(kind))[kind], state)
 
 
 def test_the_mps_generator_is_restored_on_mps(mnist_dir, monkeypatch):
     restored = []
     monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
     run = tiny_run(mnist_dir)
-    checkpoint = checkpoints.run_state(run)
-    checkpoint["rng"]["mps"] = torch.arange(44, dtype=torch.uint8)
-    run.device = torch.device("mps")
-    checkpoints.restore_run(run, checkpoint)
-    assert len(restored) == 1 and torch.equal(restored[0], checkpoint["rng"]["mps"])
+    rng = checkpoints.rng_states(run.train_loader, CPU)
+    rng["mps"] = torch.arange(44, dtype=torch.uint8)
+    # what utils.load_checkpoint does for a model on MPS
+    checkpoints.restore_rng(rng, run.train_loader, torch.device("mps"))
+    assert len(restored) == 1 and torch.equal(restored[0], rng["mps"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,11 +169,11 @@ def test_channels_last_and_the_allocator_setting_only_on_the_cpu(kind, channels_
 
 def test_deterministic_recipe_sets_pytorchs_switches(mnist_dir):
     try:
-        utils.build_run({**TINY, "deterministic": True}, CPU, mnist_dir)
+        cli.build_run({**TINY, "deterministic": True}, CPU, mnist_dir)
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic
         assert not torch.backends.cudnn.allow_tf32
-        utils.build_run(TINY, CPU, mnist_dir)
+        cli.build_run(TINY, CPU, mnist_dir)
         assert not torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.allow_tf32
     finally:
@@ -182,11 +185,11 @@ def test_a_run_without_determinism_leaves_the_users_switches_alone(mnist_dir):
     saved = cudnn.benchmark, cudnn.allow_tf32
     try:
         cudnn.benchmark, cudnn.allow_tf32 = True, False  # a notebook user's own choice
-        utils.build_run(TINY, CPU, mnist_dir)
+        cli.build_run(TINY, CPU, mnist_dir)
         assert (cudnn.benchmark, cudnn.allow_tf32) == (True, False)
-        utils.build_run({**TINY, "deterministic": True}, CPU, mnist_dir)
+        cli.build_run({**TINY, "deterministic": True}, CPU, mnist_dir)
         assert (cudnn.benchmark, cudnn.allow_tf32) == (False, False)
-        utils.build_run(TINY, CPU, mnist_dir)  # undoes the deterministic run, back to the user's
+        cli.build_run(TINY, CPU, mnist_dir)  # undoes the deterministic run, back to the user's
         assert (cudnn.benchmark, cudnn.allow_tf32) == (True, False)
         assert not torch.are_deterministic_algorithms_enabled()
     finally:
@@ -208,16 +211,13 @@ def test_notebook_metadata_asks_colab_for_a_gpu(repo_root):
     assert metadata["colab"]["gpuType"]
 
 
-def test_in_colab_on_a_cpu_the_notebook_says_how_to_get_a_gpu(monkeypatch):
-    assert "Change runtime type" not in devices.describe_device(CPU)
+def test_in_colab_on_a_cpu_the_notebook_says_how_to_get_a_gpu(monkeypatch, capsys):
+    from test_notebook_run import settings_cell
+
+    settings_cell(monkeypatch, "1")
+    assert "Change runtime type" not in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    text = devices.describe_device(CPU)
+    settings_cell(monkeypatch, "1")
+    text = capsys.readouterr().out
     assert text.startswith("device: cpu")
     assert "Runtime > Change runtime type > T4 GPU" in text
-
-
-@pytest.mark.parametrize("threads, expected", [(1, "device: cpu (1 thread)"),
-                                               (2, "device: cpu (2 threads)")])
-def test_describe_device_counts_cpu_threads_in_words(monkeypatch, threads, expected):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert devices.describe_device(CPU) == expected

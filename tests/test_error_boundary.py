@@ -20,6 +20,8 @@ import train as cli
 import utils
 from model import Net
 from support import checkpoints, failures, stopping, workers
+from support.recipe import full_recipe
+from support.torchvision_loader import torchvision_loaders
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +66,7 @@ def test_disk_full_during_a_save_is_one_line(here, tiny_disk, capsys):
     assert one_error_line(err) == (
         f"error: could not save epoch 2 in {path}: No space left on device; epoch 1 is saved "
         f"in {path}; continue with `python train.py --resume {path}`")
-    assert checkpoints.load_checkpoint(path)["history"]["epoch"] == [1]
+    assert checkpoints.read_checkpoint(path)["history"]["epoch"] == [1]
     assert os.listdir(tiny_disk) == ["last.pt"]
 
 
@@ -192,7 +194,7 @@ def test_a_closed_stdout_stops_quietly(tmp_path):
     assert "checkpoint" not in err.split(";")[0]  # the output's fault, not the checkpoint's
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stopped: the output was closed;"), err
-    done = len(checkpoints.load_checkpoint(path)["history"]["epoch"])
+    done = len(checkpoints.read_checkpoint(path)["history"]["epoch"])
     assert done >= 1  # the epoch whose line could not be printed was saved all the same
     assert f"epoch {done} is saved in {path}" in lines[0]
 
@@ -207,7 +209,7 @@ def test_no_compiler_is_one_line_that_says_the_run_can_go_on(here, capsys, monke
         def forward(self, x):
             raise InductorError(InvalidCxxCompiler(), None)
 
-    monkeypatch.setattr(utils, "compiled", lambda model, device: NeedsACompiler())
+    monkeypatch.setattr(cli, "compiled", lambda model, device: NeedsACompiler())
     code, _, err = main(capsys, *SMALL, "--compile", "--save-model", "last.pt")
     assert code == 1
     assert one_error_line(err) == (
@@ -226,11 +228,11 @@ def test_no_compile_resumes_a_compiled_run_without_compiling(here, capsys, monke
     def no_compiling(model, device):
         raise AssertionError("--no-compile must not compile")
 
-    monkeypatch.setattr(utils, "compiled", no_compiling)
+    monkeypatch.setattr(cli, "compiled", no_compiling)
     code, out, _ = main(capsys, "--resume", "last.pt", "--epochs", "2", "--no-compile",
                         "--device", "cpu", "--quiet")
     assert code == 0, out
-    assert checkpoints.load_checkpoint("last.pt")["recipe"]["compile"] is False
+    assert checkpoints.read_checkpoint("last.pt")["recipe"]["compile"] is False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +252,7 @@ def test_a_second_sigterm_cannot_cut_the_report_short(tmp_path, gap):
     assert finish(proc) == 128 + signal.SIGTERM
     stderr = err.read_text()
     assert_no_traceback(stderr + out.read_text())
-    epochs = len(checkpoints.load_checkpoint(path)["history"]["epoch"])
+    epochs = len(checkpoints.read_checkpoint(path)["history"]["epoch"])
     assert f"epoch {epochs} is saved in {path}" in stderr
     assert sorted(os.listdir(tmp_path)) == ["last.pt", "stderr.txt", "stdout.txt"]
 
@@ -292,8 +294,9 @@ def test_a_signal_ignored_at_the_start_stays_ignored():
 # Ctrl-C while the torchvision loader's workers run: no worker's traceback.
 # ---------------------------------------------------------------------------------------------
 def test_workers_leave_ctrl_c_to_the_main_process(tmp_path, mnist_dir):
-    train, test = utils.torchvision_loaders(mnist_dir, 64, 64, seed=1, limit_train=64,
-                                            limit_test=64, num_workers=1)
+    recipe = full_recipe({"batch_size": 64, "test_batch_size": 64, "limit_train": 64,
+                          "limit_test": 64, "loader": "torchvision"})
+    train, test = torchvision_loaders(recipe, mnist_dir, torch.device("cpu"), num_workers=1)
     assert train.worker_init_fn is workers.leave_ctrl_c is test.worker_init_fn
     before = signal.getsignal(signal.SIGINT)
     try:
@@ -380,8 +383,9 @@ def test_a_worker_is_quiet_about_a_main_process_that_hung_up_and_about_nothing_e
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no forked workers")
 def test_a_ctrl_c_before_a_worker_has_run_leave_ctrl_c_waits_for_it(tmp_path, mnist_dir):
-    train, test = utils.torchvision_loaders(mnist_dir, 64, 64, seed=1, limit_train=64,
-                                            limit_test=64, num_workers=1)
+    recipe = full_recipe({"batch_size": 64, "test_batch_size": 64, "limit_train": 64,
+                          "limit_test": 64, "loader": "torchvision"})
+    train, test = torchvision_loaders(recipe, mnist_dir, torch.device("cpu"), num_workers=1)
     assert isinstance(train, workers.CtrlCSafeDataLoader)
     assert isinstance(test, workers.CtrlCSafeDataLoader)
     # Unheld, the worker's KeyboardInterrupt ends it in its sleep, and the loader raises
@@ -413,10 +417,10 @@ def test_ctrl_c_during_a_torchvision_evaluation(tmp_path, mnist_dir):
     if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
         pytest.skip("no /proc/PID/task/PID/children here")
     path = tmp_path / "tv.pt"
-    run = utils.build_run({**utils.RECIPE, "loader": "torchvision", "epochs": 1, "limit_train": 64,
+    run = cli.build_run({**utils.RECIPE, "loader": "torchvision", "epochs": 1, "limit_train": 64,
                      "limit_test": 64, "batch_size": 64}, torch.device("cpu"), mnist_dir)
-    utils.fit(run, progress=False, log=False)
-    checkpoints.save_run(run, path)
+    cli.fit(run, progress=False, log=False)
+    cli.save_run(run, path)
     # A terminal's Ctrl-C goes to the whole process group: the workers get it too.
     proc = subprocess.Popen(
         [sys.executable, "train.py", "--evaluate", str(path), "--device", "cpu", "--quiet",

@@ -11,11 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from runs import cols
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-import utils
-from support import augment, fast_loader, mnist_files, recipe
+import train as cli
+from support import augment, fast_loader, mnist_files, recipe, torchvision_loader
+from support.recipe import full_recipe
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def test_augmented_pixel_statistics_agree_with_the_original_pipeline(mnist_dir, 
 
     n = len(real_images)
     torch.manual_seed(0)
-    ds = MNIST(str(mnist_dir), train=True, transform=utils.train_transforms())
+    ds = MNIST(str(mnist_dir), train=True, transform=torchvision_loader.train_transforms())
     reference = torch.stack([ds[i][0] for i in range(n)]) * recipe.STD + recipe.MEAN
     angles, crop = augment.sample_augment_params(n, torch.Generator().manual_seed(1))
     fast = augment.augment_batch(real_images.unsqueeze(1), angles, crop).float() / 255
@@ -117,7 +119,8 @@ def test_fast_loader_yields_the_originals_normalised_values(digits):
     loader = fast_loader.DeviceLoader(digits[:, 0], torch.zeros(len(digits), dtype=torch.long),
                                 batch_size=len(digits), device="cpu", train=False)
     x, _ = next(iter(loader))
-    expected = torch.stack([utils.test_transforms()(TF.to_pil_image(d[0])) for d in digits])
+    to_tensor = torchvision_loader.test_transforms()
+    expected = torch.stack([to_tensor(TF.to_pil_image(d[0])) for d in digits])
     assert torch.equal(x, expected)
 
 
@@ -180,8 +183,9 @@ def test_torchvision_loader_yields_every_image_once_with_its_label(tmp_path):
              "t10k-images-idx3-ubyte": images[:50], "t10k-labels-idx1-ubyte": labels[:50]}
     for name, array in files.items():
         (raw / name).write_bytes(mnist_files.encode_idx(array.numpy()))
-    train, _ = utils.torchvision_loaders(tmp_path, batch_size=32, test_batch_size=50, seed=0,
-                                         num_workers=0)
+    recipe = full_recipe({"batch_size": 32, "test_batch_size": 50, "seed": 0})
+    train, _ = torchvision_loader.torchvision_loaders(recipe, tmp_path, torch.device("cpu"),
+                                                      num_workers=0)
     check_one_epoch(train, 200)
 
 
@@ -189,9 +193,9 @@ def test_fast_runs_with_the_same_seed_are_identical(mnist_dir):
     recipe = dict(epochs=1, limit_train=512, limit_test=256, batch_size=64)
     runs = []
     for _ in range(2):  # each Run seeds the global generator when built: build, then train
-        runs.append(utils.build_run(recipe, torch.device("cpu"), mnist_dir))
-        utils.fit(runs[-1], progress=False, log=False)
-    a, b = (dict(r.history) for r in runs)
+        runs.append(cli.build_run(recipe, torch.device("cpu"), mnist_dir))
+        cli.fit(runs[-1], progress=False, log=False)
+    a, b = (cols(r.history) for r in runs)
     a.pop("seconds"), b.pop("seconds")
     assert a == b
     for (name, p), (_, q) in zip(runs[0].model.state_dict().items(),

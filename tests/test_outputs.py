@@ -18,7 +18,6 @@ from test_cli import TINY, assert_no_traceback, env
 from test_robustness import TINY_RECIPE
 
 import train as cli
-import utils
 from support import checkpoints, locks, metrics, mnist_files, outputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,11 +72,11 @@ def files(tmp_path, mnist_dir, one_epoch_checkpoint) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def one_epoch_checkpoint(mnist_dir, tmp_path_factory) -> bytes:
-    run = utils.build_run({**TINY_RECIPE, "limit_train": 64, "limit_test": 64,
+    run = cli.build_run({**TINY_RECIPE, "limit_train": 64, "limit_test": 64,
                            "test_batch_size": 64}, torch.device("cpu"), mnist_dir)
-    utils.fit(run, progress=False, log=False)
+    cli.fit(run, progress=False, log=False)
     path = tmp_path_factory.mktemp("outputs") / "run.pt"
-    checkpoints.save_run(run, path)
+    cli.save_run(run, path)
     return path.read_bytes()
 
 
@@ -145,8 +144,8 @@ def test_evaluate_refuses_every_flag_that_would_write_a_file(files, capsys, monk
 
 def test_a_metrics_file_names_the_commit_its_run_started_from(tmp_path, capsys, monkeypatch):
     trained = []
-    fit = utils.fit
-    monkeypatch.setattr(utils, "fit", lambda run, **kw: trained.append(1) or fit(run, **kw))
+    fit = cli.fit
+    monkeypatch.setattr(cli, "fit", lambda run, **kw: trained.append(1) or fit(run, **kw))
     # What `git describe` says: the commit checked out as the run starts, another once it trains.
     monkeypatch.setattr(metrics, "git_commit", lambda: "def5678" if trained else "abc1234")
     code, _, err = main(capsys, *SMALL, "--no-save", "--metrics", str(tmp_path / "m.json"))
@@ -161,7 +160,7 @@ def test_no_save_metrics_keeps_a_checkpoint(files, capsys, monkeypatch):
     before = files["checkpoint"].read_bytes()
     refused(capsys, *SMALL, "--no-save", "--metrics", str(files["checkpoint"]))
     assert files["checkpoint"].read_bytes() == before
-    checkpoints.load_checkpoint(files["checkpoint"])
+    checkpoints.read_checkpoint(files["checkpoint"])
 
 
 def test_a_symlink_is_checked_as_the_file_it_names(files, capsys, monkeypatch):
@@ -312,7 +311,7 @@ def test_two_runs_started_at_once_on_one_checkpoint(tmp_path):
     codes = sorted(code for code, _, _ in results)
     assert codes[0] == 0 and codes[1] in (1, 2), results
     winner = next(seed for seed, (code, _, _) in zip((1, 2), results, strict=True) if code == 0)
-    assert checkpoints.load_checkpoint(path)["recipe"]["seed"] == winner
+    assert checkpoints.read_checkpoint(path)["recipe"]["seed"] == winner
     loser = next(err for code, _, err in results if code != 0)
     assert "is in use by process" in loser or "already exists" in loser
     assert os.listdir(tmp_path) == ["last.pt"]

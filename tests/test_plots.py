@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 import utils  # noqa: E402
 from model import Net  # noqa: E402
-from support import analysis, bookkeeping, fast_loader, figures  # noqa: E402
+from support import analysis, bookkeeping, figures  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -67,8 +67,8 @@ def test_confusion_matrix_and_per_class_accuracy():
 def test_save_analysis_writes_misclassified_grid_and_confusion_matrix(tmp_path, mnist_dir):
     torch.manual_seed(0)
     model = Net().eval()  # untrained: plenty of mistakes to show
-    loader = fast_loader.device_loader(mnist_dir, train=False, batch_size=100, device="cpu",
-                                       limit=200)
+    _, loader = utils.get_loaders({"test_batch_size": 100, "limit_test": 200}, mnist_dir,
+                                  torch.device("cpu"))
     out = analysis.save_analysis(model, loader, torch.device("cpu"), save_dir=tmp_path)
     assert_png(tmp_path / "misclassified.png")
     assert_png(tmp_path / "confusion_matrix.png")
@@ -125,7 +125,8 @@ def test_misclassified_captions_do_not_overlap_the_digits(tmp_path):
 
 
 def test_image_grid_of_augmented_samples(tmp_path, mnist_dir):
-    loader = fast_loader.device_loader(mnist_dir, train=True, batch_size=16, device="cpu", limit=64)
+    loader, _ = utils.get_loaders({"batch_size": 16, "limit_train": 64}, mnist_dir,
+                                  torch.device("cpu"))
     x, y = analysis.augmented_samples(loader, n=16)
     assert x.shape == (16, 1, 28, 28) and x.min() >= 0 and x.max() <= 1
     analysis.image_grid(x, [str(int(v)) for v in y], path=tmp_path / "samples.png")
@@ -262,7 +263,7 @@ def test_final_accuracy_note_is_legible_and_clear_of_the_top_edge(top):
 @pytest.mark.parametrize(("epochs", "text"), [([1, 2, 3], "1-3"), ([5], "5"),
                                               ([1, 2, 3, 7, 9, 10], "1-3, 7, 9-10")])
 def test_epoch_ranges(epochs, text):
-    assert utils.epoch_ranges(epochs) == text
+    assert figures.epoch_ranges(epochs) == text
 
 
 def every_figure() -> list:

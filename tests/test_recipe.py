@@ -4,13 +4,16 @@ utils). The command line and build_run derive from it."""
 from __future__ import annotations
 
 import pytest
+import runs
 import torch
+from runs import cols
 
 import train
+import train as cli
 import utils
 from model import Net
 from support import checkpoints
-from support.recipe import RECIPE_RULES
+from support.recipe import RECIPE_RULES, net_options
 
 
 def test_every_recipe_key_is_a_train_py_flag_with_the_recipes_default():
@@ -38,25 +41,25 @@ def test_flags_reach_the_recipe():
 def test_a_checkpoint_of_an_ablation_variant_loads_and_resumes(tmp_path, mnist_dir):
     recipe = {"batch_norm": False, "transitions": "bare", "epochs": 1, "limit_train": 128,
               "limit_test": 100, "batch_size": 64, "test_batch_size": 100}
-    run = utils.build_run(recipe, torch.device("cpu"), mnist_dir)
-    utils.fit(run, progress=False, log=False)
-    checkpoints.save_run(run, tmp_path / "variant.pt")
-    checkpoint = checkpoints.load_checkpoint(tmp_path / "variant.pt")
+    run = cli.build_run(recipe, torch.device("cpu"), mnist_dir)
+    cli.fit(run, progress=False, log=False)
+    cli.save_run(run, tmp_path / "variant.pt")
+    checkpoint = checkpoints.read_checkpoint(tmp_path / "variant.pt")
     assert checkpoint["recipe"]["batch_norm"] is False
-    resumed = utils.build_run({**checkpoint["recipe"], "epochs": 2}, torch.device("cpu"), mnist_dir)
-    checkpoints.restore_run(resumed, checkpoint)
-    utils.fit(resumed, progress=False, log=False)
-    assert resumed.history["epoch"] == [1, 2]
+    resumed = cli.build_run({**checkpoint["recipe"], "epochs": 2}, torch.device("cpu"), mnist_dir)
+    runs.restore_run(resumed, checkpoint)
+    cli.fit(resumed, progress=False, log=False)
+    assert cols(resumed.history)["epoch"] == [1, 2]
 
 
 def test_run_refuses_a_key_the_recipe_does_not_know(mnist_dir):
     with pytest.raises(ValueError, match="unknown recipe keys: epoch"):
-        utils.build_run({"epoch": 3}, torch.device("cpu"), mnist_dir)
+        cli.build_run({"epoch": 3}, torch.device("cpu"), mnist_dir)
 
 
 def built(recipe: dict) -> torch.nn.Module:
     """The recipe's model as the notebook builds it: Net, then the recipe's fast path."""
-    return utils.prepare_model(Net(**utils.net_options(recipe)), recipe, torch.device("cpu"))
+    return utils.prepare_model(Net(**net_options(recipe)), recipe, torch.device("cpu"))
 
 
 def test_prepare_model_follows_the_recipe():

@@ -33,10 +33,10 @@ TINY_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 256, "limit_test": 20
 @pytest.fixture(scope="module")
 def one_epoch(mnist_dir, tmp_path_factory) -> bytes:
     """The bytes of a real 1-epoch checkpoint of the TINY recipe."""
-    run = utils.build_run(TINY_RECIPE, CPU, mnist_dir)
-    utils.fit(run, progress=False, log=False)
+    run = cli.build_run(TINY_RECIPE, CPU, mnist_dir)
+    cli.fit(run, progress=False, log=False)
     path = tmp_path_factory.mktemp("one_epoch") / "last.pt"
-    checkpoints.save_run(run, path)
+    cli.save_run(run, path)
     return path.read_bytes()
 
 
@@ -117,7 +117,7 @@ def test_force_replaces_a_checkpoint(checkpoint):
                  "--force")
     assert done.returncode == 0, done.stderr
     assert checkpoint.read_bytes() != before
-    assert checkpoints.load_checkpoint(checkpoint)["recipe"]["seed"] == 7
+    assert checkpoints.read_checkpoint(checkpoint)["recipe"]["seed"] == 7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,14 +129,14 @@ def test_interrupted_save_reports_what_is_on_disk(tmp_path, mnist_dir, monkeypat
     # Started from `nohup` or `&`, pytest inherits SIGINT as ignored; the interrupt report
     # must hand back the handler it found, so give it Python's own to find.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    real_save = checkpoints.save_checkpoint
+    real_save = checkpoints.write_checkpoint
 
     def save_cut_short(state, path):
         if len(state["history"]["epoch"]) == cut_at:
             raise KeyboardInterrupt  # as Ctrl-C inside torch.save: the old file stays
         real_save(state, path)
 
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_cut_short)
+    monkeypatch.setattr(checkpoints, "write_checkpoint", save_cut_short)
     path = tmp_path / "last.pt"
     args = ["--device", "cpu", "--quiet", "--limit-train", "64", "--limit-test", "64",
             "--batch-size", "64", "--epochs", "3", "--save-model", str(path)]
@@ -150,7 +150,7 @@ def test_interrupted_save_reports_what_is_on_disk(tmp_path, mnist_dir, monkeypat
     else:
         assert f"epoch 1 is saved in {path}" in stderr
         assert "epoch 2 is saved" not in stderr
-        assert checkpoints.load_checkpoint(path)["history"]["epoch"] == [1]
+        assert checkpoints.read_checkpoint(path)["history"]["epoch"] == [1]
 
 
 def test_report_names_only_a_checkpoint_that_loads(checkpoint):
@@ -274,7 +274,7 @@ def test_resume_honours_lr_and_accepts_unchanged_flags(checkpoint):
     done = train("--resume", str(checkpoint), "--epochs", "2", "--lr", "0.003",
                  "--batch-size", "64", "--device", "cpu", "--quiet")
     assert done.returncode == 0, done.stderr
-    history = checkpoints.load_checkpoint(checkpoint)["history"]
+    history = checkpoints.read_checkpoint(checkpoint)["history"]
     assert history["lr"] == [utils.RECIPE["lr"], 0.003]
 
 
@@ -299,7 +299,7 @@ def test_sigterm_stops_cleanly_with_a_hint_that_pastes(tmp_path, mnist_dir):
     hint = stderr.strip().splitlines()[-1].strip()
     words = shlex.split(hint)
     assert words[2:] == ["--resume", str(path), "--data-dir", str(data)]
-    epochs = len(checkpoints.load_checkpoint(path)["history"]["epoch"])
+    epochs = len(checkpoints.read_checkpoint(path)["history"]["epoch"])
     assert f"epoch {epochs} is saved" in stderr
 
     (path.parent / ".last.pt.x1y2.partial").write_bytes(b"left by a SIGKILL")
@@ -309,7 +309,7 @@ def test_sigterm_stops_cleanly_with_a_hint_that_pastes(tmp_path, mnist_dir):
     assert done.returncode == 0, done.stderr
     assert "MNIST: fetched" not in done.stdout  # the hint's data folder was used
     assert os.listdir(path.parent) == ["last.pt"]  # the leftover was cleaned up
-    assert len(checkpoints.load_checkpoint(path)["history"]["epoch"]) == epochs + 1
+    assert len(checkpoints.read_checkpoint(path)["history"]["epoch"]) == epochs + 1
 
 
 def test_ctrl_c_while_starting_is_not_a_traceback(tmp_path):
@@ -388,7 +388,7 @@ def test_load_checkpoint_refuses_a_damaged_part(one_epoch, tmp_path, damage):
     path = tmp_path / "damaged.pt"
     torch.save(state, path)
     with pytest.raises(checkpoints.CheckpointError) as err:
-        checkpoints.load_checkpoint(path)
+        checkpoints.read_checkpoint(path)
     assert str(path) in str(err.value)
 
 
@@ -405,7 +405,7 @@ def test_load_checkpoint_accepts_other_devices_rng_and_older_recipes(one_epoch, 
     del state["recipe"]["dropout_plan"], state["recipe"]["compile"]  # written before they were
     path = tmp_path / "portable.pt"
     torch.save(state, path)
-    loaded = checkpoints.load_checkpoint(path)
+    loaded = checkpoints.read_checkpoint(path)
     assert loaded["recipe"]["dropout_plan"] == utils.RECIPE["dropout_plan"]
 
 
@@ -538,7 +538,7 @@ def test_a_refused_file_is_never_reported_as_saved(tmp_path, mnist_dir, monkeypa
     """Epoch 1's file on disk is refused (someone edited it, say) when epoch 2 stops the run:
     the report must not point to it."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    real_save, real_epoch = checkpoints.save_checkpoint, utils.train
+    real_save, real_epoch = checkpoints.write_checkpoint, utils.train
 
     def save_then_damage(state, path):
         real_save(state, path)
@@ -551,7 +551,7 @@ def test_a_refused_file_is_never_reported_as_saved(tmp_path, mnist_dir, monkeypa
             raise bookkeeping.NonFiniteLoss(2, 1) if stop == "divergence" else KeyboardInterrupt
         return real_epoch(model, device, loader, optimizer, epoch, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_damage)
+    monkeypatch.setattr(checkpoints, "write_checkpoint", save_then_damage)
     monkeypatch.setattr(utils, "train", epoch_2_stops)
     path = tmp_path / "last.pt"
     code = cli.main(["--device", "cpu", "--quiet", "--limit-train", "64", "--limit-test", "64",

@@ -1,0 +1,31 @@
+"""What the tests need of a run beyond train.py's build_run, fit and save_run: the dict a save
+writes, a run restored from such a dict through utils.load_checkpoint, and a history's columns."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+import train as cli
+from support.bookkeeping import history_columns
+
+cols = history_columns  # run.history is a list of rows; a file's history is these columns
+
+
+def run_state(run: cli.Run) -> dict:
+    """What utils.save_checkpoint writes for the run as it stands, read back raw."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "state.pt"
+        cli.save_run(run, str(path))
+        return torch.load(path, weights_only=True)
+
+
+def restore_run(run: cli.Run, checkpoint: dict) -> None:
+    """Continue `run` from a checkpoint dict, through utils.load_checkpoint itself; the test
+    has set the run's recipe (any key may differ from the saved one)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "restore.pt"
+        torch.save(checkpoint, path)
+        cli.resume_run(run, str(path), may_change=tuple(run.recipe))
