@@ -221,7 +221,10 @@ def checkpoint_lock(path: str | os.PathLike) -> Iterator[list[Path]]:
     try:
         yield remove_partial_saves(path)
     finally:
-        lock.release()
+        problem = lock.release()
+        if problem:  # its folder became read-only mid-run: say why the file stays
+            print(f"warning: could not delete the lock file {lock.path} ({problem}); it holds "
+                  f"no lock now, and the next run on {path} takes it over", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise refuse("no such file") from None
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
-        raise refuse(_load_failure(err)) from None
+        raise refuse(_load_failure(err, path)) from None
     try:
         return check_checkpoint(checkpoint)
     except ValueError as err:
@@ -450,10 +453,38 @@ TORCH_ADVICE = ("weights_only", "Weights only load failed", "Check the documenta
 REFUSED_OBJECT = "WeightsUnpickler error:"
 
 
-def _load_failure(err: BaseException) -> str:
+# The first bytes of every file torch.save writes (a zip archive), and what torch says when
+# such a file does not end as one: it was cut short (a copy, an upload, a disk that filled).
+ZIP_MAGIC = b"PK\x03\x04"
+CUT_SHORT = ("failed finding central directory", "failed reading zip archive")
+
+
+def _cut_short(err: BaseException, path: str | os.PathLike | None) -> str | None:
+    """Why a file that is empty, or starts as torch.save's archive but does not end as one,
+    failed to load; None for any other file."""
+    try:
+        with open(path, "rb") as f:  # type: ignore[arg-type]
+            head = f.read(len(ZIP_MAGIC))
+    except (OSError, TypeError):
+        return None
+    if not head:
+        return "an empty file"
+    if head == ZIP_MAGIC and (isinstance(err, (OSError, EOFError))
+                              or any(w in str(err) for w in CUT_SHORT)):
+        return ("cut short: it starts as a torch.save archive but does not end as one, as a "
+                "copy or download that stopped early leaves it; copy it again, or use another "
+                "checkpoint")
+    return None
+
+
+def _load_failure(err: BaseException, path: str | os.PathLike | None = None) -> str:
     """Why torch.load failed, in words for a user. torch's own text leads with advice to load
     with weights_only=False, the one thing a user must not do with a file that is refused,
-    so only its reason is kept."""
+    so only its reason is kept. A file cut short is named so, not "not written by torch.save"."""
+    if not isinstance(err, IsADirectoryError):
+        cut = _cut_short(err, path)
+        if cut is not None:
+            return cut
     text = strip_colour(str(err))
     if REFUSED_OBJECT in text:
         reasons = [text.split(REFUSED_OBJECT, 1)[1].strip().splitlines()[0].strip()]
