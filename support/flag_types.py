@@ -76,3 +76,11 @@ def path_text(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return text
+
+
+# argparse names a value it cannot convert by its type's __name__ ("invalid positive_float
+# value: '1/10'"): name each by what it wants instead.
+for _type, _name in ((positive_int, "integer"), (threads_int, "integer"), (seed_int, "integer"),
+                     (non_negative_float, "number"), (positive_float, "number"),
+                     (width_float, "number"), (dropout_float, "number")):
+    _type.__name__ = _name
