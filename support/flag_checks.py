@@ -145,6 +145,10 @@ def check_input(flag_name: str, path: str | None) -> None:
         is_folder = os.path.isdir(path)
         os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
+        bare = path.rstrip("/" + os.sep)
+        if bare != path and os.path.isfile(bare):  # a shell's completion adds the '/'
+            raise UsageError(f"{flag_name} {path}: {bare} is a file, not a folder: drop the "
+                             f"trailing '/'") from None
         raise UsageError(f"{flag_name} {path}: no such file") from None
     except OSError as err:
         raise UsageError(f"{flag_name} {path}: {err.strerror or err}") from None
