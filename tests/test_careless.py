@@ -206,6 +206,18 @@ def test_evaluate_with_dry_run_is_refused(capsys, a_pt):
                                                             "--dry-run")
 
 
+def test_resume_with_dry_run_is_refused(capsys, a_pt):
+    before = a_pt.read_bytes()
+    assert "--dry-run checks a new run's set-up" in refused(capsys, "--resume", "a.pt",
+                                                            "--dry-run")
+    assert a_pt.read_bytes() == before
+
+
+def test_threads_0_is_refused_before_any_work(capsys):
+    code, _, err = main(capsys, "--threads", "0", "--no-save")
+    assert code == 2 and "argument --threads: must be an integer from 1 to 1,024, got 0" in err
+
+
 def test_resume_with_another_model_is_refused(capsys, a_pt):
     before = a_pt.read_bytes()
     line = refused(capsys, "--resume", "a.pt", "--epochs", "2", "--model", "compact")
