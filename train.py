@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"recipe flag not given (default: {r['model']})")
     p.add_argument("--schedule", choices=list(SCHEDULES),
                    help="step = StepLR (--step-size, --gamma); onecycle = OneCycleLR peaking at "
-                        f"--lr, stepped once per epoch (default: {r['schedule']}; compact: "
-                        f"{COMPACT['schedule']})")
+                        "--lr, stepped once per epoch, its last epoch at lr / 250,000 (so it "
+                        "needs --epochs 2 or more; a resume follows it to its end) (default: "
+                        f"{r['schedule']}; compact: {COMPACT['schedule']})")
     p.add_argument("--dropout", type=flag_types.dropout_float,
                    help="probability of each dropout layer in the model "
                         f"(default: {r['dropout']:g}; compact: {COMPACT['dropout']:g})")
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "this run's own")
     p.add_argument("--resume", metavar="PATH", type=flag_types.path_text,
                    help="continue the run saved in this checkpoint; only --epochs, --lr and "
-                        "--compile may change it")
+                        "--compile may change it (a OneCycle run: only --compile; "
+                        "docs/resume.md)")
     p.add_argument("--evaluate", metavar="PATH", type=flag_types.path_text,
                    help="score a checkpoint on the test set, then exit; writes nothing")
     p.add_argument("--metrics", metavar="PATH", type=flag_types.path_text,
@@ -230,6 +232,7 @@ def recipe_from(args: argparse.Namespace) -> dict:
         verb, them = ("applies", "it") if len(foreign) == 1 else ("apply", "them")
         raise UsageError(f"{' and '.join(flag(k) for k in foreign)} {verb} to the s6 model "
                          f"only, not to --model {recipe['model']}: drop {them}")
+    flag_checks.check_new_recipe(args, recipe)
     return recipe
 
 

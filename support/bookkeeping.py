@@ -80,8 +80,12 @@ class Tally:
             raise NonFiniteLoss(self.epoch, int(self.first_bad.item()))
 
     def result(self) -> tuple[float, float]:
-        """(mean loss, accuracy %) of what was added."""
+        """(mean loss, accuracy %) of what was added; ValueError for a pass that saw no
+        batch (a mean of nothing is not a number)."""
         self._check()
+        if self.seen == 0:
+            raise ValueError("the loader is empty: it gave no batch, so there is no loss or "
+                             "accuracy to report")
         return self.loss_sum.item() / self.seen, 100.0 * self.correct.item() / self.seen
 
 

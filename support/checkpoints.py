@@ -135,6 +135,10 @@ def epochs_text(n: int) -> str:
     return f"{n} epoch{'' if n == 1 else 's'}"
 
 
+# Recipe keys that say how a run trains, not what: a compiled run resumes without compiling.
+HOW_NOT_WHAT = ("compile",)
+
+
 def _notebook_checkpoint(path: str | os.PathLike, recipe: dict[str, Any], retrain: bool,
                          may_change: tuple[str, ...]) -> tuple[dict[str, Any] | None, str]:
     """(the checkpoint to go on from, or None for a new run; what a new run replaces). An
@@ -149,7 +153,8 @@ def _notebook_checkpoint(path: str | os.PathLike, recipe: dict[str, Any], retrai
                               f"point CHECKPOINT at another file") from None
     saved = checkpoint["recipe"]
     differs = [f"{key} {saved[key]!r} (the notebook's: {value!r})"
-               for key, value in recipe.items() if saved[key] != value and key not in may_change]
+               for key, value in recipe.items()
+               if saved[key] != value and key not in (*may_change, *HOW_NOT_WHAT)]
     finished = len(checkpoint["history"]["epoch"]) >= recipe["epochs"]
     if not differs and (not finished or not retrain):
         return checkpoint, ""
@@ -223,8 +228,12 @@ def _take(path: str | os.PathLike, other_file: str) -> list[Path]:
 
 def _release(path: str | os.PathLike) -> None:
     lock = _HELD.pop(outputs.target(path), None)
-    if lock is not None:
-        lock.release()
+    if lock is None:
+        return
+    problem = lock.release()
+    if problem:  # its folder became read-only mid-run: say why the file stays
+        print(f"warning: could not delete the lock file {lock.path} ({problem}); it holds "
+              f"no lock now, and the next run on {path} takes it over", file=sys.stderr)
 
 
 @contextmanager
@@ -273,7 +282,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise refuse("no such file") from None
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
-        raise refuse(_load_failure(err)) from None
+        raise refuse(_load_failure(err, path)) from None
     try:
         return check_checkpoint(checkpoint)
     except ValueError as err:
@@ -286,10 +295,38 @@ TORCH_ADVICE = ("weights_only", "Weights only load failed", "Check the documenta
 REFUSED_OBJECT = "WeightsUnpickler error:"
 
 
-def _load_failure(err: BaseException) -> str:
+# The first bytes of every file torch.save writes (a zip archive), and what torch says when
+# such a file does not end as one: it was cut short (a copy, an upload, a disk that filled).
+ZIP_MAGIC = b"PK\x03\x04"
+CUT_SHORT = ("failed finding central directory", "failed reading zip archive")
+
+
+def _cut_short(err: BaseException, path: str | os.PathLike | None) -> str | None:
+    """Why a file that is empty, or starts as torch.save's archive but does not end as one,
+    failed to load; None for any other file."""
+    try:
+        with open(path, "rb") as f:  # type: ignore[arg-type]
+            head = f.read(len(ZIP_MAGIC))
+    except (OSError, TypeError):
+        return None
+    if not head:
+        return "an empty file"
+    if head == ZIP_MAGIC and (isinstance(err, (OSError, EOFError))
+                              or any(w in str(err) for w in CUT_SHORT)):
+        return ("cut short: it starts as a torch.save archive but does not end as one, as a "
+                "copy or download that stopped early leaves it; copy it again, or use another "
+                "checkpoint")
+    return None
+
+
+def _load_failure(err: BaseException, path: str | os.PathLike | None = None) -> str:
     """Why torch.load failed, in words for a user. torch's own text leads with advice to load
     with weights_only=False, the one thing a user must not do with a file that is refused,
-    so only its reason is kept."""
+    so only its reason is kept. A file cut short is named so, not "not written by torch.save"."""
+    if not isinstance(err, IsADirectoryError):
+        cut = _cut_short(err, path)
+        if cut is not None:
+            return cut
     text = strip_colour(str(err))
     if REFUSED_OBJECT in text:
         reasons = [text.split(REFUSED_OBJECT, 1)[1].strip().splitlines()[0].strip()]

@@ -76,6 +76,9 @@ def check_combinations(args: argparse.Namespace) -> None:
     if args.evaluate and args.resume:
         raise UsageError("--evaluate and --resume exclude each other: score a checkpoint, "
                          "or continue its training")
+    if args.no_save and args.save_model:
+        raise UsageError("--no-save and --save-model exclude each other: drop --no-save to "
+                         "save in --save-model's file, or drop --save-model to write none")
     if args.dry_run and (args.resume or args.evaluate):
         raise UsageError("--dry-run checks a new run's set-up; it cannot be combined with "
                          "--resume or --evaluate")
@@ -116,25 +119,51 @@ def check_paths(args: argparse.Namespace) -> None:
     check_input("--resume", args.resume)
     check_input("--evaluate", args.evaluate)
     planned = planned_outputs(args)
-    try:
-        for name, path in planned.items():
+    for name, path in planned.items():
+        try:
             outputs.check_writable(name, path, "out.json" if name == "--metrics" else "last.pt")
+        except outputs.Refused as err:
+            # A resume saves into its checkpoint: where that cannot be written, say where can.
+            more = ("; continue it into another file with --save-model OTHER.pt"
+                    if name == "--resume" else "")
+            raise UsageError(f"{err}{more}") from None
+    try:
         outputs.check_distinct(planned, inputs(args))
     except outputs.Refused as err:
         raise UsageError(str(err)) from None
 
 
 def check_input(flag_name: str, path: str | None) -> None:
-    """A path that cannot even be looked at (a name too long, a loop of links) is a usage
-    error; a missing or damaged file is read_checkpoint's to explain."""
+    """A checkpoint to read must be a file that is there: a missing one is refused before
+    its folder is made for the save (`--resume typo/last.pt` used to leave typo/ behind), a
+    folder is named as one (with the checkpoints in it), and a path that cannot even be
+    looked at (a name too long, a loop of links) says why. A damaged file is
+    read_checkpoint's to explain."""
     if path is None:
         return
     try:
+        is_folder = os.path.isdir(path)
         os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
-        pass
+        bare = path.rstrip("/" + os.sep)
+        if bare != path and os.path.isfile(bare):  # a shell's completion adds the '/'
+            raise UsageError(f"{flag_name} {path}: {bare} is a file, not a folder: drop the "
+                             f"trailing '/'") from None
+        raise UsageError(f"{flag_name} {path}: no such file") from None
     except OSError as err:
         raise UsageError(f"{flag_name} {path}: {err.strerror or err}") from None
+    if is_folder:
+        raise UsageError(f"{flag_name} {path} is a folder, not a checkpoint: give the "
+                         f"checkpoint file itself{checkpoints_in(Path(path))}")
+
+
+def checkpoints_in(folder: Path, most: int = 3) -> str:
+    """', such as FOLDER/last.pt' for the .pt files in `folder` (a few), or ''."""
+    try:
+        found = sorted(p for p in folder.glob("*.pt") if p.is_file())[:most]
+    except OSError:
+        return ""
+    return f", such as {' or '.join(str(p) for p in found)}" if found else ""
 
 
 def planned_outputs(args: argparse.Namespace) -> dict[str, str]:
@@ -204,9 +233,20 @@ def existing_checkpoint(path: str, data_dir: str) -> str:
     if done < total:
         return (f"{path} already exists and holds {epochs_text(done)} of {total}; resume it with "
                 f"`{resume}`, {keep}")
+    further = (f"train it further with `{resume} --epochs {done + 5}`"
+               if saved["recipe"]["schedule"] != "onecycle" else
+               f"its OneCycle schedule has ended, so train a longer run anew with "
+               f"`{longer_run(saved['recipe'], path, data_dir, done + 5)}`")
     return (f"{path} already exists and holds a finished run ({epochs_text(done)} of {total}); "
-            f"train it further with `{resume} --epochs {done + 5}`, score it with "
+            f"{further}, score it with "
             f"`{stopping.checkpoint_command('--evaluate', path, data_dir)}`, {keep}")
+
+
+def longer_run(recipe: dict, path: str, data_dir: str | None, epochs: int) -> str:
+    """The command that trains `recipe` anew for `epochs`, into a file beside `path` that
+    does not exist yet (a OneCycle run cannot be extended: docs/resume.md)."""
+    return stopping.new_run_command(recipe, data_dir, stopping.unused_path(path, f"{epochs}ep"),
+                                    epochs=epochs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +259,8 @@ def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
                          "drop them, or start a new run with --save-model NEW.pt "
                          "(only --epochs, --lr and --compile may change on resume)")
     done = len(checkpoint["history"]["epoch"])
-    changed = [flag(k) for k in ("epochs", "lr") if getattr(args, k) not in (None, recipe[k])]
-    if recipe["schedule"] == "onecycle" and changed:
-        raise UsageError(f"{args.resume} follows a OneCycle schedule fixed by its epochs and "
-                         f"peak lr when it started, so {' and '.join(changed)} cannot change it: "
-                         f"drop them, or start a new run with --save-model NEW.pt")
+    if recipe["schedule"] == "onecycle":
+        check_onecycle_resume(args, recipe, done)
     if args.epochs is not None:
         recipe["epochs"] = args.epochs
     if recipe["epochs"] <= done:
@@ -233,6 +270,52 @@ def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
     if args.compile is not None:
         recipe["compile"] = args.compile
     return recipe
+
+
+def check_onecycle_resume(args: argparse.Namespace, recipe: dict, done: int) -> None:
+    """The rule for resuming a OneCycle run (docs/resume.md): its cycle was fixed at its start
+    by its epochs and peak lr, and a resume follows it to its end; a new --epochs or --lr is
+    refused, pointing to what works: the rest of the cycle, or a new run with the change."""
+    changes = {k: getattr(args, k) for k in ("epochs", "lr")
+               if getattr(args, k) not in (None, recipe[k])}
+    finished = done >= recipe["epochs"]
+    if not changes and not finished:
+        return
+    data_dir = None if args.data_dir == DEFAULT_DATA_DIR else args.data_dir
+    if changes:
+        cause = f"so {' and '.join(flag(k) for k in changes)} cannot change it"
+        new = ("train a new run with the change: `" + stopping.new_run_command(
+            recipe, data_dir, stopping.unused_path(args.resume, "new"), **changes) + "`")
+    else:
+        cause = "so no --epochs can extend it"
+        new = f"train a longer run anew: `{longer_run(recipe, args.resume, data_dir, done + 5)}`"
+    if finished:
+        state = (f"its cycle has ended ({epochs_text(done)} of {recipe['epochs']}): score it "
+                 f"with `{stopping.checkpoint_command('--evaluate', args.resume, data_dir)}`")
+    else:
+        state = f"continue its cycle with `{stopping.resume_command(args.resume, data_dir)}`"
+    raise UsageError(f"{args.resume} follows a OneCycle schedule fixed at its start by its "
+                     f"{epochs_text(recipe['epochs'])} and peak lr {recipe['lr']:g}, {cause}: "
+                     f"{state}, or {new}")
+
+
+def check_new_recipe(args: argparse.Namespace, recipe: dict) -> None:
+    """A new run's recipe: the StepLR flags a OneCycle schedule would ignore are refused, and
+    so is a OneCycle of one epoch, which would train at its floor lr (peak / 250,000)."""
+    if recipe["schedule"] != "onecycle":
+        return
+    ignored = [flag(k) for k in ("step_size", "gamma") if getattr(args, k, None) is not None]
+    whose = " (--model compact's)" if args.schedule is None else ""
+    if ignored:
+        verb = "applies" if len(ignored) == 1 else "apply"
+        raise UsageError(f"{' and '.join(ignored)} {verb} to --schedule step only, and this "
+                         f"run's schedule is onecycle{whose}: drop "
+                         f"{'it' if len(ignored) == 1 else 'them'}, or add --schedule step")
+    if recipe["epochs"] < 2 and not args.dry_run:
+        raise UsageError(f"a OneCycle schedule{whose} is stepped once per epoch and spends its "
+                         f"last epoch at its floor, lr {recipe['lr'] / 25e4:g} (peak / 250,000), "
+                         f"so a 1-epoch run would not train: give --epochs 2 or more, or add "
+                         f"--schedule step")
 
 
 def evaluation_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:

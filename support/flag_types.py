@@ -43,9 +43,11 @@ def non_negative_float(text: str) -> float:
 
 
 def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    # Its own words, not non_negative_float's: "must be >= 0" for -1 would invite a 0 that
+    # is refused in turn.
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -74,3 +76,11 @@ def path_text(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return text
+
+
+# argparse names a value it cannot convert by its type's __name__ ("invalid positive_float
+# value: '1/10'"): name each by what it wants instead.
+for _type, _name in ((positive_int, "integer"), (threads_int, "integer"), (seed_int, "integer"),
+                     (non_negative_float, "number"), (positive_float, "number"),
+                     (width_float, "number"), (dropout_float, "number")):
+    _type.__name__ = _name

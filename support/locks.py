@@ -39,19 +39,31 @@ class Lock:
     def __init__(self, path: Path, fd: int | None = None, fallback: object = None) -> None:
         self.path, self._fd, self._fallback = path, fd, fallback
 
-    def release(self) -> None:
+    def release(self) -> str | None:
+        """Free the lock and delete its file; None, or why the file could not be deleted (its
+        folder became read-only): it is then emptied, holds no lock, and the next `acquire`
+        takes it over. Never raises: a release runs while another failure is being reported,
+        and must not bury that report under its own traceback."""
         if self._fallback is not None:
             self._fallback.release()  # type: ignore[attr-defined]
-            return
+            return None
         if self._fd is None:
-            return
+            return None
+        problem = None
         try:
             # Deleted while still held: a process that opened the file meanwhile finds, once it
             # gets the lock, that the path no longer names its file, and starts again.
             self.path.unlink(missing_ok=True)
+        except OSError as err:
+            problem = err.strerror or str(err)
+            try:
+                os.ftruncate(self._fd, 0)  # no PID: it no longer names a holder
+            except OSError:
+                pass
         finally:
             os.close(self._fd)
             self._fd = None
+        return problem
 
 
 def acquire(path: str | os.PathLike, wait: bool,

@@ -87,15 +87,30 @@ def check_writable(flag: str, path: str, example: str) -> Path:
             raise Refused(f"{flag} {path} is a folder; give a file path, such as "
                           f"{os.path.join(path, example)}")
         file = target(path)
+        made = _missing_folders(file.parent)
         file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _scratch(file)
-        os.close(fd)
-        os.unlink(tmp)
+        try:
+            fd, tmp = _scratch(file)
+            os.close(fd)
+            os.unlink(tmp)
+        finally:
+            # The write makes them again; a run refused by a later check leaves none behind.
+            for folder in made:
+                folder.rmdir()
     except (FileExistsError, NotADirectoryError):
         raise Refused(f"{flag} {path} is not writable: a folder on its path is a file") from None
     except OSError as err:
         raise Refused(f"{flag} {path} is not writable: {err.strerror or err}") from None
     return file
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders of `folder`'s path that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def check_distinct(outputs: dict[str, str], inputs: dict[str, str]) -> None:

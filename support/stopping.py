@@ -16,10 +16,11 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from support import checkpoints, failures, mnist_files
 from support.bookkeeping import NonFiniteLoss
-from support.recipe import RECIPE
+from support.recipe import RECIPE, full_recipe
 
 PROG = "train.py"
 
@@ -40,13 +41,50 @@ def checkpoint_command(option: str, path: str, data_dir: str | None, *more: str)
     A value that starts with '-' is joined to its flag (`--resume=-run.pt`): on its own,
     argparse would take it for a flag and refuse the pasted command."""
 
-    def given(name: str, value: str) -> list[str]:
-        return [f"{name}={value}"] if value.startswith("-") else [name, value]
-
-    words = ["python", PROG, *given(option, path)]
+    words = ["python", PROG, *_given(option, path)]
     if data_dir is not None:
-        words += given("--data-dir", data_dir)
+        words += _given("--data-dir", data_dir)
     return shlex.join([*words, *more])
+
+
+def new_run_command(recipe: dict, data_dir: str | None, save_model: str, **changes: object
+                    ) -> str:
+    """`python train.py ...` that trains `recipe` anew, with `changes` (recipe keys), into
+    `save_model`: its model's named recipe and the flags of every value that differs from it,
+    so that the new run repeats the saved one but for the changes."""
+    recipe = {**recipe, **changes}
+    named = full_recipe({"model": recipe["model"]})
+    words = ["python", PROG]
+    if recipe["model"] != RECIPE["model"]:
+        words += ["--model", recipe["model"]]  # first: it names the recipe the rest changes
+    for key, value in recipe.items():
+        # OneCycle ignores StepLR's keys, so a flag for them would be refused
+        skip = recipe["schedule"] == "onecycle" and key in ("step_size", "gamma")
+        if skip or key == "model" or value == named[key]:
+            continue
+        if isinstance(value, bool):
+            words.append(flag(key) if value else "--no-" + key.replace("_", "-"))
+        else:
+            words += _given(flag(key), str(value))
+    if data_dir is not None:
+        words += _given("--data-dir", data_dir)
+    return shlex.join([*words, *_given("--save-model", save_model)])
+
+
+def _given(name: str, value: str) -> list[str]:
+    """A flag and its value; joined when the value starts with '-' (see checkpoint_command)."""
+    return [f"{name}={value}"] if value.startswith("-") else [name, value]
+
+
+def unused_path(beside: str, tag: str) -> str:
+    """A file name beside `beside` that no file has yet: NAME-TAG.pt, then NAME-TAG-2.pt..."""
+    path = Path(beside)
+    for n in range(1, 1000):
+        name = f"{path.stem}-{tag}{'' if n == 1 else f'-{n}'}{path.suffix or '.pt'}"
+        candidate = str(path.with_name(name))
+        if not os.path.lexists(candidate):
+            return candidate
+    return str(path.with_name(f"{path.stem}-{tag}-{os.getpid()}{path.suffix or '.pt'}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +259,8 @@ def report_divergence(err: NonFiniteLoss, lr: float, status: Status) -> str:
     """The line for a loss that became NaN: a checkpoint is named only after read_checkpoint
     found it whole and finite."""
     found = status.saved()
+    if status.recipe.get("schedule") == "onecycle":
+        return f"{err}; stopped. {_onecycle_divergence(found, status)}"
     if found is None:
         advice = f"no good epoch was saved; start again with a smaller --lr (say {lr / 10:g})"
     else:
@@ -229,3 +269,16 @@ def report_divergence(err: NonFiniteLoss, lr: float, status: Status) -> str:
         advice = (f"the last good checkpoint (epoch {n}) is {path}; continue it with a smaller "
                   f"learning rate: {command}")
     return f"{err}; stopped. {advice}"
+
+
+def _onecycle_divergence(found: tuple[str, int] | None, status: Status) -> str:
+    """A OneCycle run keeps its peak on resume (docs/resume.md): the way on is a new run with a
+    smaller peak, into a file of its own so that the saved epochs stay."""
+    peak = status.recipe["lr"] / 10
+    if found is None:
+        return f"no good epoch was saved; start again with a smaller peak --lr (say {peak:g})"
+    path, n = found
+    command = new_run_command(status.recipe, status.data_dir, unused_path(path, f"lr{peak:g}"),
+                              lr=peak)
+    return (f"the last good checkpoint (epoch {n}) is {path}; a OneCycle run keeps its peak lr "
+            f"on resume, so train a new one with a smaller peak: `{command}`")

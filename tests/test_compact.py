@@ -211,7 +211,8 @@ def run_train(*args: str) -> subprocess.CompletedProcess:
 def compact_cli_run(tmp_path_factory, mnist_dir) -> dict:
     tmp = tmp_path_factory.mktemp("compact_cli")
     checkpoint, metrics = tmp / "compact.pt", tmp / "compact.json"
-    done = run_train("--model", "compact", *TINY_FLAGS, "--epochs", "1",
+    # 2 epochs: a OneCycle of 1 would train its only epoch at peak / 250,000, so it is refused
+    done = run_train("--model", "compact", *TINY_FLAGS, "--epochs", "2",
                      "--save-model", str(checkpoint), "--metrics", str(metrics))
     return {"done": done, "checkpoint": checkpoint, "metrics": metrics}
 
@@ -243,7 +244,8 @@ def test_a_onecycle_resume_refuses_a_new_length_or_peak(compact_cli_run):
     done = run_train("--resume", str(compact_cli_run["checkpoint"]), "--epochs", "3",
                      "--device", "cpu", "--quiet")
     assert done.returncode == 2
-    assert "OneCycle schedule fixed by its epochs and peak lr" in done.stderr
+    assert "follows a OneCycle schedule fixed at its start by its 2 epochs and peak lr 0.2, " \
+           "so --epochs cannot change it" in done.stderr
     assert "Traceback" not in done.stderr
 
 
