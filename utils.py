@@ -143,7 +143,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module,
     The model, optimizer and scheduler must be the recipe's (ValueError says what differs),
     and the run finite: nothing is saved that could not be resumed. The file is written whole
     or not at all (a crash leaves the previous one), by one process at a time."""
-    recipe = full_recipe(recipe)
+    recipe, path = full_recipe(recipe), os.path.expanduser(path)  # "~/s6.pt" is at home
     check_objects(model, optimizer, scheduler, recipe)
     for epoch, row in enumerate(history, start=1):
         check_epoch_row(row, epoch)
@@ -175,7 +175,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     for a new run. Says which in one line. The objects must be the recipe's, and the saved run
     of the same recipe (ValueError says what differs), unless `retrain`, which starts over in
     its place; `may_change`: recipe keys a resume may change (train.py's --epochs, --lr)."""
-    recipe = full_recipe(recipe)
+    recipe, path = full_recipe(recipe), os.path.expanduser(path)  # "~/s6.pt" is at home
     check_objects(model, optimizer, scheduler, recipe)
     checkpoints.hold(path)  # from now on, another kernel or train.py is refused this file
     checkpoint = checkpoints.resumable(path, recipe, retrain, may_change)

@@ -255,11 +255,25 @@ def checkpoint_lock(path: str | os.PathLike) -> Iterator[list[Path]]:
 def hold(path: str | os.PathLike) -> None:
     """Hold `path` for this process from now until it exits (a notebook kernel), unless it
     does already; another kernel or train.py on the same file is refused with CheckpointInUse.
+    A path that cannot be a checkpoint file (a folder, a path under a file) is refused first.
     Says which leftovers of a killed save it deleted."""
     if outputs.target(path) in _HELD:
         return
+    check_file_path(path)
     for leftover in _take(path, "point CHECKPOINT at another file"):
         print(f"removed {leftover}, left by a save that was cut short")
+
+
+def check_file_path(path: str | os.PathLike) -> None:
+    """ValueError, saying what to give instead, unless `path` can name a checkpoint file."""
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"CHECKPOINT {path} is a folder: name a file in it, such as "
+                         f"{file / 'notebook.pt'}")
+    parent = next((p for p in file.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"CHECKPOINT {path} is under {parent}, which is a file, not a folder: "
+                         f"choose a path in a folder")
 
 
 @atexit.register

@@ -29,3 +29,15 @@ def restore_run(run: cli.Run, checkpoint: dict) -> None:
         path = Path(tmp) / "restore.pt"
         torch.save(checkpoint, path)
         cli.resume_run(run, str(path), may_change=tuple(run.recipe))
+
+
+class Uncompiled(torch.nn.Module):
+    """What torch.compile returns, in shape (the model under `_orig_mod`), without compiling:
+    for the tests that are about something else than the compile."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._orig_mod(x)

@@ -24,6 +24,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from runs import Uncompiled
 from test_outputs import SMALL as SAFE  # the tiny sizes every drawn command line starts with
 
 import train as cli
@@ -178,7 +179,7 @@ def offline(monkeypatch):
 
     for name in mnist_files.SOURCES:
         monkeypatch.setitem(mnist_files.SOURCES, name, offline_source)
-    monkeypatch.setattr(cli, "compiled", lambda model, device: model)
+    monkeypatch.setattr(cli, "compiled", lambda model, device: Uncompiled(model))
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import Uncompiled
 from test_cli import TINY, assert_no_traceback, env
 from test_outputs import SMALL, main
 from test_robustness import finish, spawn, wait_for
@@ -205,11 +206,11 @@ def test_a_closed_stdout_stops_quietly(tmp_path):
 def test_no_compiler_is_one_line_that_says_the_run_can_go_on(here, capsys, monkeypatch):
     from torch._inductor.exc import InductorError, InvalidCxxCompiler
 
-    class NeedsACompiler(torch.nn.Module):
+    class NeedsACompiler(Uncompiled):  # torch.compile's wrapper, as it fails at its first call
         def forward(self, x):
             raise InductorError(InvalidCxxCompiler(), None)
 
-    monkeypatch.setattr(cli, "compiled", lambda model, device: NeedsACompiler())
+    monkeypatch.setattr(cli, "compiled", lambda model, device: NeedsACompiler(model))
     code, _, err = main(capsys, *SMALL, "--compile", "--save-model", "last.pt")
     assert code == 1
     assert one_error_line(err) == (

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import Uncompiled
 from test_cli import TINY, assert_no_traceback, env, train
 from test_outputs import main
 
@@ -119,14 +120,14 @@ def no_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
     row is about, not the compile), wherever train.py's run takes it from."""
     from torch._inductor.exc import InductorError, InvalidCxxCompiler
 
-    class NeedsACompiler(torch.nn.Module):
+    class NeedsACompiler(Uncompiled):  # torch.compile's wrapper, as it fails at its first call
         def forward(self, x):
             raise InductorError(InvalidCxxCompiler(), None)
 
     for module in ("utils", "train", "support.devices"):
         if hasattr(sys.modules.get(module), "compiled"):
             monkeypatch.setattr(sys.modules[module], "compiled",
-                                lambda model, device: NeedsACompiler())
+                                lambda model, device: NeedsACompiler(model))
 
 
 # ---------------------------------------------------------------------------------------------
