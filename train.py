@@ -35,7 +35,7 @@ from support.boundary import error, guarded
 from support.checkpoints import epochs_text
 from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, UsageError
 from support.mnist_files import ensure_mnist
-from support.recipe import COMPACT, MODELS, SCHEDULES, foreign_options
+from support.recipe import COMPACT, MODELS, SCHEDULES, SPEEDRUN, foreign_options
 from support.stopping import flag
 
 if __name__ == "__main__":
@@ -49,14 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=flag_types.positive_int,
                    help=f"total epochs to train (default: {r['epochs']}; compact: "
-                        f"{COMPACT['epochs']})")
+                        f"{COMPACT['epochs']}; speedrun: {SPEEDRUN['epochs']})")
     p.add_argument("--batch-size", type=flag_types.positive_int,
                    help=f"training images per SGD step (default: {r['batch_size']})")
     p.add_argument("--test-batch-size", type=flag_types.positive_int,
                    help=f"test images per forward pass (default: {r['test_batch_size']})")
     p.add_argument("--lr", type=flag_types.positive_float,
                    help=f"SGD's learning rate, OneCycle's peak with --schedule onecycle "
-                        f"(default: {r['lr']}; compact: {COMPACT['lr']})")
+                        f"(default: {r['lr']}; compact: {COMPACT['lr']}; speedrun: "
+                        f"{SPEEDRUN['lr']})")
     p.add_argument("--momentum", type=flag_types.non_negative_float,
                    help=f"SGD's momentum (default: {r['momentum']})")
     p.add_argument("--step-size", type=flag_types.positive_int,
@@ -73,13 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "one per core). The README's timings and histories depend on it: on "
                         "the CPU another thread count gives other last digits")
     p.add_argument("--model", choices=list(MODELS),
-                   help="s6 = the write-up's Net; compact = CompactNet (7,594 parameters), "
-                        "whose named recipe (support/recipe.py COMPACT) then fills in every "
-                        f"recipe flag not given (default: {r['model']})")
+                   help="s6 = the write-up's Net; compact = CompactNet (7,594 parameters); "
+                        "speedrun = SpeedNet, the laptop-CPU speedrun (docs/speedrun.md). The "
+                        "named recipe of compact or speedrun (support/recipe.py COMPACT, "
+                        "SPEEDRUN) then fills in every recipe flag not given "
+                        f"(default: {r['model']})")
     p.add_argument("--schedule", choices=list(SCHEDULES),
                    help="step = StepLR (--step-size, --gamma); onecycle = OneCycleLR peaking at "
-                        f"--lr, stepped once per epoch (default: {r['schedule']}; compact: "
-                        f"{COMPACT['schedule']})")
+                        "--lr, stepped once per epoch; onecycle-batch = the same stepped after "
+                        f"every batch (default: {r['schedule']}; compact: "
+                        f"{COMPACT['schedule']}; speedrun: {SPEEDRUN['schedule']})")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction,
+                   help="SGD with Nesterov momentum (needs --momentum above 0; default: off; "
+                        "speedrun: on)")
     p.add_argument("--dropout", type=flag_types.dropout_float,
                    help="probability of each dropout layer in the model "
                         f"(default: {r['dropout']:g}; compact: {COMPACT['dropout']:g})")
@@ -208,6 +215,8 @@ def recipe_from(args: argparse.Namespace) -> dict:
         verb, them = ("applies", "it") if len(foreign) == 1 else ("apply", "them")
         raise UsageError(f"{' and '.join(flag(k) for k in foreign)} {verb} to the s6 model "
                          f"only, not to --model {recipe['model']}: drop {them}")
+    if recipe["nesterov"] and recipe["momentum"] == 0:
+        raise UsageError("--nesterov needs momentum: give --momentum above 0, or --no-nesterov")
     return recipe
 
 

@@ -56,6 +56,7 @@ from support.recipe import (  # noqa: F401 (offered to the notebook)
     make_optimizer,
     net_options,
     smoke_mode,
+    steps_per_batch,
 )
 from support.workers import CtrlCSafeDataLoader, leave_ctrl_c
 
@@ -146,9 +147,10 @@ def make_loaders(recipe: dict[str, Any], data_dir: str | os.PathLike,
 # ---------------------------------------------------------------------------------------------
 def train(model: nn.Module, device: torch.device, train_loader: Any,
           optimizer: torch.optim.Optimizer, epoch: int,
-          progress: Progress = STDOUT) -> tuple[float, float]:
+          progress: Progress = STDOUT, scheduler: Any = None) -> tuple[float, float]:
     """One epoch; returns its (mean training loss, training accuracy %). `progress`: where the
-    bar goes (support.bookkeeping.Progress: stdout by default, as a notebook wants it)."""
+    bar goes (support.bookkeeping.Progress: stdout by default, as a notebook wants it). A
+    `scheduler` given is stepped after every optimizer step (a per-batch OneCycle)."""
     model.train()
     with progress_bar(train_loader, f"epoch {epoch:>2} train", progress) as bar:
         tally = Tally(device, bar, epoch)
@@ -159,6 +161,8 @@ def train(model: nn.Module, device: torch.device, train_loader: Any,
             loss = F.nll_loss(output, target)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             tally.add(loss, output, target)
     return tally.result()
 
@@ -230,12 +234,14 @@ def fit(run: Run, on_epoch_end: Callable[[dict[str, list[float]]], None] | None 
         progress: Progress = STDOUT, log: bool = True) -> dict[str, list[float]]:
     """The notebook's epoch loop as one call: train until the recipe's epochs are in the
     history (a restored run continues), calling `on_epoch_end` after each."""
+    per_batch = steps_per_batch(run.recipe)  # then train() steps it, not this loop
     start_epoch(run)
     for epoch in range(len(run.history["epoch"]) + 1, run.recipe["epochs"] + 1):
         train_loss, train_acc = train(run.trained, run.device, run.train_loader, run.optimizer,
-                                      epoch, progress)
+                                      epoch, progress, run.scheduler if per_batch else None)
         test_loss, test_acc = test(run.model, run.device, run.test_loader, epoch, progress)
-        run.scheduler.step()
+        if not per_batch:
+            run.scheduler.step()
         record_epoch(run, train_loss, train_acc, test_loss, test_acc, log)
         if on_epoch_end is not None:
             on_epoch_end(run.history)

@@ -24,7 +24,7 @@ import torch
 
 from support import checkpoints, devices, metrics, mnist_files, outputs, stopping
 from support.checkpoints import epochs_text
-from support.recipe import RECIPE
+from support.recipe import ONECYCLES, RECIPE
 from support.stopping import flag
 
 DEFAULT_CHECKPOINT = "checkpoints/last.pt"
@@ -220,7 +220,7 @@ def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
                          "(only --epochs, --lr and --compile may change on resume)")
     done = len(checkpoint["history"]["epoch"])
     changed = [flag(k) for k in ("epochs", "lr") if getattr(args, k) not in (None, recipe[k])]
-    if recipe["schedule"] == "onecycle" and changed:
+    if recipe["schedule"] in ONECYCLES and changed:
         raise UsageError(f"{args.resume} follows a OneCycle schedule fixed by its epochs and "
                          f"peak lr when it started, so {' and '.join(changed)} cannot change it: "
                          f"drop them, or start a new run with --save-model NEW.pt")
