@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from model import CompactNet, conv_bn_relu, count_parameters  # noqa: E402
+from model import CompactNet, SpeedNet, conv_bn_relu, count_parameters  # noqa: E402
 from support.devices import keep_freed_memory  # noqa: E402
 from support.fast_loader import device_loader  # noqa: E402
 from support.fused_dropout import fuse_relu_dropout  # noqa: E402
@@ -109,6 +109,8 @@ class Arch(nn.Module):
 
 
 def build(arch: str) -> nn.Module:
+    if arch == "speednet":  # model.SpeedNet: cp16h as the recipe builds it (1x1 conv head)
+        return SpeedNet()
     return CompactNet() if arch == "compact" else Arch(ARCHS[arch])
 
 
