@@ -393,3 +393,17 @@ def test_the_time_ratio_pairs_seeds_both_recipes_ran():
     rows = [row("speedrun", {1: 60.0, 2: 70.0, 3: 1.0}), row("compact", {1: 240.0, 2: 280.0})]
     assert bench.time_ratio(rows) == pytest.approx(260 / 65)
     assert bench.time_ratio(rows[:1]) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The docs say what the code does.
+# ---------------------------------------------------------------------------------------------
+def test_the_speedrun_page_holds_speednets_computed_table():
+    page = (ROOT / "docs" / "speedrun.md").read_text()
+    assert format_layer_table(layer_table(SpeedNet())) in page
+
+
+def test_the_readmes_first_screen_offers_the_speedrun():
+    first = "\n".join((ROOT / "README.md").read_text().splitlines()[:40])
+    assert "python train.py --model speedrun" in first
+    assert "docs/speedrun.md" in first
