@@ -53,10 +53,12 @@ from support.recipe import (
     MODELS,
     RECIPE,
     SCHEDULES,
+    SPEEDRUN,
     foreign_options,
     full_recipe,
     make_model,
     make_optimizer,
+    steps_per_batch,
 )
 from support.stopping import flag
 
@@ -71,14 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=flag_types.positive_int,
                    help=f"total epochs to train (default: {r['epochs']}; compact: "
-                        f"{COMPACT['epochs']})")
+                        f"{COMPACT['epochs']}; speedrun: {SPEEDRUN['epochs']})")
     p.add_argument("--batch-size", type=flag_types.positive_int,
                    help=f"training images per SGD step (default: {r['batch_size']})")
     p.add_argument("--test-batch-size", type=flag_types.positive_int,
                    help=f"test images per forward pass (default: {r['test_batch_size']})")
     p.add_argument("--lr", type=flag_types.positive_float,
                    help=f"SGD's learning rate, OneCycle's peak with --schedule onecycle "
-                        f"(default: {r['lr']}; compact: {COMPACT['lr']})")
+                        f"(default: {r['lr']}; compact: {COMPACT['lr']}; speedrun: "
+                        f"{SPEEDRUN['lr']})")
     p.add_argument("--momentum", type=flag_types.non_negative_float,
                    help=f"SGD's momentum (default: {r['momentum']})")
     p.add_argument("--step-size", type=flag_types.positive_int,
@@ -95,14 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "one per core). The README's timings and histories depend on it: on "
                         "the CPU another thread count gives other last digits")
     p.add_argument("--model", choices=list(MODELS),
-                   help="s6 = the write-up's Net; compact = CompactNet (7,594 parameters), "
-                        "whose named recipe (support/recipe.py COMPACT) then fills in every "
-                        f"recipe flag not given (default: {r['model']})")
+                   help="s6 = the write-up's Net; compact = CompactNet (7,594 parameters); "
+                        "speedrun = SpeedNet, the laptop-CPU speedrun (docs/speedrun.md). The "
+                        "named recipe of compact or speedrun (support/recipe.py COMPACT, "
+                        "SPEEDRUN) then fills in every recipe flag not given "
+                        f"(default: {r['model']})")
     p.add_argument("--schedule", choices=list(SCHEDULES),
                    help="step = StepLR (--step-size, --gamma); onecycle = OneCycleLR peaking at "
                         "--lr, stepped once per epoch, its last epoch at lr / 250,000 (so it "
-                        "needs --epochs 2 or more; a resume follows it to its end) (default: "
-                        f"{r['schedule']}; compact: {COMPACT['schedule']})")
+                        "needs --epochs 2 or more; a resume follows it to its end); "
+                        "onecycle-batch = the same stepped after every batch (default: "
+                        f"{r['schedule']}; compact: {COMPACT['schedule']}; speedrun: "
+                        f"{SPEEDRUN['schedule']})")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction,
+                   help="SGD with Nesterov momentum (needs --momentum above 0; default: off; "
+                        "speedrun: on)")
     p.add_argument("--dropout", type=flag_types.dropout_float,
                    help="probability of each dropout layer in the model "
                         f"(default: {r['dropout']:g}; compact: {COMPACT['dropout']:g})")
@@ -233,6 +243,8 @@ def recipe_from(args: argparse.Namespace) -> dict:
         raise UsageError(f"{' and '.join(flag(k) for k in foreign)} {verb} to the s6 model "
                          f"only, not to --model {recipe['model']}: drop {them}")
     flag_checks.check_new_recipe(args, recipe)
+    if recipe["nesterov"] and recipe["momentum"] == 0:
+        raise UsageError("--nesterov needs momentum: give --momentum above 0, or --no-nesterov")
     return recipe
 
 
@@ -270,12 +282,15 @@ def fit(run: Run, on_epoch_end: Callable[[list[dict]], None] | None = None,
         progress: Progress = STDOUT, log: bool = True) -> list[dict]:
     """The notebook's epoch loop: train until the recipe's epochs are in the history (a
     restored run goes on), printing each epoch's line and calling `on_epoch_end` after it."""
+    per_batch = steps_per_batch(run.recipe)  # then utils.train steps it, not this loop
     for epoch in range(len(run.history) + 1, run.recipe["epochs"] + 1):
         lr, start = run.optimizer.param_groups[0]["lr"], time.perf_counter()
         train_loss, train_acc = utils.train(run.trained, run.device, run.train_loader,
-                                            run.optimizer, epoch, progress)
+                                            run.optimizer, epoch, progress,
+                                            run.scheduler if per_batch else None)
         test_loss, test_acc = utils.test(run.model, run.device, run.test_loader, epoch, progress)
-        run.scheduler.step()
+        if not per_batch:
+            run.scheduler.step()
         row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
                    test_loss=test_loss, test_acc=test_acc, lr=lr,
                    seconds=time.perf_counter() - start)

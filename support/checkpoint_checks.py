@@ -22,6 +22,7 @@ from torch import nn
 from support.bookkeeping import new_history
 from support.recipe import (
     MODELS,
+    batches_per_epoch,
     check_recipe,
     full_recipe,
     is_int,
@@ -29,6 +30,7 @@ from support.recipe import (
     make_model,
     make_optimizer,
     positive_real,
+    steps_per_batch,
 )
 
 FORMAT = ("model", "optimizer", "scheduler", "history", "recipe", "rng")
@@ -135,7 +137,8 @@ def _check_scheduler_object(scheduler: Any, optimizer: Any, want: Any,
 
 # What a scheduler object is built from, per schedule.
 SHAPE_KEYS: dict[str, tuple[str, ...]] = {"step": ("step_size", "gamma"),
-                                          "onecycle": ("total_steps",)}
+                                          "onecycle": ("total_steps",),
+                                          "onecycle-batch": ("total_steps",)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,13 +242,15 @@ SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
     "step": ("step_size", "gamma", "base_lrs", "last_epoch"),
     "onecycle": ("total_steps", "_schedule_phases", "cycle_momentum", "base_lrs", "last_epoch"),
 }
-SCHEDULERS = {"step": "StepLR", "onecycle": "OneCycleLR"}
+SCHEDULE_KEYS["onecycle-batch"] = SCHEDULE_KEYS["onecycle"]  # the same scheduler, stepped per batch
+SCHEDULERS = {"step": "StepLR", "onecycle": "OneCycleLR", "onecycle-batch": "OneCycleLR"}
 
 
 def _check_scheduler(state: Any, net: nn.Module, recipe: dict[str, Any], epochs: int
                      ) -> dict[str, Any]:
-    """A state of the recipe's schedule (StepLR, or OneCycleLR for schedule "onecycle"),
-    stepped once per finished epoch: the keys a fresh one writes, each of the kind it writes
+    """A state of the recipe's schedule (StepLR, or OneCycleLR for schedule "onecycle" and
+    "onecycle-batch"), stepped once per finished epoch (after each batch of every finished
+    epoch for "onecycle-batch"): the keys a fresh one writes, each of the kind it writes
     (a key this torch does not write is left out), and the values the recipe sets. Returns
     the state to load."""
     expected = make_optimizer(net, recipe)[1].state_dict()
@@ -272,8 +277,11 @@ def _check_scheduler(state: Any, net: nn.Module, recipe: dict[str, Any], epochs:
     if len(known["base_lrs"]) != len(expected["base_lrs"]) or not all(
             positive_real(lr) for lr in known["base_lrs"]):
         raise ValueError("scheduler base_lrs do not match the optimizer")
-    if known["last_epoch"] != epochs:
-        raise ValueError(f"scheduler at epoch {known['last_epoch']}, history at {epochs}")
+    steps = epochs * (batches_per_epoch(recipe) if steps_per_batch(recipe) else 1)
+    if known["last_epoch"] != steps:
+        at = "step" if steps_per_batch(recipe) else "epoch"
+        raise ValueError(f"scheduler at {at} {known['last_epoch']}, history at "
+                         + (f"{epochs} epochs = step {steps}" if at == "step" else f"{epochs}"))
     return {**expected, **known}
 
 

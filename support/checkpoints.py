@@ -2,10 +2,11 @@
 
 A checkpoint is one dict, written by torch.save (utils.save_checkpoint builds it in view):
 
-    model      the state_dict of the recipe's model, Net or CompactNet (the plain module's,
-               whether or not it trained compiled)
+    model      the state_dict of the recipe's model, Net, CompactNet or SpeedNet (the plain
+               module's, whether or not it trained compiled)
     optimizer  the SGD's state_dict
-    scheduler  the StepLR's state_dict (the OneCycleLR's, for the recipe's schedule "onecycle")
+    scheduler  the StepLR's state_dict (the OneCycleLR's, for the recipe's schedule "onecycle"
+               or "onecycle-batch")
     history    support.bookkeeping.new_history()'s columns, one value per finished epoch
     recipe     the run's recipe (the keys of support.recipe.RECIPE)
     rng        generator states: "torch" (the CPU's), "loader" (the train loader's, on its

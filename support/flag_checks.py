@@ -24,7 +24,7 @@ import torch
 
 from support import checkpoints, devices, metrics, mnist_files, outputs, stopping
 from support.checkpoints import epochs_text
-from support.recipe import RECIPE
+from support.recipe import ONECYCLES, RECIPE
 from support.stopping import flag
 
 DEFAULT_CHECKPOINT = "checkpoints/last.pt"
@@ -234,7 +234,7 @@ def existing_checkpoint(path: str, data_dir: str) -> str:
         return (f"{path} already exists and holds {epochs_text(done)} of {total}; resume it with "
                 f"`{resume}`, {keep}")
     further = (f"train it further with `{resume} --epochs {done + 5}`"
-               if saved["recipe"]["schedule"] != "onecycle" else
+               if saved["recipe"]["schedule"] not in ONECYCLES else
                f"its OneCycle schedule has ended, so train a longer run anew with "
                f"`{longer_run(saved['recipe'], path, data_dir, done + 5)}`")
     return (f"{path} already exists and holds a finished run ({epochs_text(done)} of {total}); "
@@ -259,7 +259,7 @@ def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
                          "drop them, or start a new run with --save-model NEW.pt "
                          "(only --epochs, --lr and --compile may change on resume)")
     done = len(checkpoint["history"]["epoch"])
-    if recipe["schedule"] == "onecycle":
+    if recipe["schedule"] in ONECYCLES:
         check_onecycle_resume(args, recipe, done)
     if args.epochs is not None:
         recipe["epochs"] = args.epochs
@@ -302,16 +302,16 @@ def check_onecycle_resume(args: argparse.Namespace, recipe: dict, done: int) -> 
 def check_new_recipe(args: argparse.Namespace, recipe: dict) -> None:
     """A new run's recipe: the StepLR flags a OneCycle schedule would ignore are refused, and
     so is a OneCycle of one epoch, which would train at its floor lr (peak / 250,000)."""
-    if recipe["schedule"] != "onecycle":
+    if recipe["schedule"] not in ONECYCLES:
         return
     ignored = [flag(k) for k in ("step_size", "gamma") if getattr(args, k, None) is not None]
-    whose = " (--model compact's)" if args.schedule is None else ""
+    whose = f" (--model {recipe['model']}'s)" if args.schedule is None else ""
     if ignored:
         verb = "applies" if len(ignored) == 1 else "apply"
         raise UsageError(f"{' and '.join(ignored)} {verb} to --schedule step only, and this "
-                         f"run's schedule is onecycle{whose}: drop "
+                         f"run's schedule is {recipe['schedule']}{whose}: drop "
                          f"{'it' if len(ignored) == 1 else 'them'}, or add --schedule step")
-    if recipe["epochs"] < 2 and not args.dry_run:
+    if recipe["schedule"] == "onecycle" and recipe["epochs"] < 2 and not args.dry_run:
         raise UsageError(f"a OneCycle schedule{whose} is stepped once per epoch and spends its "
                          f"last epoch at its floor, lr {recipe['lr'] / 25e4:g} (peak / 250,000), "
                          f"so a 1-epoch run would not train: give --epochs 2 or more, or add "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from support import checkpoints, failures, mnist_files
 from support.bookkeeping import NonFiniteLoss
-from support.recipe import RECIPE, full_recipe
+from support.recipe import ONECYCLES, RECIPE, full_recipe
 
 PROG = "train.py"
 
@@ -59,7 +59,7 @@ def new_run_command(recipe: dict, data_dir: str | None, save_model: str, **chang
         words += ["--model", recipe["model"]]  # first: it names the recipe the rest changes
     for key, value in recipe.items():
         # OneCycle ignores StepLR's keys, so a flag for them would be refused
-        skip = recipe["schedule"] == "onecycle" and key in ("step_size", "gamma")
+        skip = recipe["schedule"] in ONECYCLES and key in ("step_size", "gamma")
         if skip or key == "model" or value == named[key]:
             continue
         if isinstance(value, bool):
@@ -259,7 +259,7 @@ def report_divergence(err: NonFiniteLoss, lr: float, status: Status) -> str:
     """The line for a loss that became NaN: a checkpoint is named only after read_checkpoint
     found it whole and finite."""
     found = status.saved()
-    if status.recipe.get("schedule") == "onecycle":
+    if status.recipe.get("schedule") in ONECYCLES:
         return f"{err}; stopped. {_onecycle_divergence(found, status)}"
     if found is None:
         advice = f"no good epoch was saved; start again with a smaller --lr (say {lr / 10:g})"
