@@ -174,13 +174,14 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     scheduler and the loader's random draws put back as they were after its last epoch; []
     for a new run. Says which in one line. The objects must be the recipe's, and the saved run
     of the same recipe (ValueError says what differs), unless `retrain`, which starts over in
-    its place; `may_change`: recipe keys a resume may change (train.py's --epochs, --lr)."""
+    its place. `may_change`: the recipe keys train.py's resume may change (--epochs, --lr)."""
     recipe, path = full_recipe(recipe), os.path.expanduser(path)  # "~/s6.pt" is at home
     check_objects(model, optimizer, scheduler, recipe)
-    checkpoints.hold(path)  # from now on, another kernel or train.py is refused this file
+    if not may_change:  # the notebook's: train.py holds the file it saves to, and says itself
+        checkpoints.hold(path)  # what a Ctrl-C leaves; another kernel is refused this file now
     checkpoint = checkpoints.resumable(path, recipe, retrain, may_change)
     history = history_rows(checkpoint["history"]) if checkpoint else []
-    if not may_change:  # the notebook's cell: a Ctrl-C will say what is saved (train.py says it)
+    if not may_change:
         checkpoints.watch(path, len(history), recipe["epochs"])
     if checkpoint is None:
         return []

@@ -233,3 +233,19 @@ def test_readme_quick_command_runs_the_quick_tier_of_the_tests_folder(repo_root,
     missing = [area for area, prefix in QUICK_AREAS.items()
                if not any(i.startswith(prefix) for i in ids)]
     assert missing == [], f"no quick test for: {missing}"
+
+
+def careless_rows(section: str) -> int:
+    """The cases in a section of docs/careless.md: its table's rows, header aside."""
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    return len(rows) - 1
+
+
+def test_the_readmes_reliability_line_counts_the_careless_user_cases(repo_root):
+    doc = (repo_root / "docs" / "careless.md").read_text()
+    _, first, second, notebook = doc.split("\n## ")
+    cli, nb = careless_rows(first) + careless_rows(second), careless_rows(notebook)
+    readme = " ".join((repo_root / "README.md").read_text().split())
+    assert (f"{cli + nb} careless-user cases, {cli} on `train.py` and {nb} in the notebook"
+            in readme)
+    assert f"{nb} cases in the notebook's pass" in doc
