@@ -45,15 +45,17 @@ from support.bookkeeping import (
     final_line,
 )
 from support.boundary import error, guarded
-from support.devices import compiled, prepare_model
+from support.devices import compiled, fast_path, prepare_model
+from support.fast_loader import DeviceLoader
 from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, HONOURED_ON_RESUME, UsageError
-from support.mnist_files import ensure_mnist
+from support.mnist_files import MNIST_FILES, TEST_FILES, ensure_mnist, load_mnist_tensors
 from support.recipe import (
     COMPACT,
     MODELS,
     RECIPE,
     SCHEDULES,
     SPEEDRUN,
+    check_recipe,
     foreign_options,
     full_recipe,
     make_model,
@@ -225,7 +227,8 @@ def execute(args: argparse.Namespace, device: torch.device, status: stopping.Sta
                          + ("resume with --no-compile" if args.resume else "train without it"))
     status.recipe = recipe
     status.doing = "getting MNIST"
-    ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet)
+    ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet,
+                 files=TEST_FILES if args.evaluate else MNIST_FILES)
     if args.evaluate:
         status.doing = "evaluating"
         return score_checkpoint(args, device, checkpoint["model"], recipe)
@@ -268,8 +271,9 @@ class Run:
 
 
 def build_run(recipe: dict, device: torch.device, data_dir: str = DEFAULT_DATA_DIR) -> Run:
-    """The notebook's training cell up to its loop (train.py, the benchmarks and the tests)."""
-    recipe = full_recipe(recipe)
+    """The notebook's training cell up to its loop (train.py, the benchmarks and the tests).
+    Every value is checked first: a string lr or 0 epochs is refused, not failed on in torch."""
+    recipe = check_recipe(recipe)
     torch.manual_seed(recipe["seed"])  # also seeds CUDA and MPS
     model = prepare_model(make_model(recipe), recipe, device)
     optimizer, scheduler = make_optimizer(model, recipe)
@@ -382,10 +386,14 @@ def run_training(args: argparse.Namespace, device: torch.device, status: stoppin
 
 def score_checkpoint(args: argparse.Namespace, device: torch.device, weights: dict,
                      recipe: dict) -> int:
-    """Score saved weights on --limit-test images (default: the whole test set)."""
+    """Score saved weights on --limit-test images (default: the whole test set), reading the
+    test files only (the fast loader's test pixels are the original pipeline's)."""
     model = prepare_model(make_model(recipe), recipe, device)
     model.load_state_dict(weights)
-    _, test_loader = utils.get_loaders(recipe, args.data_dir, device)
+    images, labels = load_mnist_tensors(args.data_dir, train=False)
+    limit = recipe["limit_test"] or len(labels)
+    test_loader = DeviceLoader(images[:limit], labels[:limit], recipe["test_batch_size"], device,
+                               train=False, memory_format=fast_path(recipe, device).memory_format)
     loss, acc = utils.test(model, device, test_loader, progress=False)
     print(f"{args.evaluate}: test loss {loss:.4f}, accuracy {acc:.2f}% "
           f"on {len(test_loader.dataset):,} images")

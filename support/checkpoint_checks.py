@@ -57,7 +57,7 @@ def check_objects(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler:
     plain = getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the model
     if recipe["compile"] != (plain is not model):
         raise ValueError("recipe['compile'] is True but the model is not compiled: compiling is "
-                         "train.py's switch (python train.py --compile)" if recipe["compile"] else
+                         "train.py's switch (its --compile flag)" if recipe["compile"] else
                          "the model is compiled but recipe['compile'] is False: set it to True "
                          "so that the checkpoint says how the run trained")
     fresh = fresh_model(recipe)
@@ -69,8 +69,8 @@ def check_objects(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler:
 
 def _check_model_object(model: nn.Module, fresh: nn.Module, recipe: dict[str, Any]) -> None:
     built = MODELS[recipe["model"]]
-    hint = ("build the model from the same recipe (the compact model trains with python "
-            "train.py --model compact)")
+    hint = (f"build the model the recipe names (train.py's --model {recipe['model']} trains "
+            f"it)")
     if not isinstance(model, nn.Module) or type(model) is not built:
         raise ValueError(f"the recipe's model is {recipe['model']!r}, a {built.__name__}, not the "
                          f"{type(model).__name__} given: {hint}")

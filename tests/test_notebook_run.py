@@ -392,7 +392,7 @@ def test_the_cell_run_again_after_an_interrupt_before_any_save_starts_afresh(
 
 
 def test_a_compile_recipe_is_refused_rather_than_trained_eagerly(tmp_path, mnist_dir):
-    with pytest.raises(ValueError, match="train.py --compile"):
+    with pytest.raises(ValueError, match=r"compiling is train.py's switch \(its --compile"):
         training_cell({**RECIPE, "compile": True}, tmp_path / "c.pt", mnist_dir)
 
 
@@ -451,6 +451,6 @@ def test_colab_cell_whose_clone_fails_says_why_in_one_line(tmp_path):
 
 
 def test_a_compact_recipe_is_refused_by_the_cell_that_builds_net(tmp_path, mnist_dir):
-    with pytest.raises(ValueError, match="train.py --model compact"):
+    with pytest.raises(ValueError, match="train.py's --model compact trains it"):
         training_cell({**RECIPE, "model": "compact"}, tmp_path / "c.pt", mnist_dir)
     assert not (tmp_path / "c.pt").exists()  # refused before the first epoch

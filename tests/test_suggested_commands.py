@@ -344,3 +344,14 @@ def test_every_function_that_suggests_a_command_has_a_row():
     assert wording_functions() - covered == set(), "add a row to TABLE for each"
     assert covered - wording_functions() == set(), "a row covers a function that is gone"
     assert flag_checks.existing_checkpoint  # the names above are the modules' own
+
+
+def test_the_notebooks_helpers_suggest_no_command_line():
+    """The table's rows are train.py's: the notebook's helpers (utils, and the checks and the
+    resume behind its checkpoint pair) say what to change in a cell, never a command to paste,
+    so there is none of theirs left out of the table."""
+    for module in ("utils.py", "support/checkpoint_checks.py", "support/checkpoints.py"):
+        tree = ast.parse((ROOT / module).read_text())
+        texts = [node.value for node in ast.walk(tree)
+                 if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+        assert not [t for t in texts if re.search(r"python3? train\.py|python -m ", t)], module
