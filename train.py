@@ -63,6 +63,7 @@ from support.recipe import (
     steps_per_batch,
 )
 from support.stopping import flag
+from support.torchvision_loader import torchvision_test_loader
 
 if __name__ == "__main__":
     startup.release_ctrl_c()  # and one noted meanwhile stops here, in one line
@@ -386,14 +387,18 @@ def run_training(args: argparse.Namespace, device: torch.device, status: stoppin
 
 def score_checkpoint(args: argparse.Namespace, device: torch.device, weights: dict,
                      recipe: dict) -> int:
-    """Score saved weights on --limit-test images (default: the whole test set), reading the
-    test files only (the fast loader's test pixels are the original pipeline's)."""
+    """Score saved weights on --limit-test images (default: the whole test set) with the
+    recipe's loader, reading the test files only."""
     model = prepare_model(make_model(recipe), recipe, device)
     model.load_state_dict(weights)
-    images, labels = load_mnist_tensors(args.data_dir, train=False)
-    limit = recipe["limit_test"] or len(labels)
-    test_loader = DeviceLoader(images[:limit], labels[:limit], recipe["test_batch_size"], device,
-                               train=False, memory_format=fast_path(recipe, device).memory_format)
+    if recipe["loader"] == "torchvision":  # the original pipeline, its workers included
+        test_loader = torchvision_test_loader(recipe, args.data_dir, device)
+    else:
+        images, labels = load_mnist_tensors(args.data_dir, train=False)
+        limit = recipe["limit_test"] or len(labels)
+        test_loader = DeviceLoader(images[:limit], labels[:limit], recipe["test_batch_size"],
+                                   device, train=False,
+                                   memory_format=fast_path(recipe, device).memory_format)
     loss, acc = utils.test(model, device, test_loader, progress=False)
     print(f"{args.evaluate}: test loss {loss:.4f}, accuracy {acc:.2f}% "
           f"on {len(test_loader.dataset):,} images")

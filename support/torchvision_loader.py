@@ -41,27 +41,35 @@ def torchvision_loaders(recipe: dict[str, Any], data_dir: str | os.PathLike,
                         ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """DataLoaders over torchvision's MNIST for a full recipe; `loader.generator` holds the
     shuffling state. Pinned memory on CUDA, where the copy to the device is asynchronous."""
-    batch_size, test_batch_size, seed = (recipe["batch_size"], recipe["test_batch_size"],
-                                         recipe["seed"])
-    limit_train, limit_test = recipe["limit_train"], recipe["limit_test"]
-    pin_memory, augmentation = device.type == "cuda", recipe["augmentation"]
     from torch.utils.data import Subset
     from torchvision.datasets import MNIST
 
     train_ds = MNIST(str(data_dir), train=True, download=False,
-                     transform=train_transforms(augmentation))
-    test_ds = MNIST(str(data_dir), train=False, download=False, transform=test_transforms())
-    if limit_train:
-        train_ds = Subset(train_ds, range(min(limit_train, len(train_ds))))
-    if limit_test:
-        test_ds = Subset(test_ds, range(min(limit_test, len(test_ds))))
-    if num_workers is None:
-        num_workers = min(2, os.cpu_count() or 1)
+                     transform=train_transforms(recipe["augmentation"]))
+    if recipe["limit_train"]:
+        train_ds = Subset(train_ds, range(min(recipe["limit_train"], len(train_ds))))
     # Workers are not persistent: each epoch re-seeds them from `generator`, so a resumed run
     # draws the same augmentations as an uninterrupted one. They leave Ctrl-C to this process.
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=leave_ctrl_c)
-    gen = torch.Generator().manual_seed(seed)
-    train = CtrlCSafeDataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=gen,
-                                **common)
-    test = CtrlCSafeDataLoader(test_ds, batch_size=test_batch_size, shuffle=False, **common)
-    return train, test
+    gen = torch.Generator().manual_seed(recipe["seed"])
+    train = CtrlCSafeDataLoader(train_ds, batch_size=recipe["batch_size"], shuffle=True,
+                                generator=gen, **_workers(device, num_workers))
+    return train, torchvision_test_loader(recipe, data_dir, device, num_workers)
+
+
+def torchvision_test_loader(recipe: dict[str, Any], data_dir: str | os.PathLike,
+                            device: torch.device, num_workers: int | None = None
+                            ) -> torch.utils.data.DataLoader:
+    """The test set alone (train.py --evaluate reads no training file)."""
+    from torch.utils.data import Subset
+    from torchvision.datasets import MNIST
+
+    test_ds = MNIST(str(data_dir), train=False, download=False, transform=test_transforms())
+    if recipe["limit_test"]:
+        test_ds = Subset(test_ds, range(min(recipe["limit_test"], len(test_ds))))
+    return CtrlCSafeDataLoader(test_ds, batch_size=recipe["test_batch_size"], shuffle=False,
+                               **_workers(device, num_workers))
+
+
+def _workers(device: torch.device, num_workers: int | None) -> dict[str, Any]:
+    return dict(num_workers=min(2, os.cpu_count() or 1) if num_workers is None else num_workers,
+                pin_memory=device.type == "cuda", worker_init_fn=leave_ctrl_c)
