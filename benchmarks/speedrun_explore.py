@@ -30,8 +30,8 @@ from torch import nn  # noqa: E402
 
 from model import CompactNet, SpeedNet, conv_bn_relu, count_parameters  # noqa: E402
 from support.devices import keep_freed_memory  # noqa: E402
-from support.fast_loader import device_loader  # noqa: E402
 from support.fused_dropout import fuse_relu_dropout  # noqa: E402
+from utils import get_loaders  # noqa: E402
 
 OUT = ROOT / "results" / "speedrun" / "explore"
 
@@ -165,9 +165,10 @@ def train_run(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     model = prepared(cfg["arch"], cfg["channels_last"])
     fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     trained = torch.compile(model, dynamic=False) if cfg["compile"] else model
-    train = device_loader(ROOT / "data", True, cfg["batch"], "cpu", seed,
-                          memory_format=fmt, augmentation=cfg["augmentation"])
-    test = device_loader(ROOT / "data", False, 1000, "cpu", memory_format=fmt)
+    train, test = get_loaders({"batch_size": cfg["batch"], "test_batch_size": 1000, "seed": seed,
+                               "augmentation": cfg["augmentation"]}, ROOT / "data",
+                              torch.device("cpu"))
+    train.memory_format = test.memory_format = fmt  # the layout this run tries
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                           nesterov=cfg["nesterov"], weight_decay=cfg["wd"])
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -226,7 +227,7 @@ def config(name: str) -> dict[str, Any]:
     return cfg
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time", nargs="*", help="archs to time, seconds per epoch only")
@@ -234,17 +235,18 @@ def main() -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--run", nargs="*", default=[], help="candidates (see config)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, default=OUT, help="folder of the runs' JSON files")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     for arch in args.time or []:
         for batch in args.batches:
             for cl in (True, False):
                 print(json.dumps(time_steps(arch, batch, cl, args.compile)), flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     for name in args.run:
         for seed in args.seeds:
-            path = OUT / f"{name or 'base'}_t{args.threads}_seed{seed}.json"
+            path = args.out / f"{name or 'base'}_t{args.threads}_seed{seed}.json"
             if path.exists():
                 print(f"{path.name}: exists, skipped")
                 continue

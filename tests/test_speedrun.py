@@ -410,3 +410,16 @@ def test_the_readmes_first_screen_offers_the_speedrun():
     first = "\n".join((ROOT / "README.md").read_text().splitlines()[:40])
     assert "python train.py --model speedrun" in first
     assert "docs/speedrun.md" in first
+
+
+def test_the_exploration_script_runs_a_candidate_and_skips_it_the_second_time(tmp_path):
+    """benchmarks/speedrun_explore.py, the source of docs/speedrun.md's lever table: one epoch
+    of a candidate on the real data, one JSON file, then skipped."""
+    args = [sys.executable, "benchmarks/speedrun_explore.py", "--run", "arch=cp16h,epochs=1",
+            "--out", str(tmp_path)]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (result,) = tmp_path.glob("*.json")
+    assert json.loads(result.read_text())["final_test_acc"] > 90
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert f"{result.name}: exists, skipped" in again.stdout
