@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_notebook_run import COLAB_CELL, PLACEHOLDER, RECIPE, plots_cell, training_cell
+from test_notebook_run import RECIPE, plots_cell, run_colab_cell, training_cell
 
 from support import checkpoints, outputs
 
@@ -128,36 +128,18 @@ def test_the_plots_cell_saves_into_an_images_folder_that_is_not_there_yet(tmp_pa
 def test_the_colab_cell_run_again_after_its_clone_does_nothing_more(tmp_path):
     """The first run clones (a stand-in git makes the folder) and moves into it; a second run
     of the cell, in the same process as a kernel's, finds model.py and clones nothing."""
-    bin_dir, work = tmp_path / "bin", tmp_path / "content"
-    bin_dir.mkdir()
-    work.mkdir()
     calls = tmp_path / "git-calls"
-    git = bin_dir / "git"
-    git.write_text(f"#!/bin/sh\necho x >> {shlex.quote(str(calls))}\n"
-                   "mkdir -p s6-mnist && touch s6-mnist/model.py\n")
-    git.chmod(0o755)
-    source = COLAB_CELL.replace(f'REPO = "{PLACEHOLDER}"', 'REPO = "someone/s6-mnist"')
-    twice = f"exec({source!r})\nimport os\nprint('cwd', os.getcwd())\nexec({source!r})\n"
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([sys.executable, "-c", twice], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = run_colab_cell(tmp_path, "someone/s6-mnist", f"echo x >> {shlex.quote(str(calls))}\n"
+                          "mkdir -p s6-mnist && touch s6-mnist/model.py\n", times=2)
     assert done.returncode == 0 and done.stderr == ""
-    assert done.stdout.splitlines() == [f"cwd {work / 's6-mnist'}"]
+    assert done.stdout.splitlines() == [f"cwd {tmp_path / 'content' / 's6-mnist'}"]
     assert calls.read_text().count("x") == 1  # cloned once
 
 
 def test_the_colab_cell_never_waits_for_a_password(tmp_path):
     """A private or misspelt repository: git is told not to prompt, so the cell cannot hang."""
-    bin_dir, work = tmp_path / "bin", tmp_path / "content"
-    bin_dir.mkdir()
-    work.mkdir()
-    git = bin_dir / "git"
-    git.write_text("#!/bin/sh\necho \"prompt=$GIT_TERMINAL_PROMPT\" >&2\nexit 128\n")
-    git.chmod(0o755)
-    source = COLAB_CELL.replace(f'REPO = "{PLACEHOLDER}"', 'REPO = "someone/privat"')
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([sys.executable, "-c", source], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    done = run_colab_cell(tmp_path, "someone/privat",
+                          "echo \"prompt=$GIT_TERMINAL_PROMPT\" >&2\nexit 128\n")
     assert done.stdout.strip() == "could not clone https://github.com/someone/privat: prompt=0"
 
 

@@ -414,23 +414,30 @@ COLAB_CELL = next(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
 PLACEHOLDER = re.search(r'^REPO = "([^"]+)"', COLAB_CELL, re.M).group(1)
 
 
-def colab_cell(tmp_path: Path, repo: str) -> tuple[subprocess.CompletedProcess, bool]:
-    """Run the cell where the repository's files are not (a fresh folder, as Colab's /content),
-    with a `git` that fails as one offline would; return the run and whether git ran."""
+def run_colab_cell(tmp_path: Path, repo: str, git: str, times: int = 1
+                   ) -> subprocess.CompletedProcess:
+    """Run the cell `times` times in one process, where the repository's files are not (a fresh
+    folder, as Colab's /content), with REPO set to `repo` and `git` (a shell script) standing in
+    for git; between two runs it prints the folder it is in."""
     bin_dir, work = tmp_path / "bin", tmp_path / "content"
     bin_dir.mkdir()
     work.mkdir()
-    called = tmp_path / "git-called"
-    git = bin_dir / "git"
-    git.write_text(f"#!/bin/sh\ntouch {shlex.quote(str(called))}\n"
-                   "echo \"fatal: unable to access 'https://github.com/': Could not resolve host\""
-                   " >&2\nexit 128\n")
-    git.chmod(0o755)
+    (bin_dir / "git").write_text(f"#!/bin/sh\n{git}")
+    (bin_dir / "git").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
     source = COLAB_CELL.replace(f'REPO = "{PLACEHOLDER}"', f'REPO = "{repo}"')
-    done = subprocess.run([sys.executable, "-c", source], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=120)
+    code = "\nimport os\nprint('cwd', os.getcwd())\n".join([f"exec({source!r})"] * times)
+    return subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def colab_cell(tmp_path: Path, repo: str) -> tuple[subprocess.CompletedProcess, bool]:
+    """The cell with a `git` that fails as one offline would; the run and whether git ran."""
+    called = tmp_path / "git-called"
+    done = run_colab_cell(tmp_path, repo, f"touch {shlex.quote(str(called))}\n"
+                          "echo \"fatal: unable to access 'https://github.com/': Could not "
+                          "resolve host\" >&2\nexit 128\n")
     return done, called.exists()
 
 
