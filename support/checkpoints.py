@@ -296,7 +296,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise refuse("no such file") from None
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
+    except Exception as err:
         raise refuse(_load_failure(err, path)) from None
     try:
         return check_checkpoint(checkpoint)

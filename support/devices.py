@@ -137,13 +137,9 @@ def compiled(model: nn.Module, device: torch.device) -> nn.Module:
 # Device choice.
 # ---------------------------------------------------------------------------------------------
 def get_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA, then Apple's MPS, then the CPU; a named device must be available."""
+    """'auto' picks the machine's accelerator, else the CPU; a named device must be available."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return auto_device()
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": torch.backends.mps.is_available()}
     if name not in available:
@@ -151,3 +147,17 @@ def get_device(name: str = "auto") -> torch.device:
     if not available[name]:
         raise ValueError(f"device {name!r} is not available on this machine")
     return torch.device(name)
+
+
+def auto_device() -> torch.device:
+    """torch.accelerator names the machine's accelerator (torch 2.6+, as pytorch/examples'
+    mnist picks it); an older torch is asked for CUDA, then Apple's MPS."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return accelerator.current_accelerator() if accelerator.is_available() else (
+            torch.device("cpu"))
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

@@ -362,7 +362,7 @@ def _fetch(dest: Path, refetch: bool, sources: tuple[str, ...],
         try:
             SOURCES[source](dest, files)
             _check_all(dest, files)
-        except Exception as err:  # noqa: BLE001 - every failure is reported together below
+        except Exception as err:
             failures.append(f"  - {source}: {error_reason(err)}")
             continue
         if verbose:

@@ -152,7 +152,7 @@ class _System:
     def __init__(self, command: str) -> None:
         self.command = command
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return os.system, (self.command,)
 
 
@@ -160,7 +160,7 @@ class _Eval:
     def __init__(self, code: str) -> None:
         self.code = code
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return eval, (self.code,)
 
 

@@ -14,19 +14,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from PIL import Image
+from torch import nn
 
-import model  # noqa: E402
-import train  # noqa: E402
-import utils  # noqa: E402
-from benchmarks import ablation  # noqa: E402
-from model import Net  # noqa: E402
-from support import augment, fast_loader, mnist_files, torchvision_loader  # noqa: E402
-from support.fused_dropout import ReLUDropout, fuse_relu_dropout  # noqa: E402
-from support.recipe import net_options  # noqa: E402
+import model
+import train
+import utils
+from benchmarks import ablation
+from model import Net
+from support import augment, fast_loader, mnist_files, torchvision_loader
+from support.fused_dropout import ReLUDropout, fuse_relu_dropout
+from support.recipe import net_options
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVS = ("conv1", "conv2", "trans1", "conv3", "conv4", "trans2", "conv5")

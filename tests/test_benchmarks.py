@@ -15,9 +15,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import pytest  # noqa: E402
+import pytest
 
-from benchmarks import ablation, common, seeds, speed, step  # noqa: E402
+from benchmarks import ablation, common, seeds, speed, step
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE = "must be an integer from 1 to 2,147,483,647, got"

@@ -221,3 +221,27 @@ def test_in_colab_on_a_cpu_the_notebook_says_how_to_get_a_gpu(monkeypatch, capsy
     text = capsys.readouterr().out
     assert text.startswith("device: cpu")
     assert "Runtime > Change runtime type > T4 GPU" in text
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_auto_picks_the_accelerator_torch_names(monkeypatch, kind):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device(kind))
+    assert devices.get_device("auto") == torch.device(kind)
+
+
+@pytest.mark.quick
+def test_auto_is_the_cpu_where_torch_names_no_accelerator(monkeypatch):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert devices.get_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(("cuda", "mps", "expected"),
+                         [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_without_torch_accelerator_asks_cuda_then_mps(monkeypatch, cuda, mps, expected):
+    monkeypatch.delattr(torch, "accelerator")  # torch before 2.6
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert devices.get_device("auto") == torch.device(expected)

@@ -10,13 +10,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import pytest
+import torch
 
-import utils  # noqa: E402
-from model import Net  # noqa: E402
-from support import analysis, bookkeeping, figures  # noqa: E402
+import utils
+from model import Net
+from support import analysis, bookkeeping, figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -139,7 +139,7 @@ def test_the_compact_recipes_schedule_is_unchanged():
     assert scheduler._schedule_phases[0]["end_step"] == pytest.approx(0.3 * compact["epochs"] - 1)
 
 
-def CompactNetLike() -> nn.Module:  # noqa: N802 (a stand-in: only its parameters matter)
+def CompactNetLike() -> nn.Module:
     return nn.Linear(2, 2)
 
 

@@ -1,0 +1,72 @@
+"""The commands users type, as they type them: bare `pytest` from the repository root (what
+IDEs, pre-commit hooks and most contributors run), the notebook's smoke run as `pytest --nbval`,
+and the install files' promises."""
+
+from __future__ import annotations
+
+import functools
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PYTEST = Path(sys.executable).with_name("pytest")  # the venv's own, not `python -m pytest`
+
+
+@functools.cache
+def collect(repo_root: Path, *args: str) -> tuple[str, ...]:
+    """The test ids `pytest ARGS --collect-only` lists from the repository root."""
+    done = subprocess.run([str(PYTEST), *args, "--collect-only", "-q",
+                           "-p", "no:cacheprovider"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return tuple(line for line in done.stdout.splitlines() if "::" in line)
+
+
+@pytest.mark.parametrize("args", [(), ("tests/test_model.py",)], ids=["all", "one-module"])
+def test_bare_pytest_collects_the_suite(repo_root, args):
+    ids = collect(repo_root, *args)
+    assert any(i.startswith("tests/test_model.py::") for i in ids)
+    if not args:  # pyproject's testpaths: the tests and the notebook
+        assert any(i.startswith("tests/test_cli.py::") for i in ids)
+        assert any(i.startswith("Session_6_Solution.ipynb::") for i in ids)
+    else:
+        assert all(i.startswith("tests/test_model.py::") for i in ids)
+
+
+def test_bare_pytest_m_quick_selects_only_the_quick_tier(repo_root):
+    quick = set(collect(repo_root, "-m", "quick"))
+    assert quick and quick < set(collect(repo_root))
+    assert not any(i.startswith("Session_6_Solution.ipynb::") for i in quick)
+
+
+def test_pytest_nbval_collects_the_notebooks_cells(repo_root):
+    ids = collect(repo_root, "--nbval", "Session_6_Solution.ipynb")
+    assert len(ids) > 5 and all(re.match(r"Session_6_Solution\.ipynb::Cell \d+", i) for i in ids)
+
+
+def requirements(path: Path) -> dict[str, str]:
+    """{name: version spec} of a requirements file's own lines (not its -r includes)."""
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            name, spec = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", line).groups()
+            found[name.lower().replace("_", "-")] = spec
+    return found
+
+
+def test_requirements_are_floors_so_a_working_torch_is_kept(repo_root):
+    needs = requirements(repo_root / "requirements.txt")
+    assert {"torch", "torchvision", "torchsummary", "tqdm", "matplotlib"} <= set(needs)
+    assert all(spec.startswith(">=") for spec in needs.values()), needs
+
+
+def test_constraints_pin_every_requirement_exactly(repo_root):
+    pinned = requirements(repo_root / "constraints.txt")
+    wanted = {**requirements(repo_root / "requirements.txt"),
+              **requirements(repo_root / "requirements-test.txt")}
+    assert all(spec.startswith("==") for spec in pinned.values())
+    assert set(wanted) <= set(pinned), sorted(set(wanted) - set(pinned))
