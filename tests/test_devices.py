@@ -223,7 +223,12 @@ def test_in_colab_on_a_cpu_the_notebook_says_how_to_get_a_gpu(monkeypatch, capsy
     assert "Runtime > Change runtime type > T4 GPU" in text
 
 
+needs_accelerator_api = pytest.mark.skipif(not hasattr(torch, "accelerator"),
+                                           reason="torch.accelerator is torch 2.6+")
+
+
 @pytest.mark.quick
+@needs_accelerator_api
 @pytest.mark.parametrize("kind", ["cuda", "mps"])
 def test_auto_picks_the_accelerator_torch_names(monkeypatch, kind):
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
@@ -232,6 +237,7 @@ def test_auto_picks_the_accelerator_torch_names(monkeypatch, kind):
 
 
 @pytest.mark.quick
+@needs_accelerator_api
 def test_auto_is_the_cpu_where_torch_names_no_accelerator(monkeypatch):
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
     assert devices.get_device("auto") == torch.device("cpu")
@@ -241,7 +247,7 @@ def test_auto_is_the_cpu_where_torch_names_no_accelerator(monkeypatch):
 @pytest.mark.parametrize(("cuda", "mps", "expected"),
                          [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
 def test_auto_without_torch_accelerator_asks_cuda_then_mps(monkeypatch, cuda, mps, expected):
-    monkeypatch.delattr(torch, "accelerator")  # torch before 2.6
+    monkeypatch.delattr(torch, "accelerator", raising=False)  # as in torch before 2.6
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     assert devices.get_device("auto") == torch.device(expected)
