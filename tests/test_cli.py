@@ -241,6 +241,7 @@ def test_diverged_epoch_is_not_saved_as_good(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Ctrl-C keeps the last complete epoch, and --resume continues from it.
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigint_then_resume(tmp_path):
     path = tmp_path / "run" / "last.pt"
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
@@ -323,6 +324,7 @@ def test_a_redirected_log_has_no_bars(tmp_path):
         "epoch  1:", "epoch  2:"]
 
 
+@pytest.mark.slow
 def test_a_terminal_gets_bars_unless_quiet(tmp_path):
     def stderr_on_a_terminal(*flags: str) -> str:
         main_end, child_end = pty.openpty()

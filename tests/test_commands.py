@@ -70,3 +70,10 @@ def test_constraints_pin_every_requirement_exactly(repo_root):
               **requirements(repo_root / "requirements-test.txt")}
     assert all(spec.startswith("==") for spec in pinned.values())
     assert set(wanted) <= set(pinned), sorted(set(wanted) - set(pinned))
+
+
+def test_the_slow_marker_names_the_longest_runs(repo_root):
+    slow = collect(repo_root, "-m", "slow")
+    assert "tests/test_compile.py::test_compile_trains_resumes_with_and_without_it_and_evaluates" \
+        in slow
+    assert set(slow).isdisjoint(collect(repo_root, "-m", "not slow"))

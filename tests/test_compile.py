@@ -45,6 +45,7 @@ def kernels(cache: Path) -> set[Path]:
     return {p for p in cache.rglob("*") if p.suffix in (".so", ".cpp")}
 
 
+@pytest.mark.slow
 def test_compile_trains_resumes_with_and_without_it_and_evaluates(tmp_path, mnist_dir):
     path, cache = tmp_path / "compiled.pt", tmp_path / "inductor"
     compiled_train(cache, *TINY, "--epochs", "1", "--compile", "--save-model", str(path))
