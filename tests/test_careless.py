@@ -20,7 +20,7 @@ from test_suggested_commands import after_save
 
 import train as cli
 import utils
-from support import checkpoints, failures, locks
+from support import checkpoints, failures, locks, stopping
 from support.bookkeeping import Tally
 
 pytestmark = pytest.mark.usefixtures("signals_restored")
@@ -465,3 +465,56 @@ def test_build_run_refuses_a_recipe_of_the_wrong_kind_before_torch_sees_it(mnist
                                                                            words):
     with pytest.raises(ValueError, match=words):
         cli.build_run(recipe, torch.device("cpu"), mnist_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock's path: never followed, never written nor deleted unless it is a lock file of ours.
+# ---------------------------------------------------------------------------------------------
+def _a_symlink_to_a_precious_file(lock: Path) -> None:
+    (lock.parent / "precious.pt").write_text("precious\n")
+    lock.symlink_to("precious.pt")
+
+
+LOCK_PATHS = {
+    "a symlink": (_a_symlink_to_a_precious_file, "is a symlink"),
+    "a folder": (lambda lock: lock.mkdir(), "is a folder"),
+    "a FIFO": (lambda lock: os.mkfifo(lock), "is a FIFO"),
+    "a user's file": (lambda lock: lock.write_text("my notes\n"), "is not a lock file"),
+}
+
+
+@pytest.mark.parametrize("kind", LOCK_PATHS, ids=list(LOCK_PATHS))
+def test_a_lock_path_that_is_not_a_lock_file_is_refused_and_kept(tmp_path, kind):
+    make, said = LOCK_PATHS[kind]
+    lock = checkpoints.lock_file(tmp_path / "a.pt")
+    make(lock)
+    before = {p.name: (p.lstat().st_mode, p.read_text() if p.is_file() else None)
+              for p in tmp_path.iterdir()}
+    with pytest.raises(locks.Unusable) as refusal:
+        with checkpoints.checkpoint_lock(tmp_path / "a.pt"):
+            pytest.fail("a lock was taken")
+    line = str(refusal.value)
+    assert said in line and "\n" not in line and ("move it away" in line)
+    after = {p.name: (p.lstat().st_mode, p.read_text() if p.is_file() else None)
+             for p in tmp_path.iterdir()}
+    assert after == before  # nothing followed, truncated or deleted
+    failure = stopping.failure_message(refusal.value, stopping.Status())
+    assert failure == line  # train.py prints it as its one error line
+
+
+def test_a_stale_read_only_lock_of_ours_is_replaced_by_a_fresh_one(tmp_path):
+    lock = checkpoints.lock_file(tmp_path / "a.pt")
+    lock.write_text("999999\n")
+    lock.chmod(0o444)
+    with checkpoints.checkpoint_lock(tmp_path / "a.pt"):
+        assert lock.read_text() == f"{os.getpid()}\n"
+    assert not lock.exists()
+
+
+def test_a_release_never_deletes_a_file_put_in_the_locks_place(tmp_path):
+    path = tmp_path / ".x.lock"
+    held = locks.acquire(path, wait=False)
+    path.unlink()
+    path.write_text("a user's file\n")
+    assert held.release() is None
+    assert path.read_text() == "a user's file\n"
