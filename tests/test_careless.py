@@ -20,7 +20,7 @@ from test_suggested_commands import after_save
 
 import train as cli
 import utils
-from support import checkpoints, failures, locks, stopping
+from support import checkpoints, failures, flag_checks, locks, stopping
 from support.bookkeeping import Tally
 
 pytestmark = pytest.mark.usefixtures("signals_restored")
@@ -518,3 +518,37 @@ def test_a_release_never_deletes_a_file_put_in_the_locks_place(tmp_path):
     path.write_text("a user's file\n")
     assert held.release() is None
     assert path.read_text() == "a user's file\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# One path rule: `~` expanded, then anything but a regular file (or a folder) refused.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--evaluate", "--resume", "--save-model", "--metrics"])
+def test_a_fifo_for_a_checkpoint_or_metrics_is_refused_without_waiting_on_it(
+        capsys, tmp_path, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("k.pt")
+    assert refused(capsys, flag, "k.pt") == (
+        f"train.py: error: {flag} k.pt is a FIFO, not a regular file: give the path of a file")
+
+
+def test_a_fifo_handed_to_read_checkpoint_is_refused_without_waiting_on_it(tmp_path):
+    os.mkfifo(tmp_path / "k.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="a FIFO, not a regular file"):
+        checkpoints.read_checkpoint(tmp_path / "k.pt")
+
+
+def test_every_path_flag_at_home_written_as_tilde_is_expanded_once(capsys, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert refused(capsys, "--evaluate=~/x.pt") == (
+        f"train.py: error: --evaluate {tmp_path}/home/x.pt: no such file")
+    assert refused(capsys, "--save-model=~/x.pt", "--metrics=~/x.pt") == (
+        f"train.py: error: --save-model and --metrics name the same file {tmp_path}/home/x.pt: "
+        f"give each its own path")
+    args = cli.build_parser().parse_args(["--data-dir=~/d", "--resume=~/r.pt", "--metrics=~/m"])
+    flag_checks.expand_paths(args)
+    assert (args.data_dir, args.resume, args.metrics) == (
+        f"{tmp_path}/home/d", f"{tmp_path}/home/r.pt", f"{tmp_path}/home/m")
+    assert not (tmp_path / "~").exists()
