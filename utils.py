@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from support import checkpoints, figures
+from support import checkpoints, figures, outputs
 from support.analysis import save_analysis
 from support.augment import augmentation_parts, crop_resize, rotate_nearest, sample_augment_params
 from support.bookkeeping import (
@@ -72,6 +72,7 @@ def get_loaders(recipe: dict[str, Any], data_dir: str | os.PathLike,
     model wants them. `torchvision`: the original's per-image pipeline, the same pixels."""
     recipe = full_recipe(recipe)
     augmentation_parts(recipe["augmentation"])  # an unknown name is refused now, not mid-epoch
+    data_dir = outputs.user_path(data_dir)  # "~/d" verified and read at home, not in ./~
     ensure_mnist(data_dir)
     if recipe["loader"] == "torchvision":
         return torchvision_loaders(recipe, data_dir, device)
@@ -143,7 +144,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module,
     The model, optimizer and scheduler must be the recipe's (ValueError says what differs),
     and the run finite: nothing is saved that could not be resumed. The file is written whole
     or not at all (a crash leaves the previous one), by one process at a time."""
-    recipe, path = full_recipe(recipe), os.path.expanduser(path)  # "~/s6.pt" is at home
+    recipe, path = full_recipe(recipe), outputs.user_path(path)  # "~/s6.pt" is at home
     check_objects(model, optimizer, scheduler, recipe)
     for epoch, row in enumerate(history, start=1):
         check_epoch_row(row, epoch)
@@ -175,7 +176,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     for a new run. Says which in one line. The objects must be the recipe's, and the saved run
     of the same recipe (ValueError says what differs), unless `retrain`, which starts over in
     its place. `may_change`: the recipe keys train.py's resume may change (--epochs, --lr)."""
-    recipe, path = full_recipe(recipe), os.path.expanduser(path)  # "~/s6.pt" is at home
+    recipe, path = full_recipe(recipe), outputs.user_path(path)  # "~/s6.pt" is at home
     check_objects(model, optimizer, scheduler, recipe)
     if not may_change:  # the notebook's: train.py holds the file it saves to, and says itself
         checkpoints.hold(path)  # what a Ctrl-C leaves; another kernel is refused this file now

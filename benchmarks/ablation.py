@@ -382,9 +382,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=common.positive_int, default=1, help="runs at once")
     p.add_argument("--threads", type=common.positive_int, default=None,
                    help="threads per run (default: cores/jobs)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON files")
-    p.add_argument("--figure", type=Path, default=FIGURE,
-                   help="where the ablation's figure is written")
+    p.add_argument("--out", type=common.out_folder, default=RESULTS,
+                   help="folder of the JSON files")
+    p.add_argument("--figure", type=Path, default=None,
+                   help=f"where the ablation's figure is written (default: {FIGURE} for the "
+                        "default --out, ablation.png in any other --out)")
     p.add_argument("--parameters-figure", type=Path, default=None,
                    help="where the accuracy-against-parameters figure is written (default: "
                         f"{PARAMETERS_FIGURE} next to --figure)")
@@ -394,6 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
     args = p.parse_args(argv)
     args.threads = args.threads or common.default_threads(args.jobs)
+    # A private --out draws its own figures: never over the committed ones of the default's.
+    args.figure = args.figure or (FIGURE if args.out == RESULTS else args.out / FIGURE.name)
     args.parameters_figure = args.parameters_figure or args.figure.with_name(PARAMETERS_FIGURE)
     return args
 
@@ -411,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")  # a script: draw into files, never a window
     args = parse_args(argv)
     failed = 0
-    if not args.report:
+    if args.report:
+        common.report_folder(args.out, RESULTS)
+    else:
         args.out.mkdir(parents=True, exist_ok=True)
         failed = common.run_all([job(v, s, args) for v, s in to_run(args)], args.jobs,
                                 args.threads)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from support import outputs
 from support.flag_types import MAX_INT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,24 @@ ROOT = Path(__file__).resolve().parent.parent
 # train.py's positive_int (support.flag_types) leaves a non-integer to argparse ("invalid
 # positive_int value"); these say "must be an integer", which test_benchmarks pins.
 # ---------------------------------------------------------------------------------------------
+def out_folder(text: str) -> Path:
+    """--out: a folder (made by the run if missing), `~` expanded as outputs.user_path does;
+    an existing file or FIFO of that name is a usage error, not a FileExistsError later."""
+    path = Path(outputs.user_path(text))
+    if os.path.exists(path) and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: give the folder "
+                                         f"of the results (made if missing)")
+    return path
+
+
+def report_folder(out: Path, default: Path) -> None:
+    """--report reads --out only: a private --out that is not there is a typo, refused
+    (`SystemExit` with one line) before any figure is drawn."""
+    if out != default and not out.is_dir():
+        sys.exit(f"error: --out {out}: no such folder of results; give the folder a run "
+                 f"wrote (default {default})")
+
+
 def positive_int(text: str) -> int:
     return _int_from(text, 1)
 

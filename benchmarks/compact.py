@@ -161,7 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=common.positive_int, default=1, help="runs at once")
     p.add_argument("--threads", type=common.positive_int, default=None,
                    help="threads per run (default: cores/jobs)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON files")
+    p.add_argument("--out", type=common.out_folder, default=RESULTS,
+                   help="folder of the JSON files")
     p.add_argument("--force", action="store_true", help="re-run runs that already have results")
     p.add_argument("--report", action="store_true",
                    help="run nothing: print the table from --out")
@@ -181,7 +182,9 @@ def to_run(args: argparse.Namespace) -> list[tuple[str, int]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     failed = 0
-    if not args.report:
+    if args.report:
+        common.report_folder(args.out, RESULTS)
+    else:
         args.out.mkdir(parents=True, exist_ok=True)
         failed = common.run_all([job(c, s, args) for c, s in to_run(args)], args.jobs,
                                 args.threads)

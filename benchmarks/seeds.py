@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=common.positive_int, default=1, help="runs at once")
     p.add_argument("--threads", type=common.positive_int, default=None,
                    help="threads per run (default: cores/jobs)")
-    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--out", type=common.out_folder, default=ROOT / "results")
     p.add_argument("--force", action="store_true", help="re-run seeds that already have results")
     p.add_argument("--report", action="store_true", help="only print the tables")
     p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
@@ -129,9 +129,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
-    if not args.report:
+    if args.report:
+        common.report_folder(args.out, ROOT / "results")
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
         todo = [s for s in args.seeds if common.still_to_run(
             metrics_path(args.out, args.name, s), NEEDS, f"seed {s}", args.force)]
         failed = common.run_all([job(s, args) for s in todo], args.jobs, args.threads)

@@ -209,8 +209,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--threads", type=common.positive_int, default=2,
                    help="threads of every run (default: 2, the issue's laptop)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder of the result files")
-    p.add_argument("--figure", type=Path, default=FIGURE, help="where the figure is drawn")
+    p.add_argument("--out", type=common.out_folder, default=RESULTS,
+                   help="folder of the result files")
+    p.add_argument("--figure", type=Path, default=None,
+                   help=f"where the figure is drawn (default: {FIGURE} for the default --out, "
+                        "speedrun.png in any other --out)")
     p.add_argument("--force", action="store_true", help="re-run runs that already have results")
     p.add_argument("--report", action="store_true",
                    help="run nothing: print the table and draw the figure from --out")
@@ -224,8 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.timed:
         return timed(args.timed, args.train_args)
+    # A private --out draws its own figure: never over the committed one of the default's.
+    args.figure = args.figure or (FIGURE if args.out == RESULTS else args.out / FIGURE.name)
     failed = 0
-    if not args.report:
+    if args.report:
+        common.report_folder(args.out, RESULTS)
+    else:
         args.out.mkdir(parents=True, exist_ok=True)
         todo = common.pending(list(RECIPES), args.seeds,
                               lambda name, seed: result_path(args.out, name, seed), NEEDS,

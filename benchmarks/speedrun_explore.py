@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from model import CompactNet, SpeedNet, conv_bn_relu, count_parameters  # noqa: E402
 from support.devices import keep_freed_memory  # noqa: E402
 from support.fused_dropout import fuse_relu_dropout  # noqa: E402
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--run", nargs="*", default=[], help="candidates (see config)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
-    p.add_argument("--out", type=Path, default=OUT, help="folder of the runs' JSON files")
+    p.add_argument("--out", type=common.out_folder, default=OUT,
+                   help="folder of the runs' JSON files")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     keep_freed_memory()

@@ -292,6 +292,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     def refuse(reason: str) -> CheckpointError:
         return CheckpointError(f"{path}: not a checkpoint of this model ({reason})")
 
+    kind = outputs.odd_kind(path)
+    if kind is not None:  # torch.load would wait on a FIFO for ever
+        raise refuse(f"{kind}, not a regular file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

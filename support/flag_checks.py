@@ -54,6 +54,7 @@ def check_flags(args: argparse.Namespace) -> torch.device:
     """The device the flags name, once every flag and path is checked; fills in --save-model
     (None when nothing is saved). A failed check is `refuse`d: one line, SystemExit 2."""
     try:
+        expand_paths(args)
         check_combinations(args)
         try:
             device = devices.get_device(args.device)
@@ -70,6 +71,16 @@ def check_flags(args: argparse.Namespace) -> torch.device:
     except UsageError as err:
         refuse(str(err))
     return device
+
+
+PATH_FLAGS = ("data_dir", "save_model", "resume", "evaluate", "metrics")
+
+
+def expand_paths(args: argparse.Namespace) -> None:
+    """Every path flag as outputs.user_path means it (`~` expanded), before any check."""
+    for name in PATH_FLAGS:
+        if getattr(args, name, None) is not None:
+            setattr(args, name, outputs.user_path(getattr(args, name)))
 
 
 def check_combinations(args: argparse.Namespace) -> None:
@@ -155,6 +166,10 @@ def check_input(flag_name: str, path: str | None) -> None:
     if is_folder:
         raise UsageError(f"{flag_name} {path} is a folder, not a checkpoint: give the "
                          f"checkpoint file itself{checkpoints_in(Path(path))}")
+    try:
+        outputs.check_kind(flag_name, path)
+    except outputs.Refused as err:
+        raise UsageError(str(err)) from None
 
 
 def checkpoints_in(folder: Path, most: int = 3) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,35 @@ SCRATCH_SUFFIX = ".partial"
 
 class Refused(ValueError):
     """A path the policy refuses; the message is one line that names the flag and the fix."""
+
+
+def user_path(path: str | os.PathLike) -> str:
+    """The path a user means: `~` expanded, once, as a shell would (bash leaves the `~` of
+    `--data-dir=~/d` as it is). Every path train.py, the notebook's helpers and the benchmarks
+    take goes through it, so the file checked is the file read or written, and a message
+    names a path that works when pasted."""
+    return os.path.expanduser(os.fspath(path))
+
+
+def odd_kind(path: str | os.PathLike) -> str | None:
+    """What an existing `path` is when it is neither a regular file nor a folder ("a FIFO",
+    a device...), else None: reading or replacing such a thing would hang or wipe it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+
+
+def check_kind(flag: str, path: str | os.PathLike) -> None:
+    """Refused (one line) where `path` exists as something else than a regular file or a
+    folder (folders are the callers' to word)."""
+    kind = odd_kind(path)
+    if kind is not None:
+        raise Refused(f"{flag} {path} is {kind}, not a regular file: give the path of a file")
 
 
 def target(path: str | os.PathLike) -> Path:
@@ -86,6 +116,7 @@ def check_writable(flag: str, path: str, example: str) -> Path:
         if path.endswith(("/", os.sep)) or Path(path).is_dir():
             raise Refused(f"{flag} {path} is a folder; give a file path, such as "
                           f"{os.path.join(path, example)}")
+        check_kind(flag, path)
         file = target(path)
         made = _missing_folders(file.parent)
         file.parent.mkdir(parents=True, exist_ok=True)

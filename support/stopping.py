@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from support import checkpoints, failures, mnist_files
+from support import checkpoints, failures, locks, mnist_files
 from support.bookkeeping import NonFiniteLoss
 from support.recipe import ONECYCLES, RECIPE, full_recipe
 
@@ -205,7 +205,7 @@ def report_interrupt(err: KeyboardInterrupt, status: Status) -> int:
 # ---------------------------------------------------------------------------------------------
 def failure_message(err: Exception, status: Status) -> str | None:
     """The one line for a failure a user can cause or meet, or None for anything else."""
-    if isinstance(err, (checkpoints.CheckpointError, checkpoints.CheckpointInUse,
+    if isinstance(err, (checkpoints.CheckpointError, checkpoints.CheckpointInUse, locks.Unusable,
                         mnist_files.DataFileError, mnist_files.MnistUnavailable)):
         return str(err)
     if isinstance(err, failures.WriteFailed):

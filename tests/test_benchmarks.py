@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 
 import pytest
 
-from benchmarks import ablation, common, seeds, speed, step
+from benchmarks import ablation, common, compact, seeds, speed, speedrun, step
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE = "must be an integer from 1 to 2,147,483,647, got"
@@ -290,3 +290,40 @@ def test_sigint_to_ablation_alone_stops_its_run_too(tmp_path):
     assert stdout == ""
     assert (out / "no-dropout_seed7.log").exists() and not (out / "recipe_seed7.log").exists()
     assert not (out / "no-dropout_seed7.json").exists() and not (tmp_path / "a.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# --out: a folder, `~` expanded; a private one never draws over the committed figures.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", [ablation, seeds, compact, speedrun], ids=lambda m: m.__name__)
+def test_out_naming_a_file_is_one_usage_line(tmp_path, capsys, script):
+    (tmp_path / "FILE").write_text("mine\n")
+    with pytest.raises(SystemExit) as code:
+        script.main(["--report", "--out", str(tmp_path / "FILE")])
+    assert code.value.code == 2
+    assert "is a file, not a folder" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (tmp_path / "FILE").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("script", [ablation, seeds, compact, speedrun], ids=lambda m: m.__name__)
+def test_a_report_from_a_misspelt_out_is_refused_before_any_figure(tmp_path, script):
+    committed = {p: p.read_bytes() for p in (ROOT / "images").glob("*.png")}
+    with pytest.raises(SystemExit) as refusal:
+        script.main(["--report", "--out", str(tmp_path / "TYPO")])
+    assert "no such folder of results" in str(refusal.value.code)
+    assert not (tmp_path / "TYPO").exists()
+    assert {p: p.read_bytes() for p in (ROOT / "images").glob("*.png")} == committed
+
+
+def test_a_report_from_a_private_out_draws_its_figures_there(tmp_path, capsys):
+    committed = {p: p.read_bytes() for p in (ROOT / "images").glob("*.png")}
+    (tmp_path / "mine").mkdir()
+    assert ablation.main(["--report", "--out", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "ablation.png").exists()
+    assert (tmp_path / "mine" / "parameters.png").exists()
+    assert {p: p.read_bytes() for p in (ROOT / "images").glob("*.png")} == committed
+
+
+def test_out_at_home_written_as_tilde_goes_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert common.out_folder("~/runs") == tmp_path / "runs"

@@ -20,7 +20,7 @@ from test_suggested_commands import after_save
 
 import train as cli
 import utils
-from support import checkpoints, failures, locks
+from support import checkpoints, failures, flag_checks, locks, stopping
 from support.bookkeeping import Tally
 
 pytestmark = pytest.mark.usefixtures("signals_restored")
@@ -465,3 +465,90 @@ def test_build_run_refuses_a_recipe_of_the_wrong_kind_before_torch_sees_it(mnist
                                                                            words):
     with pytest.raises(ValueError, match=words):
         cli.build_run(recipe, torch.device("cpu"), mnist_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock's path: never followed, never written nor deleted unless it is a lock file of ours.
+# ---------------------------------------------------------------------------------------------
+def _a_symlink_to_a_precious_file(lock: Path) -> None:
+    (lock.parent / "precious.pt").write_text("precious\n")
+    lock.symlink_to("precious.pt")
+
+
+LOCK_PATHS = {
+    "a symlink": (_a_symlink_to_a_precious_file, "is a symlink"),
+    "a folder": (lambda lock: lock.mkdir(), "is a folder"),
+    "a FIFO": (lambda lock: os.mkfifo(lock), "is a FIFO"),
+    "a user's file": (lambda lock: lock.write_text("my notes\n"), "is not a lock file"),
+}
+
+
+@pytest.mark.parametrize("kind", LOCK_PATHS, ids=list(LOCK_PATHS))
+def test_a_lock_path_that_is_not_a_lock_file_is_refused_and_kept(tmp_path, kind):
+    make, said = LOCK_PATHS[kind]
+    lock = checkpoints.lock_file(tmp_path / "a.pt")
+    make(lock)
+    before = {p.name: (p.lstat().st_mode, p.read_text() if p.is_file() else None)
+              for p in tmp_path.iterdir()}
+    with pytest.raises(locks.Unusable) as refusal:
+        with checkpoints.checkpoint_lock(tmp_path / "a.pt"):
+            pytest.fail("a lock was taken")
+    line = str(refusal.value)
+    assert said in line and "\n" not in line and ("move it away" in line)
+    after = {p.name: (p.lstat().st_mode, p.read_text() if p.is_file() else None)
+             for p in tmp_path.iterdir()}
+    assert after == before  # nothing followed, truncated or deleted
+    failure = stopping.failure_message(refusal.value, stopping.Status())
+    assert failure == line  # train.py prints it as its one error line
+
+
+def test_a_stale_read_only_lock_of_ours_is_replaced_by_a_fresh_one(tmp_path):
+    lock = checkpoints.lock_file(tmp_path / "a.pt")
+    lock.write_text("999999\n")
+    lock.chmod(0o444)
+    with checkpoints.checkpoint_lock(tmp_path / "a.pt"):
+        assert lock.read_text() == f"{os.getpid()}\n"
+    assert not lock.exists()
+
+
+def test_a_release_never_deletes_a_file_put_in_the_locks_place(tmp_path):
+    path = tmp_path / ".x.lock"
+    held = locks.acquire(path, wait=False)
+    path.unlink()
+    path.write_text("a user's file\n")
+    assert held.release() is None
+    assert path.read_text() == "a user's file\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# One path rule: `~` expanded, then anything but a regular file (or a folder) refused.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--evaluate", "--resume", "--save-model", "--metrics"])
+def test_a_fifo_for_a_checkpoint_or_metrics_is_refused_without_waiting_on_it(
+        capsys, tmp_path, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("k.pt")
+    assert refused(capsys, flag, "k.pt") == (
+        f"train.py: error: {flag} k.pt is a FIFO, not a regular file: give the path of a file")
+
+
+def test_a_fifo_handed_to_read_checkpoint_is_refused_without_waiting_on_it(tmp_path):
+    os.mkfifo(tmp_path / "k.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="a FIFO, not a regular file"):
+        checkpoints.read_checkpoint(tmp_path / "k.pt")
+
+
+def test_every_path_flag_at_home_written_as_tilde_is_expanded_once(capsys, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert refused(capsys, "--evaluate=~/x.pt") == (
+        f"train.py: error: --evaluate {tmp_path}/home/x.pt: no such file")
+    assert refused(capsys, "--save-model=~/x.pt", "--metrics=~/x.pt") == (
+        f"train.py: error: --save-model and --metrics name the same file {tmp_path}/home/x.pt: "
+        f"give each its own path")
+    args = cli.build_parser().parse_args(["--data-dir=~/d", "--resume=~/r.pt", "--metrics=~/m"])
+    flag_checks.expand_paths(args)
+    assert (args.data_dir, args.resume, args.metrics) == (
+        f"{tmp_path}/home/d", f"{tmp_path}/home/r.pt", f"{tmp_path}/home/m")
+    assert not (tmp_path / "~").exists()
