@@ -124,6 +124,14 @@ def check_epoch_row(row: Any, epoch: int) -> None:
         value = row[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"history epoch {epoch}: {key} is {value!r}, not a number")
+        low, high = HISTORY_LIMITS.get(key, (0, math.inf))
+        if math.isfinite(value) and not low <= value <= high:  # NaN is check_finite's
+            raise ValueError(f"history epoch {epoch}: {key} is {value!r}, outside "
+                             f"{low} to {high:g}")
+
+
+# What a history column can hold: accuracies are percentages; no column can be negative.
+HISTORY_LIMITS = {"train_acc": (0, 100), "test_acc": (0, 100)}
 
 
 def check_finite(model: nn.Module, row: Row) -> None:

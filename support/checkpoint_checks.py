@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from support.bookkeeping import new_history
+from support.bookkeeping import check_epoch_row, history_rows, new_history
 from support.recipe import (
     MODELS,
     batches_per_epoch,
@@ -180,6 +180,12 @@ def _check_model(state: Any, recipe: dict[str, Any]) -> nn.Module:
     if not isinstance(state, dict):
         raise ValueError("model is not a state dict")
     net = fresh_model(recipe)
+    kinds = {k: v.dtype for k, v in net.state_dict().items()}
+    cast = sorted(k for k, v in state.items()
+                  if isinstance(v, torch.Tensor) and k in kinds and v.dtype != kinds[k])
+    if cast:  # load_state_dict would cast them without a word
+        raise ValueError(f"weight {cast[0]} is {state[cast[0]].dtype}, the model's "
+                         f"{kinds[cast[0]]}")
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError, KeyError) as err:
@@ -312,6 +318,8 @@ def _check_history(history: Any) -> int:
     n = len(history["epoch"])
     if any(len(v) != n for v in history.values()) or history["epoch"] != list(range(1, n + 1)):
         raise ValueError("history columns do not line up with epochs 1..n")
+    for epoch, row in enumerate(history_rows(history), start=1):
+        check_epoch_row(row, epoch)  # the rule a saved row met: a 999% accuracy is no history
     return n
 
 

@@ -81,7 +81,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _scratch(path)
     try:
-        os.chmod(tmp, _mode_of_a_new_file())  # mkstemp's 0600 would hide it from the group
+        os.chmod(tmp, _mode_of(path))  # mkstemp's 0600 would hide it from the group
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -92,8 +92,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
         raise
 
 
-def _mode_of_a_new_file() -> int:
-    """What open() would give a new file: 0666 less the umask."""
+def _mode_of(path: Path) -> int:
+    """The mode of the file replaced (a read-only checkpoint stays read-only), or what open()
+    would give a new file: 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        pass
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask

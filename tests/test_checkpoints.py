@@ -286,6 +286,13 @@ def test_a_scheduler_without_torchs_bookkeeping_keys_takes_a_fresh_steplrs(tmp_p
     assert set(private) <= set(loaded["scheduler"])
 
 
+def one_epoch(**values: float) -> dict:
+    """A one-epoch history of plausible numbers, with `values` in place of some."""
+    row = {"epoch": 1, "train_loss": 0.3, "train_acc": 90.0, "test_loss": 0.1, "test_acc": 97.0,
+           "lr": 0.01, "seconds": 5.0, **values}
+    return bookkeeping.history_columns([row])
+
+
 def _loader_of_wrong_size(state: dict) -> None:
     state["rng"]["loader"] = torch.zeros(100, dtype=torch.uint8)
 
@@ -311,6 +318,14 @@ HAND_EDITED = {
     "scheduler-last-epoch-a-float": (
         lambda s: s["scheduler"].update(last_epoch=0.0), "last_epoch"),
     "negative-running-variance": (negative_running_variance, "negative running"),
+    **{f"weights-stored-as-{kind}": (
+        lambda s, kind=kind: s["model"].update(
+            {"features.conv1.0.weight": s["model"]["features.conv1.0.weight"].to(kind)}),
+        "features.conv1.0.weight") for kind in (torch.float16, torch.int64, torch.bool,
+                                                torch.complex64)},
+    "test-accuracy-999": (lambda s: s.update(history=one_epoch(test_acc=999.0)), "test_acc"),
+    "negative-train-loss": (lambda s: s.update(history=one_epoch(train_loss=-1.0)),
+                            "train_loss"),
 }
 
 

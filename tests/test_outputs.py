@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -376,3 +377,22 @@ def test_a_second_fetch_waits_for_the_first(tmp_path, small_mnist, monkeypatch, 
     assert results == {"first": "slow", "second": "local"}
     assert called == []  # the second found the first's files
     assert sorted(os.listdir(raw.parent)) == ["raw"]  # no lock file, no scratch left
+
+
+@pytest.mark.parametrize("mode", [0o444, 0o600, 0o640])
+def test_a_replaced_file_keeps_its_mode(tmp_path, mode):
+    path = tmp_path / "k.pt"
+    path.write_bytes(b"old")
+    path.chmod(mode)
+    outputs.atomic_write(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new"
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def test_a_new_file_gets_the_umasks_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        outputs.atomic_write(tmp_path / "new.pt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.pt").stat().st_mode) == 0o640
