@@ -100,22 +100,19 @@ def train(model: nn.Module, device: torch.device, train_loader: Any,
     stepped after every batch (a per-batch schedule); the write-up's StepLR is stepped once per
     epoch by the loop instead."""
     model.train()
-    with progress_bar(train_loader, f"epoch {epoch:>2} train", progress) as bar:
+    with (progress_bar(train_loader, f"epoch {epoch:>2} train", progress) as bar,
+          checkpoints.stop_says_what_is_saved()):  # the stop button: which epoch is saved
         tally = Tally(device, bar, epoch)
-        try:
-            for data, target in bar:
-                data, target = to_device(data, device), to_device(target, device)
-                optimizer.zero_grad(set_to_none=True)
-                output = model(data)
-                loss = F.nll_loss(output, target)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                tally.add(loss, output, target)
-        except KeyboardInterrupt:  # the stop button: say which epoch a rerun goes on from
-            checkpoints.say_what_is_saved()
-            raise
+        for data, target in bar:
+            data, target = to_device(data, device), to_device(target, device)
+            optimizer.zero_grad(set_to_none=True)
+            output = model(data)
+            loss = F.nll_loss(output, target)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            tally.add(loss, output, target)
     return tally.result()
 
 
@@ -124,7 +121,8 @@ def test(model: nn.Module, device: torch.device, test_loader: Any, epoch: int = 
          progress: Progress = STDOUT) -> tuple[float, float]:
     """(mean test loss, test accuracy %) over the whole loader, in eval mode."""
     model.eval()
-    with progress_bar(test_loader, f"epoch {epoch:>2} test ", progress) as bar:
+    with (progress_bar(test_loader, f"epoch {epoch:>2} test ", progress) as bar,
+          checkpoints.stop_says_what_is_saved()):
         tally = Tally(device, bar)
         for data, target in bar:
             data, target = to_device(data, device), to_device(target, device)

@@ -119,6 +119,17 @@ def saved_after(path: str | os.PathLike, done: int) -> None:
         _WATCHED["done"] = done
 
 
+@contextmanager
+def stop_says_what_is_saved() -> Iterator[None]:
+    """The notebook's stop button, in the training or the test pass, says which epoch a rerun
+    goes on from."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        say_what_is_saved()
+        raise
+
+
 def say_what_is_saved() -> None:
     """After a Ctrl-C in the notebook's loop: which epoch is saved, and what a rerun does."""
     if not _WATCHED:

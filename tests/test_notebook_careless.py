@@ -160,3 +160,38 @@ def test_a_second_kernel_on_the_notebooks_checkpoint_is_refused(tmp_path, mnist_
     finally:
         holder.kill()
         holder.wait()
+
+
+class StoppedLoader:
+    """A loader whose second batch never comes: the stop button pressed during its pass."""
+
+    def __init__(self, batches: int = 3) -> None:
+        self.batches = batches
+        self.dataset = range(batches * 4)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        yield torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("which", ["train", "test"])
+def test_the_stop_button_in_either_pass_says_which_epoch_is_saved(tmp_path, capsys,
+                                                                  monkeypatch, which):
+    import utils
+    from model import Net
+
+    monkeypatch.setattr(checkpoints, "_WATCHED", {})
+    checkpoints.watch(tmp_path / "run.pt", 1, 20)
+    net, cpu = Net(), torch.device("cpu")
+    with pytest.raises(KeyboardInterrupt):
+        if which == "train":
+            utils.train(net, cpu, StoppedLoader(), torch.optim.SGD(net.parameters(), lr=0.01),
+                        epoch=2, progress=False)
+        else:
+            utils.test(net, cpu, StoppedLoader(), epoch=2, progress=False)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"interrupted: epoch 1 of 20 is saved in {tmp_path / 'run.pt'}; run this cell again "
+        f"to go on from there")
