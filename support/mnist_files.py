@@ -93,8 +93,12 @@ def check_idx_file(path: Path, size: int, md5: str) -> None:
     if not path.is_file():
         raise DataFileError(f"{path.name}: {NOT_A_FILE}: {path}")
     ndim = 1 if "labels" in path.name else 3
-    with open(path, "rb") as f:
-        header = f.read(4 * (1 + ndim))
+    try:
+        with open(path, "rb") as f:
+            header = f.read(4 * (1 + ndim))
+    except OSError as err:  # chmod 000, or a file of another user's
+        raise DataFileError(f"{path.name}: cannot be read ({err.strerror or err}): give this "
+                            f"user read access, or {fix}") from None
     if len(header) < 4 or int.from_bytes(header[:4], "big") != IDX_MAGIC[ndim]:
         raise DataFileError(f"{path.name}: wrong magic number, not an IDX file; {fix}")
     if len(header) < 4 * (1 + ndim):

@@ -552,3 +552,30 @@ def test_every_path_flag_at_home_written_as_tilde_is_expanded_once(capsys, tmp_p
     assert (args.data_dir, args.resume, args.metrics) == (
         f"{tmp_path}/home/d", f"{tmp_path}/home/r.pt", f"{tmp_path}/home/m")
     assert not (tmp_path / "~").exists()
+
+
+def test_an_mnist_file_this_user_cannot_read_is_one_line(tmp_path, mnist_dir, monkeypatch,
+                                                         capsys, signals_restored):
+    """chmod 000 stops any user but root, and the tests run as root: the file's open() is
+    refused as the OS refuses it to another user."""
+    import shutil
+
+    from support import mnist_files
+
+    shutil.copytree(mnist_dir / "MNIST", tmp_path / "MNIST")
+    locked = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+
+    def refusing_open(path, *args, **kwargs):
+        if Path(path) == locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(mnist_files, "open", refusing_open, raising=False)
+    try:
+        code = cli.main(["--dry-run", "--no-save", "--quiet", "--data-dir", str(tmp_path)])
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    assert code in (1, 2) and "Traceback" not in out + err
+    assert err.strip().count("\n") == 0, err
+    assert "t10k-labels-idx1-ubyte: cannot be read (Permission denied)" in err
