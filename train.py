@@ -341,7 +341,7 @@ def resume_run(run: Run, path: str, may_change: tuple[str, ...] = HONOURED_ON_RE
 def start_run(args: argparse.Namespace, device: torch.device, status: stopping.Status,
               recipe: dict, checkpoint: dict | None) -> Run:
     """The run, built from the recipe, restored from the checkpoint and with a new --lr when
-    resuming."""
+    resuming (an --lr equal to the saved recipe's is no change, as flag_checks calls it)."""
     if args.dry_run:
         recipe.update(epochs=1, limit_train=recipe["batch_size"],
                       limit_test=recipe["test_batch_size"])
@@ -352,7 +352,7 @@ def start_run(args: argparse.Namespace, device: torch.device, status: stopping.S
         resume_run(run, args.resume)
         done = len(run.history)
         status.expect(args.resume, done)
-        if args.lr is not None:
+        if args.lr is not None and args.lr != recipe["lr"]:  # the value it holds: no change
             for group in run.optimizer.param_groups:
                 group["lr"] = args.lr
             print(f"learning rate set to {args.lr:g} from epoch {done + 1} "
