@@ -69,117 +69,135 @@ if __name__ == "__main__":
     startup.release_ctrl_c()  # and one noted meanwhile stops here, in one line
 
 
+EXAMPLES = """examples:
+  python train.py                                   # the write-up's 20-epoch run, seed 1
+  python train.py --model speedrun                  # the laptop-CPU speedrun (docs/speedrun.md)
+  python train.py --resume checkpoints/last.pt      # continue an interrupted run
+  python train.py --evaluate checkpoints/last.pt    # score a saved model on the test set
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Recipe flags default to None, so a flag the user gave can be told from a default (a
     resume honours or refuses it); recipe_from fills in RECIPE."""
     r = RECIPE
-    p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=flag_types.positive_int,
-                   help=f"total epochs to train (default: {r['epochs']}; compact: "
-                        f"{COMPACT['epochs']}; speedrun: {SPEEDRUN['epochs']})")
-    p.add_argument("--batch-size", type=flag_types.positive_int,
-                   help=f"training images per SGD step (default: {r['batch_size']})")
-    p.add_argument("--test-batch-size", type=flag_types.positive_int,
-                   help=f"test images per forward pass (default: {r['test_batch_size']})")
-    p.add_argument("--lr", type=flag_types.positive_float,
-                   help=f"SGD's learning rate, OneCycle's peak with --schedule onecycle "
-                        f"(default: {r['lr']}; compact: {COMPACT['lr']}; speedrun: "
-                        f"{SPEEDRUN['lr']})")
-    p.add_argument("--momentum", type=flag_types.non_negative_float,
-                   help=f"SGD's momentum (default: {r['momentum']})")
-    p.add_argument("--step-size", type=flag_types.positive_int,
-                   help=f"StepLR: epochs between learning-rate drops (default: {r['step_size']})")
-    p.add_argument("--gamma", type=flag_types.positive_float,
-                   help=f"StepLR: factor of each drop (default: {r['gamma']})")
-    p.add_argument("--seed", type=flag_types.seed_int,
-                   help="fixes the weights, the shuffling, the augmentation and the dropout "
-                        f"masks (default: {r['seed']})")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="where to train: auto picks cuda, then mps, then cpu (default: auto)")
-    p.add_argument("--threads", type=flag_types.threads_int,
-                   help="CPU threads for torch (torch.set_num_threads; default: torch's own, "
-                        "one per core). The README's timings and histories depend on it: on "
-                        "the CPU another thread count gives other last digits")
-    p.add_argument("--model", choices=list(MODELS),
-                   help="s6 = the write-up's Net; compact = CompactNet (7,594 parameters); "
-                        "speedrun = SpeedNet, the laptop-CPU speedrun (docs/speedrun.md). The "
-                        "named recipe of compact or speedrun (support/recipe.py COMPACT, "
-                        "SPEEDRUN) then fills in every recipe flag not given "
-                        f"(default: {r['model']})")
-    p.add_argument("--schedule", choices=list(SCHEDULES),
-                   help="step = StepLR (--step-size, --gamma); onecycle = OneCycleLR peaking at "
-                        "--lr, stepped once per epoch, its last epoch at lr / 250,000 (so it "
-                        "needs --epochs 2 or more; a resume follows it to its end); "
-                        "onecycle-batch = the same stepped after every batch (default: "
-                        f"{r['schedule']}; compact: {COMPACT['schedule']}; speedrun: "
-                        f"{SPEEDRUN['schedule']})")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction,
-                   help="SGD with Nesterov momentum (needs --momentum above 0; default: off; "
-                        "speedrun: on)")
-    p.add_argument("--dropout", type=flag_types.dropout_float,
-                   help="probability of each dropout layer in the model "
-                        f"(default: {r['dropout']:g}; compact: {COMPACT['dropout']:g})")
-    p.add_argument("--loader", choices=["fast", "torchvision"],
-                   help="fast: data kept and augmented on the device, and the model run with "
-                        "fused ReLU-dropout (plus, on the CPU, channels-last memory and "
-                        "keep_freed_memory); see devices.fast_path. torchvision: the original "
-                        f"per-sample pipeline and model (default: {r['loader']})")
-    p.add_argument("--dropout-plan", choices=list(DROPOUT_PLANS),
-                   help="blocks followed by dropout: table = conv1 and conv2, as the original's "
-                        "table; every = every 3x3 block; none "
-                        f"(default: {r['dropout_plan']})")
-    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction,
-                   help="BatchNorm after each conv but the last; --no-batch-norm (ablation) "
-                        "removes it and gives every conv a bias (default: on)")
-    p.add_argument("--transitions", choices=list(TRANSITIONS),
-                   help="the two 1x1 reductions: bn-relu = Conv-BN-ReLU, as the table; "
-                        f"bare = a plain 1x1 conv (ablation) (default: {r['transitions']})")
-    p.add_argument("--head", choices=list(HEADS),
-                   help="conv = the table's 3x3 conv6 from 3x3 to 1x1; gap = global average "
-                        f"pooling, then a 1x1 conv to 10 classes (default: {r['head']})")
-    p.add_argument("--width", type=flag_types.width_float,
-                   help="multiply every channel count by this, rounded to the nearest integer "
-                        f"(the width sweep; default: {r['width']:g})")
-    p.add_argument("--augmentation", choices=list(AUGMENTATIONS),
-                   help="both = the original's 10%% crop-resize and ±15° rotation; rotate or "
-                        f"crop = only one of them; none (ablation) (default: {r['augmentation']})")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="train through torch.compile (needs a C++ compiler on the CPU; not on "
-                        "MPS); on --resume, --no-compile continues a compiled run without it "
-                        "(default: off, or the checkpoint's)")
-    p.add_argument("--deterministic", action="store_true", default=None,
-                   help="deterministic kernels and no TF32 on CUDA (slower); the CPU is "
-                        "deterministic for a given thread count anyway")
-    p.add_argument("--data-dir", type=flag_types.path_text, default=DEFAULT_DATA_DIR,
-                   help="folder that holds MNIST/raw; the files are fetched into it when "
-                        f"missing (default: {DEFAULT_DATA_DIR})")
-    p.add_argument("--refetch", action="store_true",
-                   help="replace MNIST files that fail their checks")
-    p.add_argument("--limit-train", type=flag_types.positive_int,
-                   help="use only the first N training images")
-    p.add_argument("--limit-test", type=flag_types.positive_int,
-                   help="use only the first N test images")
-    p.add_argument("--dry-run", action="store_true",
-                   help="one training batch and one test batch, to check the set-up; "
-                        "writes no checkpoint")
-    p.add_argument("--save-model", metavar="PATH", type=flag_types.path_text,
-                   help=f"checkpoint written after every epoch (default: {DEFAULT_CHECKPOINT}, "
-                        "or the --resume file)")
-    p.add_argument("--no-save", action="store_true", help="write no checkpoint")
-    p.add_argument("--force", action="store_true",
-                   help="let --save-model or --metrics replace an existing file that is not "
-                        "this run's own")
-    p.add_argument("--resume", metavar="PATH", type=flag_types.path_text,
-                   help="continue the run saved in this checkpoint; only --epochs, --lr and "
-                        "--compile may change it (a OneCycle run: only --compile; "
-                        "docs/resume.md)")
-    p.add_argument("--evaluate", metavar="PATH", type=flag_types.path_text,
-                   help="score a checkpoint on the test set, then exit; writes nothing")
-    p.add_argument("--metrics", metavar="PATH", type=flag_types.path_text,
-                   help="write the run's history and facts as JSON (replaces an earlier "
-                        "metrics file of train.py; any other file only with --force)")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress bars (bars are shown only when stderr is a terminal)")
+    p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0],
+                                epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipe = p.add_argument_group("recipe (saved in every checkpoint; a resume keeps it)")
+    recipe.add_argument("--epochs", type=flag_types.positive_int,
+                        help=f"total epochs to train (default: {r['epochs']}; compact: "
+                             f"{COMPACT['epochs']}; speedrun: {SPEEDRUN['epochs']})")
+    recipe.add_argument("--batch-size", type=flag_types.positive_int,
+                        help=f"training images per SGD step (default: {r['batch_size']})")
+    recipe.add_argument("--test-batch-size", type=flag_types.positive_int,
+                        help=f"test images per forward pass (default: {r['test_batch_size']})")
+    recipe.add_argument("--lr", type=flag_types.positive_float,
+                        help=f"SGD's learning rate, OneCycle's peak with --schedule onecycle "
+                             f"(default: {r['lr']}; compact: {COMPACT['lr']}; speedrun: "
+                             f"{SPEEDRUN['lr']})")
+    recipe.add_argument("--momentum", type=flag_types.non_negative_float,
+                        help=f"SGD's momentum (default: {r['momentum']})")
+    recipe.add_argument("--step-size", type=flag_types.positive_int,
+                        help="StepLR: epochs between learning-rate drops "
+                             f"(default: {r['step_size']})")
+    recipe.add_argument("--gamma", type=flag_types.positive_float,
+                        help=f"StepLR: factor of each drop (default: {r['gamma']})")
+    recipe.add_argument("--seed", type=flag_types.seed_int,
+                        help="fixes the weights, the shuffling, the augmentation and the dropout "
+                             f"masks (default: {r['seed']})")
+    recipe.add_argument("--model", choices=list(MODELS),
+                        help="s6 = the write-up's Net; compact = CompactNet (7,594 parameters); "
+                             "speedrun = SpeedNet, the laptop-CPU speedrun (docs/speedrun.md). The "
+                             "named recipe of compact or speedrun (support/recipe.py COMPACT, "
+                             "SPEEDRUN) then fills in every recipe flag not given "
+                             f"(default: {r['model']})")
+    recipe.add_argument("--schedule", choices=list(SCHEDULES),
+                        help="step = StepLR (--step-size, --gamma); onecycle = OneCycleLR "
+                             "peaking at --lr, stepped once per epoch, its last epoch at "
+                             "lr / 250,000 (so it needs --epochs 2 or more; a resume follows it to "
+                             "its end); "
+                             "onecycle-batch = the same stepped after every batch (default: "
+                             f"{r['schedule']}; compact: {COMPACT['schedule']}; speedrun: "
+                             f"{SPEEDRUN['schedule']})")
+    recipe.add_argument("--nesterov", action=argparse.BooleanOptionalAction,
+                        help="SGD with Nesterov momentum (needs --momentum above 0; default: off; "
+                             "speedrun: on)")
+    recipe.add_argument("--dropout", type=flag_types.dropout_float,
+                        help="probability of each dropout layer in the model "
+                             f"(default: {r['dropout']:g}; compact: {COMPACT['dropout']:g})")
+    recipe.add_argument("--augmentation", choices=list(AUGMENTATIONS),
+                        help="both = the original's 10%% crop-resize and ±15° rotation; rotate "
+                             "or crop = only one of them; none (ablation) "
+                             f"(default: {r['augmentation']})")
+    model = p.add_argument_group("model variants (the s6 model's architecture; ablations)")
+    model.add_argument("--dropout-plan", choices=list(DROPOUT_PLANS),
+                       help="blocks followed by dropout: table = conv1 and conv2, as the "
+                            "original's table; every = every 3x3 block; none "
+                            f"(default: {r['dropout_plan']})")
+    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction,
+                       help="BatchNorm after each conv but the last; --no-batch-norm (ablation) "
+                            "removes it and gives every conv a bias (default: on)")
+    model.add_argument("--transitions", choices=list(TRANSITIONS),
+                       help="the two 1x1 reductions: bn-relu = Conv-BN-ReLU, as the table; "
+                            f"bare = a plain 1x1 conv (ablation) (default: {r['transitions']})")
+    model.add_argument("--head", choices=list(HEADS),
+                       help="conv = the table's 3x3 conv6 from 3x3 to 1x1; gap = global average "
+                            f"pooling, then a 1x1 conv to 10 classes (default: {r['head']})")
+    model.add_argument("--width", type=flag_types.width_float,
+                       help="multiply every channel count by this, rounded to the nearest integer "
+                            f"(the width sweep; default: {r['width']:g})")
+    data = p.add_argument_group("data")
+    data.add_argument("--loader", choices=["fast", "torchvision"],
+                      help="fast: data kept and augmented on the device, and the model run with "
+                           "fused ReLU-dropout (plus, on the CPU, channels-last memory and "
+                           "keep_freed_memory); see devices.fast_path. torchvision: the original "
+                           f"per-sample pipeline and model (default: {r['loader']})")
+    data.add_argument("--data-dir", type=flag_types.path_text, default=DEFAULT_DATA_DIR,
+                      help="folder that holds MNIST/raw; the files are fetched into it when "
+                           f"missing (default: {DEFAULT_DATA_DIR})")
+    data.add_argument("--refetch", action="store_true",
+                      help="replace MNIST files that fail their checks")
+    data.add_argument("--limit-train", type=flag_types.positive_int,
+                      help="use only the first N training images")
+    data.add_argument("--limit-test", type=flag_types.positive_int,
+                      help="use only the first N test images")
+    out = p.add_argument_group("checkpoints and outputs")
+    out.add_argument("--save-model", metavar="PATH", type=flag_types.path_text,
+                     help=f"checkpoint written after every epoch (default: {DEFAULT_CHECKPOINT}, "
+                          "or the --resume file)")
+    out.add_argument("--no-save", action="store_true", help="write no checkpoint")
+    out.add_argument("--force", action="store_true",
+                     help="let --save-model or --metrics replace an existing file that is not "
+                          "this run's own")
+    out.add_argument("--resume", metavar="PATH", type=flag_types.path_text,
+                     help="continue the run saved in this checkpoint; only --epochs, --lr and "
+                          "--compile may change it (a OneCycle run: only --compile; "
+                          "docs/resume.md)")
+    out.add_argument("--evaluate", metavar="PATH", type=flag_types.path_text,
+                     help="score a checkpoint on the test set, then exit; writes nothing")
+    out.add_argument("--metrics", metavar="PATH", type=flag_types.path_text,
+                     help="write the run's history and facts as JSON (replaces an earlier "
+                          "metrics file of train.py; any other file only with --force)")
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                     help="where to train: auto picks cuda, then mps, then cpu (default: auto)")
+    run.add_argument("--threads", type=flag_types.threads_int,
+                     help="CPU threads for torch (torch.set_num_threads; default: torch's own, "
+                          "one per core). The README's timings and histories depend on it: on "
+                          "the CPU another thread count gives other last digits")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                     help="train through torch.compile (needs a C++ compiler on the CPU; not on "
+                          "MPS); on --resume, --no-compile continues a compiled run without it "
+                          "(default: off, or the checkpoint's)")
+    run.add_argument("--deterministic", action="store_true", default=None,
+                     help="deterministic kernels and no TF32 on CUDA (slower); the CPU is "
+                          "deterministic for a given thread count anyway")
+    run.add_argument("--dry-run", action="store_true",
+                     help="one training batch and one test batch, to check the set-up; "
+                          "writes no checkpoint")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress bars (bars are shown only when stderr is a terminal)")
     return p
 
 
@@ -323,7 +341,7 @@ def resume_run(run: Run, path: str, may_change: tuple[str, ...] = HONOURED_ON_RE
 def start_run(args: argparse.Namespace, device: torch.device, status: stopping.Status,
               recipe: dict, checkpoint: dict | None) -> Run:
     """The run, built from the recipe, restored from the checkpoint and with a new --lr when
-    resuming."""
+    resuming (an --lr equal to the saved recipe's is no change, as flag_checks calls it)."""
     if args.dry_run:
         recipe.update(epochs=1, limit_train=recipe["batch_size"],
                       limit_test=recipe["test_batch_size"])
@@ -334,7 +352,7 @@ def start_run(args: argparse.Namespace, device: torch.device, status: stopping.S
         resume_run(run, args.resume)
         done = len(run.history)
         status.expect(args.resume, done)
-        if args.lr is not None:
+        if args.lr is not None and args.lr != recipe["lr"]:  # the value it holds: no change
             for group in run.optimizer.param_groups:
                 group["lr"] = args.lr
             print(f"learning rate set to {args.lr:g} from epoch {done + 1} "

@@ -409,6 +409,27 @@ def test_a_onecycle_resume_with_its_own_epochs_and_lr_is_accepted(capsys, here, 
     assert checkpoints.read_checkpoint(here / "k.pt")["history"]["epoch"] == [1, 2]
 
 
+def test_a_flag_given_with_the_value_it_holds_changes_nothing_on_resume(capsys, here,
+                                                                       monkeypatch):
+    # Its own peak --lr is "no change" to the checks, so the run must not act on it either:
+    # resetting SGD's lr to the peak mid-cycle would train apart from the uninterrupted run.
+    after_save(monkeypatch, 1, KeyboardInterrupt())
+    flags = ["--model", "compact", *SMALL, "--epochs", "2", "--save-model", "k.pt"]
+    assert main(capsys, *flags)[0] == 130
+    monkeypatch.undo()
+    monkeypatch.chdir(here)
+    (here / "plain.pt").write_bytes((here / "k.pt").read_bytes())
+    code, out, _ = main(capsys, "--resume", "k.pt", "--lr", "0.2", "--epochs", "2",
+                        "--device", "cpu", "--quiet")
+    assert code == 0 and "learning rate set to" not in out, out
+    assert main(capsys, "--resume", "plain.pt", "--device", "cpu", "--quiet")[0] == 0
+    given, plain = (checkpoints.read_checkpoint(here / n) for n in ("k.pt", "plain.pt"))
+    for key, value in plain["model"].items():
+        assert torch.equal(given["model"][key], value), key
+    del given["history"]["seconds"], plain["history"]["seconds"]  # wall time differs anyway
+    assert given["history"] == plain["history"]
+
+
 def test_the_help_states_the_onecycle_rules():
     text = " ".join(cli.build_parser().format_help().split())
     assert "its last epoch at lr / 250,000 (so it needs --epochs 2 or more" in text

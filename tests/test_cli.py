@@ -462,3 +462,19 @@ def test_threads_flag_sets_and_records_the_thread_count(tmp_path):
 def test_every_flag_has_help():
     for action in cli.build_parser()._actions:
         assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+
+
+def test_help_groups_every_flag_and_ends_with_examples_that_parse():
+    parser = cli.build_parser()
+    titles = [group.title for group in parser._action_groups]
+    for title in ("recipe", "model variants", "data", "checkpoints and outputs", "run"):
+        assert any(t.startswith(title) for t in titles), titles
+    grouped = {a.dest for g in parser._action_groups if g.title != "options"
+               for a in g._group_actions}
+    assert grouped == {a.dest for a in parser._actions} - {"help"}
+    examples = [line.split("#")[0].split() for line in cli.EXAMPLES.splitlines()[1:]]
+    assert [words[:2] for words in examples] == [["python", "train.py"]] * 4
+    for words in examples:
+        parser.parse_args(words[2:])  # each example is train.py's own flags
+    assert "--model speedrun" in cli.EXAMPLES and "--resume" in cli.EXAMPLES
+    assert "--evaluate" in cli.EXAMPLES and cli.EXAMPLES in parser.format_help()
