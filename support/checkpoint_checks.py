@@ -126,6 +126,18 @@ def _check_scheduler_object(scheduler: Any, optimizer: Any, want: Any,
     if scheduler.optimizer is not optimizer:
         raise ValueError("the scheduler drives another optimizer (was the optimizer built "
                          "again after it?): run the whole training cell again")
+    # The learning rate the schedule started from, and the one it set last: SGD built with
+    # another lr, or its lr set by hand, would train at a rate the recipe does not record.
+    started, expected = optimizer.param_groups[0].get("initial_lr"), want.optimizer.param_groups[
+        0]["initial_lr"]
+    if started != expected:
+        raise ValueError(f"the optimizer's learning rate at the schedule's start is {started!r}, "
+                         f"the recipe's {expected!r}: build SGD with lr=recipe['lr'], or change "
+                         f"recipe['lr'] so that the checkpoint records it")
+    now, last = optimizer.param_groups[0]["lr"], scheduler.get_last_lr()[0]
+    if now != last:
+        raise ValueError(f"the optimizer's lr is {now!r}, but its schedule set {last!r}: leave "
+                         f"the learning rate to the schedule, or change recipe['lr']")
     for key in SHAPE_KEYS[recipe["schedule"]]:
         got, expected = getattr(scheduler, key, None), getattr(want, key, None)
         if got != expected:

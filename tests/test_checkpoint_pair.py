@@ -97,6 +97,11 @@ def edited(run: cli.Run, what: str) -> tuple:
     elif what == "stale optimizer":  # the model cell run again, the optimizer's not
         from model import Net
         model = Net()
+    elif what == "lr":  # the training cell's SGD edited to another rate
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 15, 0.1)
+    elif what == "lr set by hand":
+        optimizer.param_groups[0]["lr"] = 0.1
     elif what == "stale scheduler":  # the optimizer rebuilt, the scheduler not
         optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=0.9)
     return model, optimizer, scheduler, loader, recipe
@@ -113,6 +118,8 @@ CASES = {
     "dropout": "the model's dropout is [0.3, 0.3], the recipe's [0.1, 0.1]",
     "stale optimizer": "the optimizer updates another model's parameters",
     "stale scheduler": "the scheduler drives another optimizer",
+    "lr": "the optimizer's learning rate at the schedule's start is 0.05, the recipe's 0.01",
+    "lr set by hand": "the optimizer's lr is 0.1, but its schedule set 0.01",
 }
 
 
