@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -30,6 +31,20 @@ def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def invocation() -> list[str]:
+    """train.py as the user ran it, so that a hint pastes where they ran it: the script's path
+    as they typed it, after their interpreter: `python` where that finds this one on PATH (a
+    link beside it in the same folder is the same environment), else its path. Called from
+    elsewhere (a test, a benchmark), `python train.py`."""
+    if Path(sys.argv[0]).name != PROG:
+        return ["python", PROG]
+    here = os.path.abspath(sys.executable)
+    on_path = shutil.which("python")
+    same = on_path is not None and os.path.dirname(os.path.abspath(on_path)) == (
+        os.path.dirname(here)) and os.path.samefile(on_path, here)
+    return ["python" if same else here, sys.argv[0]]
+
+
 def resume_command(path: str, data_dir: str | None, *more: str) -> str:
     """A command that can be pasted as it is: quoted, and with the run's data folder when it
     is not the default."""
@@ -41,7 +56,7 @@ def checkpoint_command(option: str, path: str, data_dir: str | None, *more: str)
     A value that starts with '-' is joined to its flag (`--resume=-run.pt`): on its own,
     argparse would take it for a flag and refuse the pasted command."""
 
-    words = ["python", PROG, *_given(option, path)]
+    words = [*invocation(), *_given(option, path)]
     if data_dir is not None:
         words += _given("--data-dir", data_dir)
     return shlex.join([*words, *more])
@@ -54,7 +69,7 @@ def new_run_command(recipe: dict, data_dir: str | None, save_model: str, **chang
     so that the new run repeats the saved one but for the changes."""
     recipe = {**recipe, **changes}
     named = full_recipe({"model": recipe["model"]})
-    words = ["python", PROG]
+    words = invocation()
     if recipe["model"] != RECIPE["model"]:
         words += ["--model", recipe["model"]]  # first: it names the recipe the rest changes
     for key, value in recipe.items():

@@ -33,6 +33,12 @@ from support import mnist_files  # noqa: E402
 # OMP_NUM_THREADS=1 from test_cli.py.)
 torch.set_num_threads(1)
 
+# train.py's hints name `python` where PATH finds the interpreter that ran it: the suite runs
+# as a user with the venv activated, so that a hint reads as the README's `python train.py`
+# (tests/test_suggested_commands.py runs one where PATH does not find it).
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable),
+                                      os.environ.get("PATH", "")])
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

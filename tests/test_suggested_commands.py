@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import errno
 import io
+import os
 import re
 import shlex
 import subprocess
@@ -355,3 +356,21 @@ def test_the_notebooks_helpers_suggest_no_command_line():
         texts = [node.value for node in ast.walk(tree)
                  if isinstance(node, ast.Constant) and isinstance(node.value, str)]
         assert not [t for t in texts if re.search(r"python3? train\.py|python -m ", t)], module
+
+
+def test_a_hint_names_the_interpreter_and_script_as_they_were_run(tmp_path, mnist_dir):
+    """train.py run by its path from another folder, with an interpreter PATH does not find:
+    the hint names both as they were given, and pastes there as printed."""
+    script = os.path.relpath(ROOT / "train.py", tmp_path)
+    bare = {**env(), "PATH": "/usr/bin:/bin"}  # no venv on it
+    flags = [*TINY, "--epochs", "1", "--data-dir", str(mnist_dir), "--save-model", "a.pt"]
+    for _ in range(2):  # the second run finds the first's finished checkpoint
+        done = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, env=bare,
+                              capture_output=True, text=True, timeout=300)
+    commands = [c for c in re.findall(r"`([^`]*--evaluate[^`]*)`", done.stderr)]
+    assert commands, done.stderr
+    assert commands[0].startswith(f"{shlex.quote(sys.executable)} {script} --evaluate a.pt")
+    pasted = subprocess.run(commands[0], shell=True, cwd=tmp_path, env=bare,
+                            capture_output=True, text=True, timeout=300)
+    assert pasted.returncode == 0, pasted.stderr
+    assert re.search(r"accuracy [\d.]+% on [\d,]+ images$", pasted.stdout.strip())
