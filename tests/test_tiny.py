@@ -328,3 +328,9 @@ def test_the_bar_is_every_seed_at_99_40_and_five_seeds_to_meet_it():
 def test_the_tiny_page_holds_tinynets_computed_table():
     page = (ROOT / "docs" / "tiny.md").read_text()
     assert format_layer_table(layer_table(TinyNet())) in page
+
+
+def test_the_tiny_pages_search_table_is_the_benchmarks_report():
+    page = (ROOT / "docs" / "tiny.md").read_text()
+    table = page.split("<!-- tiny-table -->\n")[1].split("\n<!-- /tiny-table -->")[0]
+    assert table == bench.report(ROOT / "results" / "tiny")
