@@ -108,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"masks (default: {r['seed']})")
     recipe.add_argument("--model", choices=list(MODELS),
                         help="s6 = the write-up's Net; compact = CompactNet (7,594 parameters); "
-                             "speedrun = SpeedNet, the laptop-CPU speedrun (docs/speedrun.md). The "
-                             "named recipe of compact or speedrun (support/recipe.py COMPACT, "
-                             "SPEEDRUN) then fills in every recipe flag not given "
+                             "speedrun = SpeedNet, the laptop-CPU speedrun (docs/speedrun.md); "
+                             "tiny = TinyNet (3,608 parameters, docs/tiny.md). The named recipe "
+                             "of compact, speedrun or tiny (support/recipe.py COMPACT, SPEEDRUN, "
+                             "TINY) then fills in every recipe flag not given "
                              f"(default: {r['model']})")
     recipe.add_argument("--schedule", choices=list(SCHEDULES),
                         help="step = StepLR (--step-size, --gamma); onecycle = OneCycleLR "
