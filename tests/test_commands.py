@@ -17,8 +17,9 @@ PYTEST = Path(sys.executable).with_name("pytest")  # the venv's own, not `python
 
 @functools.cache
 def collect(repo_root: Path, *args: str) -> tuple[str, ...]:
-    """The test ids `pytest ARGS --collect-only` lists from the repository root."""
-    done = subprocess.run([str(PYTEST), *args, "--collect-only", "-q",
+    """The test ids `pytest ARGS --collect-only` lists from the repository root, in one process
+    (pyproject's `-n auto` would start workers that each collect the suite again)."""
+    done = subprocess.run([str(PYTEST), *args, "--collect-only", "-q", "-n", "0",
                            "-p", "no:cacheprovider"],
                           cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -224,7 +224,8 @@ def test_readme_quick_command_runs_the_quick_tier_of_the_tests_folder(repo_root,
     verbosity = [a for a in args if re.fullmatch(r"-q+|-v+|--quiet|--verbose", a)]
     args = [a for a in args if a not in verbosity]  # -q once lists the ids, -qq only counts
     pytest_command = str(Path(sys.executable).with_name("pytest"))
-    done = subprocess.run([pytest_command, *args, "--collect-only", "-q", "-p", "no:cacheprovider"],
+    done = subprocess.run([pytest_command, *args, "--collect-only", "-q", "-n", "0",
+                           "-p", "no:cacheprovider"],
                           cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     ids = [line for line in done.stdout.splitlines() if "::" in line]
