@@ -10,7 +10,7 @@ import types
 import pytest
 import runs
 import torch
-from runs import cols
+from runs import cols, settings_cell
 from torch import nn
 
 import train as cli
@@ -218,8 +218,6 @@ def test_notebook_metadata_asks_colab_for_a_gpu(repo_root):
 
 
 def test_in_colab_on_a_cpu_the_notebook_says_how_to_get_a_gpu(monkeypatch, capsys):
-    from test_notebook_run import settings_cell
-
     settings_cell(monkeypatch, "1")
     assert "Change runtime type" not in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
