@@ -285,7 +285,7 @@ class CompactNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The speedrun's model: 99.4% on a laptop CPU in about a minute (issue 33; docs/speedrun.md).
+# The speedrun's model: 99.4% on a laptop CPU in about a minute (docs/speedrun.md).
 # ---------------------------------------------------------------------------------------------
 SPEED_DROPOUT = 0.05  # on the 32 averages before the last layer only (docs/speedrun.md)
 

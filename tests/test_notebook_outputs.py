@@ -1,6 +1,6 @@
-"""The documented command for re-executing the notebook (docs/notebook.md, once the README's
-"The notebook" section) keeps one finished bar per progress bar, not every refresh of it (which
-made the committed notebook 580 KB)."""
+"""The documented command for re-executing the notebook (docs/notebook.md) keeps one finished
+bar per progress bar, not every refresh of it (which would make the notebook hundreds of KB
+heavier); and the committed notebook, as a reader on GitHub sees it."""
 
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ print("epoch  1: done")
 
 
 def readme_command() -> list[str]:
-    """The nbconvert command in docs/notebook.md's "Re-executing it in place" section (it was
-    the README's "The notebook" section until the README's reference moved to docs/), as
+    """The nbconvert command in docs/notebook.md's "Re-executing it in place" section, as
     arguments."""
     doc = (ROOT / "docs" / "notebook.md").read_text()
     section = doc.split("## Re-executing it in place", 1)[1].split("\n## ", 1)[0]

@@ -300,8 +300,7 @@ def test_leftovers_of_a_killed_save_are_removed(tmp_path, mnist_dir, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Colab's first cell: with the placeholder address, or a clone that fails, one line and no
-# traceback.
+# Colab's first cell: with the placeholder address, one line and no traceback.
 # ---------------------------------------------------------------------------------------------
 def colab_cell(tmp_path: Path, repo: str) -> tuple[subprocess.CompletedProcess, bool]:
     """The cell with a `git` that fails as one offline would; the run and whether git ran."""
