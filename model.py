@@ -141,9 +141,6 @@ def count_parameters(model: nn.Module) -> int:
 class LayerInfo:
     name: str
     kind: str
-    kernel: int
-    stride: int
-    padding: int
     out_size: int
     out_channels: int
     receptive_field: int
@@ -151,8 +148,8 @@ class LayerInfo:
     params: int
 
 
-def _geometry(module: nn.Module, in_size: int) -> tuple[int, int, int]:
-    """(kernel, stride, padding) of the spatial ops inside a stage, as one op; global average
+def _geometry(module: nn.Module, in_size: int) -> tuple[int, int]:
+    """(kernel, stride) of the spatial ops inside a stage, as one op; global average
     pooling acts as one kernel the size of its input. A stage that pools after its conv (the
     speedrun's first) is one kernel of k1 + (k2 - 1) * s1 with stride s1 * s2."""
     def first(v: int | tuple[int, ...]) -> int:
@@ -161,15 +158,15 @@ def _geometry(module: nn.Module, in_size: int) -> tuple[int, int, int]:
     ops = []
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
-            ops.append((first(m.kernel_size), first(m.stride), first(m.padding)))
+            ops.append((first(m.kernel_size), first(m.stride)))
         elif isinstance(m, nn.AdaptiveAvgPool2d):
-            ops.append((in_size, in_size, 0))
+            ops.append((in_size, in_size))
     if not ops:
         raise ValueError(f"no conv or pool in {module}")
-    kernel, stride, padding = ops[0]
-    for k, s, _ in ops[1:]:
+    kernel, stride = ops[0]
+    for k, s in ops[1:]:
         kernel, stride = kernel + (k - 1) * stride, stride * s
-    return kernel, stride, padding
+    return kernel, stride
 
 
 class LayerTable(list):
@@ -211,11 +208,10 @@ def layer_table(model: nn.Module, input_size: int = 28) -> LayerTable:
     rows, rf, jump = [], 1, 1
     for name, stage in model.features.named_children():
         in_size, size, channels = sizes[name]
-        kernel, stride, padding = _geometry(stage, in_size)
+        kernel, stride = _geometry(stage, in_size)
         rf += (kernel - 1) * jump
         jump *= stride
-        kind = _kind(stage)
-        rows.append(LayerInfo(name, kind, kernel, stride, padding, size, channels, rf, jump,
+        rows.append(LayerInfo(name, _kind(stage), size, channels, rf, jump,
                               count_parameters(stage)))
     return LayerTable(rows)
 
@@ -285,7 +281,7 @@ class CompactNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The speedrun's model: 99.4% on a laptop CPU in about a minute (issue 33; docs/speedrun.md).
+# The speedrun's model: 99.4% on a laptop CPU in about a minute (docs/speedrun.md).
 # ---------------------------------------------------------------------------------------------
 SPEED_DROPOUT = 0.05  # on the 32 averages before the last layer only (docs/speedrun.md)
 

@@ -45,7 +45,7 @@ from support.bookkeeping import (
     final_line,
 )
 from support.boundary import error, guarded
-from support.devices import compiled, fast_path, prepare_model
+from support.devices import compiled, configure_process, fast_path, prepare_model
 from support.fast_loader import DeviceLoader
 from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, HONOURED_ON_RESUME, UsageError
 from support.mnist_files import MNIST_FILES, TEST_FILES, ensure_mnist, load_mnist_tensors
@@ -295,6 +295,7 @@ def build_run(recipe: dict, device: torch.device, data_dir: str = DEFAULT_DATA_D
     Every value is checked first: a string lr or 0 epochs is refused, not failed on in torch."""
     recipe = check_recipe(recipe)
     torch.manual_seed(recipe["seed"])  # also seeds CUDA and MPS
+    configure_process(recipe, device)  # the allocator and determinism: this process's
     model = prepare_model(make_model(recipe), recipe, device)
     optimizer, scheduler = make_optimizer(model, recipe)
     train_loader, test_loader = utils.get_loaders(recipe, data_dir, device)
@@ -408,6 +409,7 @@ def score_checkpoint(args: argparse.Namespace, device: torch.device, weights: di
                      recipe: dict) -> int:
     """Score saved weights on --limit-test images (default: the whole test set) with the
     recipe's loader, reading the test files only."""
+    configure_process(recipe, device)
     model = prepare_model(make_model(recipe), recipe, device)
     model.load_state_dict(weights)
     if recipe["loader"] == "torchvision":  # the original pipeline, its workers included

@@ -1,31 +1,26 @@
 """The lesson's toolkit: what Session_6_Solution.ipynb and train.py use to train model.Net.
 
-The recipe, `RECIPE`, is support/recipe.py's: the write-up's settings (SGD lr 0.01 momentum
-0.9, StepLR step 15 gamma 0.1, 20 epochs of batch 128, seed 1), then this project's switches,
-whose defaults are the write-up's choices; a recipe names only what it changes. Below it, read
-top to bottom, in the order the notebook meets them:
+Read top to bottom, in the order the notebook meets them:
   1. the loaders, and the augmentation they apply, in the write-up's order;
   2. `train` and `test`, named and written as in pytorch/examples' mnist/main.py;
   3. `save_checkpoint` and `load_checkpoint`: one dict with readable keys, each way;
-  4. the plots.
-What makes them trustworthy and fast (every checkpoint checked, one process per checkpoint,
-the fast path, Pillow's exact pixels, the MNIST files, how figures are drawn) is in support/,
-one module per concern; each name below says where it comes from.
+  4. the plots, `plot_history` and `plot_mistakes`, drawn in support/figures.py.
+The recipe, `RECIPE`, is support/recipe.py's. What makes these trustworthy and fast (every
+checkpoint checked, one process per checkpoint, the fast path, Pillow's exact pixels, the MNIST
+files) is in support/, one module per concern; each name below says where it comes from.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from support import checkpoints, figures, outputs
-from support.analysis import save_analysis
+from support import checkpoints, outputs
 from support.augment import augmentation_parts, crop_resize, rotate_nearest, sample_augment_params
 from support.bookkeeping import (
     STDOUT,
@@ -41,6 +36,7 @@ from support.bookkeeping import (
 from support.checkpoint_checks import check_objects
 from support.devices import fast_path, prepare_model, to_device  # noqa: F401 (prepare_model: the notebook's)
 from support.fast_loader import DeviceLoader
+from support.figures import plot_history, plot_mistakes  # noqa: F401 (the notebook's plots)
 from support.mnist_files import ensure_mnist, load_mnist_tensors
 from support.recipe import RECIPE, full_recipe  # noqa: F401 (RECIPE: train.py's and the tests')
 from support.torchvision_loader import torchvision_loaders
@@ -190,54 +186,3 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     device = next(model.parameters()).device
     checkpoints.restore_rng(checkpoint["rng"], train_loader, device)
     return history
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Plots: the write-up's two figures, loss and accuracy per epoch, and what the model gets
-# wrong. support/figures.py draws the accuracy's zoomed panel and shows figures in a notebook.
-# ---------------------------------------------------------------------------------------------
-@figures.legible
-def plot_history(history: Any, save_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
-    """Train and test loss, and train and test accuracy, per epoch (`history`: rows or
-    columns); the accuracy gets a second panel from 98.5% up, where the test curve meets the
-    dashed 99.4% target. Saved in `save_dir` when given; shown inline in a notebook."""
-    import matplotlib.pyplot as plt
-
-    columns = history_columns(history) if isinstance(history, list) else history
-    drawn = []
-    for key, label, name in (("loss", "loss (NLL)", "loss.png"),
-                             ("acc", "accuracy (%)", "accuracy.png")):
-        panels = 2 if key == "acc" else 1
-        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-        ax = axes[0, 0]
-        ax.plot(columns["epoch"], columns[f"train_{key}"], "o-", label="train")
-        ax.plot(columns["epoch"], columns[f"test_{key}"], "s-", label="test")
-        ax.set(xlabel="epoch", ylabel=label, title=f"{label.split(' ')[0].title()} per epoch")
-        if key == "acc":
-            figures.target_line(ax)
-            figures.zoomed_accuracy(axes[0, 1], columns)
-        for a in axes.flat:
-            figures.whole_epochs(a)
-            a.grid(alpha=0.3)
-        ax.legend()
-        drawn.append(figures.finish(fig, Path(save_dir) / name if save_dir else None))
-    figures.show_inline(drawn[0], "Train and test loss (NLL) per epoch")
-    figures.show_inline(drawn[1], "Train and test accuracy per epoch against the dashed 99.4% "
-                        "target; the right panel zooms in from 98.5% up, with the final test "
-                        "accuracy marked")
-    return drawn[0], drawn[1]
-
-
-def plot_mistakes(model: nn.Module, test_loader: Any, device: torch.device,
-                  save_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The misclassified test digits the model was surest of, the confusion matrix, and each
-    digit's accuracy (printed); saved in `save_dir` when given, shown inline in a notebook."""
-    analysis = save_analysis(model, test_loader, device, save_dir=save_dir)
-    figures.show_inline(analysis["figures"]["misclassified"], "The misclassified test digits "
-                        "the model was surest of, each captioned with its true and predicted "
-                        "digit and the model's confidence")
-    figures.show_inline(analysis["figures"]["confusion"], "Confusion matrix of the test digits: "
-                        "true digit by row, predicted by column, mistakes coloured by count")
-    for digit, acc in enumerate(analysis["per_class_accuracy"]):
-        print(f"digit {digit}: {acc:.2f}%")
-    return analysis

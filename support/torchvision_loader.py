@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from support.augment import CROP_P, CROP_SIZE, MAX_ANGLE, augmentation_parts
 from support.recipe import MEAN, STD
@@ -31,45 +32,40 @@ def train_transforms(augmentation: str = "both") -> Any:
 
 def test_transforms() -> Any:
     """The original's test pipeline: no augmentation."""
-    from torchvision import transforms as T
-
-    return T.Compose([T.ToTensor(), T.Normalize((MEAN,), (STD,))])
+    return train_transforms("none")
 
 
 def torchvision_loaders(recipe: dict[str, Any], data_dir: str | os.PathLike,
                         device: torch.device, num_workers: int | None = None
-                        ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+                        ) -> tuple[DataLoader, DataLoader]:
     """DataLoaders over torchvision's MNIST for a full recipe; `loader.generator` holds the
-    shuffling state. Pinned memory on CUDA, where the copy to the device is asynchronous."""
-    from torch.utils.data import Subset
-    from torchvision.datasets import MNIST
-
-    train_ds = MNIST(str(data_dir), train=True, download=False,
-                     transform=train_transforms(recipe["augmentation"]))
-    if recipe["limit_train"]:
-        train_ds = Subset(train_ds, range(min(recipe["limit_train"], len(train_ds))))
-    # Workers are not persistent: each epoch re-seeds them from `generator`, so a resumed run
-    # draws the same augmentations as an uninterrupted one. They leave Ctrl-C to this process.
-    gen = torch.Generator().manual_seed(recipe["seed"])
-    train = CtrlCSafeDataLoader(train_ds, batch_size=recipe["batch_size"], shuffle=True,
-                                generator=gen, **_workers(device, num_workers))
+    shuffling state. Workers are not persistent: each epoch re-seeds them from the generator,
+    so a resumed run draws the same augmentations as an uninterrupted one."""
+    train = _loader(recipe, data_dir, device, num_workers, train=True, shuffle=True,
+                    generator=torch.Generator().manual_seed(recipe["seed"]))
     return train, torchvision_test_loader(recipe, data_dir, device, num_workers)
 
 
 def torchvision_test_loader(recipe: dict[str, Any], data_dir: str | os.PathLike,
-                            device: torch.device, num_workers: int | None = None
-                            ) -> torch.utils.data.DataLoader:
+                            device: torch.device, num_workers: int | None = None) -> DataLoader:
     """The test set alone (train.py --evaluate reads no training file)."""
+    return _loader(recipe, data_dir, device, num_workers, train=False, shuffle=False)
+
+
+def _loader(recipe: dict[str, Any], data_dir: str | os.PathLike, device: torch.device,
+            num_workers: int | None, train: bool, **options: Any) -> DataLoader:
+    """A recipe's loader of one split, its `limit_*` first images; pinned memory on CUDA,
+    where the copy to the device is asynchronous."""
     from torch.utils.data import Subset
     from torchvision.datasets import MNIST
 
-    test_ds = MNIST(str(data_dir), train=False, download=False, transform=test_transforms())
-    if recipe["limit_test"]:
-        test_ds = Subset(test_ds, range(min(recipe["limit_test"], len(test_ds))))
-    return CtrlCSafeDataLoader(test_ds, batch_size=recipe["test_batch_size"], shuffle=False,
-                               **_workers(device, num_workers))
-
-
-def _workers(device: torch.device, num_workers: int | None) -> dict[str, Any]:
-    return dict(num_workers=min(2, os.cpu_count() or 1) if num_workers is None else num_workers,
-                pin_memory=device.type == "cuda", worker_init_fn=leave_ctrl_c)
+    transform = train_transforms(recipe["augmentation"]) if train else test_transforms()
+    dataset = MNIST(str(data_dir), train=train, download=False, transform=transform)
+    limit = recipe["limit_train" if train else "limit_test"]
+    if limit:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
+    return CtrlCSafeDataLoader(
+        dataset, batch_size=recipe["batch_size" if train else "test_batch_size"],
+        num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=leave_ctrl_c,
+        **options)

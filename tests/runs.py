@@ -1,15 +1,27 @@
 """What the tests need of a run beyond train.py's build_run, fit and save_run: the dict a save
-writes, a run restored from such a dict through utils.load_checkpoint, and a history's columns."""
+writes, a run restored from such a dict through utils.load_checkpoint, and a history's columns;
+and the notebook's cells, each run from its own source with the names its earlier cells define."""
 
 from __future__ import annotations
 
+import io
+import os
+import re
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import nbformat
 import torch
 
+import model
 import train as cli
+import utils
 from support.bookkeeping import history_columns
+from support.mnist_files import ensure_mnist
 
 cols = history_columns  # run.history is a list of rows; a file's history is these columns
 
@@ -29,6 +41,120 @@ def restore_run(run: cli.Run, checkpoint: dict) -> None:
         path = Path(tmp) / "restore.pt"
         torch.save(checkpoint, path)
         cli.resume_run(run, str(path), may_change=tuple(run.recipe))
+
+
+# ---------------------------------------------------------------------------------------------
+# The notebook's cells, run as the notebook holds them.
+# ---------------------------------------------------------------------------------------------
+CPU = torch.device("cpu")
+# A few batches of real MNIST: never a full epoch.
+TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
+
+
+def without_seconds(history: dict) -> dict:
+    return {k: v for k, v in history.items() if k != "seconds"}
+
+
+RECIPE = {**utils.RECIPE, **TINY, "epochs": 3}
+NOTEBOOK = Path(__file__).resolve().parent.parent / "Session_6_Solution.ipynb"
+CELLS = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
+
+
+def cell(marker: str) -> str:
+    """The one code cell of the notebook that contains `marker`."""
+    (source,) = [source for source in CELLS if marker in source]
+    return source
+
+
+SETTINGS_CELL, PLOTS_CELL = cell("CHECKPOINT = "), cell("finished = ")
+
+
+def the_notebooks_names() -> dict:
+    """What the settings cell imports from model and utils, as they are now (so that a test's
+    monkeypatch reaches the cells), and torch and time."""
+    names = re.search(r"from utils import \((.*?)\)", SETTINGS_CELL, re.S).group(1)
+    return {**{n.strip(): getattr(utils, n.strip()) for n in names.split(",") if n.strip()},
+            **{n: getattr(model, n) for n in ("Net", "layer_table")}, "torch": torch,
+            "time": time}
+
+
+def settings_cell(monkeypatch, smoke: str | None) -> dict:
+    """Run the settings cell with S6_SMOKE set to `smoke` (None: unset); return its names."""
+    if smoke is None:
+        monkeypatch.delenv("S6_SMOKE", raising=False)
+    else:
+        monkeypatch.setenv("S6_SMOKE", smoke)
+    names: dict = {}
+    exec(SETTINGS_CELL, names)
+    return names
+
+
+def plots_cell(tmp_path: Path, done: int, epochs: int, images: str | None) -> str:
+    """Run the plots cell after `done` of `epochs` epochs; return what it printed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    row = dict(train_loss=0.1, train_acc=98.0, test_loss=0.05, test_acc=99.0, lr=0.01,
+               seconds=1.0)
+    history = [{"epoch": e, **row} for e in range(1, done + 1)]
+    folder = None if images is None else str(tmp_path / images)
+    out = io.StringIO()
+    names = {**the_notebooks_names(), "history": history, "recipe": {"epochs": epochs},
+             "IMAGES": folder, "samples_fig": plt.figure(), "print": lambda *a, **k: print(
+                 *a, **k, file=out)}
+    exec(PLOTS_CELL, names)
+    plt.close("all")
+    return out.getvalue()
+
+
+TRAINING_CELL = cell("for epoch in")
+
+
+def training_cell(recipe: dict, path: Path, data_dir: Path, retrain: bool = False,
+                  edit: tuple[str, str] | None = None) -> SimpleNamespace:
+    """Run the notebook's training cell (with `edit`: one string of it replaced, as a learner
+    would edit it); return its names: model, optimizer, scheduler, history..."""
+    ensure_mnist(data_dir, verbose=False)  # the Data cell, run before it, fetched MNIST
+    source = TRAINING_CELL if edit is None else TRAINING_CELL.replace(*edit)
+    assert edit is None or source != TRAINING_CELL, "the edit changes nothing"
+    names = {**the_notebooks_names(), "recipe": recipe, "device": CPU,
+             "DATA": str(data_dir), "CHECKPOINT": path, "RETRAIN": retrain}
+    exec(source, names)
+    return SimpleNamespace(**names)
+
+
+def shown(text: str) -> str:
+    """The text as a terminal or Jupyter shows it: each line from its last carriage return."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def epochs_logged(text: str) -> list[int]:
+    return [int(e) for e in re.findall(r"^epoch +(\d+): train loss", shown(text), re.M)]
+
+
+COLAB_CELL = next(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
+                  if c.cell_type == "code" and "REPO = " in c.source)
+PLACEHOLDER = re.search(r'^REPO = "([^"]+)"', COLAB_CELL, re.M).group(1)
+
+
+def run_colab_cell(tmp_path: Path, repo: str, git: str, times: int = 1
+                   ) -> subprocess.CompletedProcess:
+    """Run the cell `times` times in one process, where the repository's files are not (a fresh
+    folder, as Colab's /content), with REPO set to `repo` and `git` (a shell script) standing in
+    for git; between two runs it prints the folder it is in."""
+    bin_dir, work = tmp_path / "bin", tmp_path / "content"
+    bin_dir.mkdir()
+    work.mkdir()
+    (bin_dir / "git").write_text(f"#!/bin/sh\n{git}")
+    (bin_dir / "git").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    source = COLAB_CELL.replace(f'REPO = "{PLACEHOLDER}"', f'REPO = "{repo}"')
+    code = "\nimport os\nprint('cwd', os.getcwd())\n".join([f"exec({source!r})"] * times)
+    return subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
 class Uncompiled(torch.nn.Module):

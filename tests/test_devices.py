@@ -10,11 +10,12 @@ import types
 import pytest
 import runs
 import torch
-from runs import cols
+from runs import cols, settings_cell
 from torch import nn
 
 import train as cli
 import utils
+from model import Net
 from support import checkpoints, devices
 
 CPU = torch.device("cpu")
@@ -167,34 +168,39 @@ def test_channels_last_and_the_allocator_setting_only_on_the_cpu(kind, channels_
     assert original.memory_format == torch.contiguous_format and not original.fused_dropout
 
 
-def test_deterministic_recipe_sets_pytorchs_switches(mnist_dir):
-    try:
-        cli.build_run({**TINY, "deterministic": True}, CPU, mnist_dir)
-        assert torch.are_deterministic_algorithms_enabled()
-        assert torch.backends.cudnn.deterministic
-        assert not torch.backends.cudnn.allow_tf32
-        cli.build_run(TINY, CPU, mnist_dir)
-        assert not torch.are_deterministic_algorithms_enabled()
-        assert torch.backends.cudnn.allow_tf32
-    finally:
-        devices.use_deterministic(False)
-
-
-def test_a_run_without_determinism_leaves_the_users_switches_alone(mnist_dir):
+@pytest.fixture
+def switches():
+    """PyTorch's process-wide switches, put back after the test."""
     cudnn = torch.backends.cudnn
-    saved = cudnn.benchmark, cudnn.allow_tf32
-    try:
-        cudnn.benchmark, cudnn.allow_tf32 = True, False  # a notebook user's own choice
-        cli.build_run(TINY, CPU, mnist_dir)
-        assert (cudnn.benchmark, cudnn.allow_tf32) == (True, False)
-        cli.build_run({**TINY, "deterministic": True}, CPU, mnist_dir)
-        assert (cudnn.benchmark, cudnn.allow_tf32) == (False, False)
-        cli.build_run(TINY, CPU, mnist_dir)  # undoes the deterministic run, back to the user's
-        assert (cudnn.benchmark, cudnn.allow_tf32) == (True, False)
-        assert not torch.are_deterministic_algorithms_enabled()
-    finally:
-        devices.use_deterministic(False)
-        cudnn.benchmark, cudnn.allow_tf32 = saved
+    saved = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic,
+             cudnn.benchmark, cudnn.allow_tf32)
+    yield cudnn
+    torch.use_deterministic_algorithms(saved[0])
+    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = saved[1:]
+
+
+def test_deterministic_recipe_sets_pytorchs_switches(mnist_dir, switches):
+    cli.build_run({**TINY, "deterministic": True}, CPU, mnist_dir)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert switches.deterministic and not switches.benchmark and not switches.allow_tf32
+
+
+def test_a_run_without_determinism_leaves_the_users_switches_alone(mnist_dir, switches,
+                                                                  monkeypatch):
+    kept = []
+    monkeypatch.setattr(devices, "keep_freed_memory", lambda: kept.append(True))
+    switches.benchmark, switches.allow_tf32 = True, False  # a user's own choice
+    cli.build_run(TINY, CPU, mnist_dir)
+    assert kept == [True]  # the fast path's allocator: train.py's run sets it
+    assert (switches.benchmark, switches.allow_tf32) == (True, False)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_notebooks_prepare_model_changes_nothing_outside_the_model(monkeypatch, switches):
+    """The learner's kernel keeps its settings: no mallopt, no determinism, even if asked."""
+    monkeypatch.setattr(devices, "keep_freed_memory", lambda: pytest.fail("mallopt called"))
+    utils.prepare_model(Net(), {"deterministic": True}, CPU)
+    assert not torch.are_deterministic_algorithms_enabled() and not switches.deterministic
 
 
 def test_compile_is_refused_on_mps():
@@ -212,8 +218,6 @@ def test_notebook_metadata_asks_colab_for_a_gpu(repo_root):
 
 
 def test_in_colab_on_a_cpu_the_notebook_says_how_to_get_a_gpu(monkeypatch, capsys):
-    from test_notebook_run import settings_cell
-
     settings_cell(monkeypatch, "1")
     assert "Change runtime type" not in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))

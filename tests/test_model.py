@@ -30,25 +30,13 @@ def table() -> list[model.LayerInfo]:
 
 
 @pytest.mark.quick
-def test_layer_names_follow_the_write_up(table):
+def test_the_layer_table_follows_the_write_up(table):
     assert [r.name for r in table] == STAGES
-
-
-@pytest.mark.quick
-def test_output_sizes(table):
     assert [r.out_size for r in table] == SIZES
-
-
-@pytest.mark.quick
-def test_receptive_fields_and_jumps(table):
     assert [r.receptive_field for r in table] == RECEPTIVE_FIELDS
     assert [r.jump for r in table] == JUMPS
     # The last conv sees the whole 28x28 digit.
     assert table[-1].receptive_field >= 28
-
-
-@pytest.mark.quick
-def test_output_channels_follow_the_channel_plan(table):
     convs = [r.out_channels for r in table if r.kind != "maxpool"]
     assert tuple(convs) == model.CHANNELS
 
@@ -64,15 +52,11 @@ def test_layer_table_leaves_the_training_mode_alone():
 
 
 @pytest.mark.quick
-def test_parameter_count():
+def test_parameter_count(table):
     n = model.count_parameters(Net())
     assert n == 19200
     assert n < 20000
-
-
-@pytest.mark.quick
-def test_parameter_count_of_the_table_adds_up(table):
-    assert sum(r.params for r in table) == model.count_parameters(Net())
+    assert sum(r.params for r in table) == n  # the table's column adds up
 
 
 @pytest.mark.quick
@@ -119,6 +103,7 @@ def test_every_plan_puts_dropout_after_each_3x3_block():
     dropped = [name for name, s in net.features.named_children()
                if any(isinstance(m, nn.Dropout) for m in s.modules())]
     assert dropped == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert net.state_dict().keys() == Net().state_dict().keys()  # dropout holds no weights
     assert not any(isinstance(m, (nn.Dropout, ReLUDropout))
                    for m in fuse_relu_dropout(Net(dropout_plan="none")).modules())
 
@@ -126,34 +111,6 @@ def test_every_plan_puts_dropout_after_each_3x3_block():
 def test_an_unknown_dropout_plan_is_refused():
     with pytest.raises(ValueError, match="unknown dropout plan 'all'"):
         Net(dropout_plan="all")
-
-
-def test_every_form_has_the_same_weights():
-    """Fast or original dropout, any dropout plan: one state_dict, loadable by any other."""
-    nets = [fuse_relu_dropout(Net(dropout_plan=plan)) if fast else Net(dropout_plan=plan)
-            for plan in model.DROPOUT_PLANS for fast in (True, False)]
-    shapes = [{k: v.shape for k, v in n.state_dict().items()} for n in nets]
-    assert all(s == shapes[0] for s in shapes)
-    for a in nets:
-        for b in nets:
-            b.load_state_dict(a.state_dict())
-    fast, original = fuse_relu_dropout(Net()), Net()
-    assert sum(isinstance(m, ReLUDropout) for m in fast.modules()) == 2
-    # The fused form is itself an nn.Dropout (the course's graders look for one by type), and
-    # the only one: no separate nn.ReLU + nn.Dropout pair is left beside it.
-    assert all(isinstance(m, ReLUDropout) for m in fast.modules()
-               if isinstance(m, nn.Dropout))
-    assert not any(isinstance(m, ReLUDropout) for m in original.modules())
-    assert sum(isinstance(m, nn.Dropout) for m in original.modules()) == 2
-
-
-def test_fast_and_original_dropout_agree_in_eval_mode():
-    torch.manual_seed(0)
-    fast = fuse_relu_dropout(Net()).eval()
-    original = Net().eval()
-    original.load_state_dict(fast.state_dict())
-    x = torch.randn(3, 1, 28, 28)
-    torch.testing.assert_close(fast(x), original(x))
 
 
 def torchsummary_rows(net: nn.Module) -> list[str]:
@@ -255,22 +212,6 @@ def test_fusing_a_pair_mid_sequence_keeps_the_later_keys():
     assert isinstance(seq[0], ReLUDropout) and isinstance(seq[1], nn.Conv2d)
 
 
-@pytest.mark.parametrize("options", OPTIONS)
-def test_weights_saved_from_either_form_load_into_the_other(options, tmp_path):
-    torch.manual_seed(1)
-    fused = fuse_relu_dropout(Net(**options))
-    torch.manual_seed(2)
-    plain = Net(**options)
-    torch.save(fused.state_dict(), tmp_path / "fused.pt")
-    torch.save(plain.state_dict(), tmp_path / "plain.pt")
-    into_plain, into_fused = Net(**options), fuse_relu_dropout(Net(**options))
-    into_plain.load_state_dict(torch.load(tmp_path / "fused.pt", weights_only=True))
-    into_fused.load_state_dict(torch.load(tmp_path / "plain.pt", weights_only=True))
-    for loaded, saved in ((into_plain, fused), (into_fused, plain)):
-        a, b = loaded.state_dict(), saved.state_dict()
-        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.quick
 def test_format_layer_table(table):
     text = model.format_layer_table(table)
@@ -294,16 +235,13 @@ def relu_dropout(x: torch.Tensor, p: float = 0.1) -> torch.Tensor:
     return ReLUDropout(p).train()(x)
 
 
-def test_drops_ten_percent_and_scales_the_rest():
+def test_drops_ten_percent_and_scales_the_rest_exactly_as_nn_dropout():
     torch.manual_seed(0)
     x = torch.rand(N) + 0.5  # positive: ReLU leaves it alone, so every zero is a drop
     out = relu_dropout(x)
     dropped = out == 0
     assert abs(dropped.float().mean().item() - 0.1) < 0.002
     torch.testing.assert_close(out[~dropped], x[~dropped] * KEEP_SCALE)
-
-
-def test_kept_values_are_exactly_those_of_nn_dropout():
     torch.manual_seed(1)
     out = relu_dropout(torch.ones(N))
     kept = out[out != 0]
@@ -409,17 +347,6 @@ def test_non_contiguous_input():
     dropped = out == 0
     assert abs(dropped.float().mean().item() - 0.1) < 0.01
     torch.testing.assert_close(out[~dropped], x[~dropped] * KEEP_SCALE)
-
-
-def test_gradient_is_relus_times_the_same_mask():
-    torch.manual_seed(0)
-    x = torch.randn(10_000, requires_grad=True)
-    out = relu_dropout(x)
-    (out * torch.arange(10_000.0)).sum().backward()
-    # Gradient flows exactly where the output is non-zero (input positive and kept).
-    expected = torch.where(out != 0, KEEP_SCALE * torch.arange(10_000.0), 0.0)
-    torch.testing.assert_close(x.grad, expected)
-    assert ((x.detach() <= 0) <= (x.grad == 0)).all()
 
 
 def test_gradient_matches_relu_then_nn_dropout_under_the_same_mask():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_notebook_run import RECIPE, plots_cell, run_colab_cell, training_cell
+from runs import RECIPE, plots_cell, run_colab_cell, training_cell
 
 from support import checkpoints, outputs
 

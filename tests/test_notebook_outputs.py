@@ -1,6 +1,6 @@
-"""The documented command for re-executing the notebook (docs/notebook.md, once the README's
-"The notebook" section) keeps one finished bar per progress bar, not every refresh of it (which
-made the committed notebook 580 KB)."""
+"""The documented command for re-executing the notebook (docs/notebook.md) keeps one finished
+bar per progress bar, not every refresh of it (which would make the notebook hundreds of KB
+heavier); and the committed notebook, as a reader on GitHub sees it."""
 
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ print("epoch  1: done")
 
 
 def readme_command() -> list[str]:
-    """The nbconvert command in docs/notebook.md's "Re-executing it in place" section (it was
-    the README's "The notebook" section until the README's reference moved to docs/), as
+    """The nbconvert command in docs/notebook.md's "Re-executing it in place" section, as
     arguments."""
     doc = (ROOT / "docs" / "notebook.md").read_text()
     section = doc.split("## Re-executing it in place", 1)[1].split("\n## ", 1)[0]
@@ -87,12 +86,6 @@ def test_committed_notebook_is_executed_light_and_shows_every_result():
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
-
-    training = cell_running(nb, "for epoch in")
-    text = "".join(o.get("text", "") for o in training.outputs)
-    epochs = re.findall(r"epoch +(\d+): train loss", text)
-    assert epochs == [str(e) for e in range(1, 21)]  # a full run, not a smoke one
-    assert len(training.outputs) <= 2 * len(epochs) + 1  # a bar and a line per epoch
 
     ablation = nb.cells[-1]  # the benchmark's figures, as it saved them
     assert ablation.cell_type == "markdown"

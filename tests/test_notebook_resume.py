@@ -21,8 +21,8 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.util import ensure_async
 from nbconvert.preprocessors import CoalesceStreamsPreprocessor
-from test_notebook_run import epochs_logged as epochs_logged_in
-from test_notebook_run import shown
+from runs import epochs_logged as epochs_logged_in
+from runs import shown
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "Session_6_Solution.ipynb"

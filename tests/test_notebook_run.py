@@ -1,65 +1,41 @@
 """What the notebook's cells rely on: S6_SMOKE's one rule, the recipe in view, a training cell
 that resumes from its checkpoint (utils.load_checkpoint, save_checkpoint), figures saved only
-for a complete run, and bars that clear themselves. Each cell runs as the notebook holds it:
-its own source, with the names the notebook's earlier cells define."""
+for a complete run, and bars that clear themselves. Each cell runs as the notebook holds it
+(tests/runs.py runs it: its own source, with the names the notebook's earlier cells define)."""
 
 from __future__ import annotations
 
 import inspect
 import io
-import os
 import re
 import shlex
 import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import nbformat
 import pytest
 import torch
-from runs import cols
-from test_checkpoints import CPU, TINY, without_seconds
+from runs import (
+    CELLS,
+    COLAB_CELL,
+    CPU,
+    PLACEHOLDER,
+    RECIPE,
+    TRAINING_CELL,
+    cols,
+    epochs_logged,
+    plots_cell,
+    run_colab_cell,
+    settings_cell,
+    shown,
+    the_notebooks_names,
+    training_cell,
+    without_seconds,
+)
 
-import model
 import train as cli
 import utils
 from support import bookkeeping, checkpoints, recipe
-from support.mnist_files import ensure_mnist
-
-RECIPE = {**utils.RECIPE, **TINY, "epochs": 3}
-NOTEBOOK = Path(__file__).resolve().parent.parent / "Session_6_Solution.ipynb"
-CELLS = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
-
-
-def cell(marker: str) -> str:
-    """The one code cell of the notebook that contains `marker`."""
-    (source,) = [source for source in CELLS if marker in source]
-    return source
-
-
-SETTINGS_CELL, PLOTS_CELL = cell("CHECKPOINT = "), cell("finished = ")
-
-
-def the_notebooks_names() -> dict:
-    """What the settings cell imports from model and utils, as they are now (so that a test's
-    monkeypatch reaches the cells), and torch and time."""
-    names = re.search(r"from utils import \((.*?)\)", SETTINGS_CELL, re.S).group(1)
-    return {**{n.strip(): getattr(utils, n.strip()) for n in names.split(",") if n.strip()},
-            **{n: getattr(model, n) for n in ("Net", "layer_table")}, "torch": torch,
-            "time": time}
-
-
-def settings_cell(monkeypatch, smoke: str | None) -> dict:
-    """Run the settings cell with S6_SMOKE set to `smoke` (None: unset); return its names."""
-    if smoke is None:
-        monkeypatch.delenv("S6_SMOKE", raising=False)
-    else:
-        monkeypatch.setenv("S6_SMOKE", smoke)
-    names: dict = {}
-    exec(SETTINGS_CELL, names)
-    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,26 +74,6 @@ def test_the_notebooks_recipe_is_the_write_ups(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Figures go to images/ only for a run with all its epochs.
 # ---------------------------------------------------------------------------------------------
-def plots_cell(tmp_path: Path, done: int, epochs: int, images: str | None) -> str:
-    """Run the plots cell after `done` of `epochs` epochs; return what it printed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    row = dict(train_loss=0.1, train_acc=98.0, test_loss=0.05, test_acc=99.0, lr=0.01,
-               seconds=1.0)
-    history = [{"epoch": e, **row} for e in range(1, done + 1)]
-    folder = None if images is None else str(tmp_path / images)
-    out = io.StringIO()
-    names = {**the_notebooks_names(), "history": history, "recipe": {"epochs": epochs},
-             "IMAGES": folder, "samples_fig": plt.figure(), "print": lambda *a, **k: print(
-                 *a, **k, file=out)}
-    exec(PLOTS_CELL, names)
-    plt.close("all")
-    return out.getvalue()
-
-
 def test_a_complete_run_saves_its_figures_in_images(tmp_path):
     assert plots_cell(tmp_path, 3, 3, "images") == ""
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
@@ -169,22 +125,6 @@ def test_no_bar_when_progress_is_off(capsys):
 # The notebook's run: new, interrupted, resumed, finished; another recipe's is refused. The
 # training cell runs as the notebook holds it.
 # ---------------------------------------------------------------------------------------------
-TRAINING_CELL = cell("for epoch in")
-
-
-def training_cell(recipe: dict, path: Path, data_dir: Path, retrain: bool = False,
-                  edit: tuple[str, str] | None = None) -> SimpleNamespace:
-    """Run the notebook's training cell (with `edit`: one string of it replaced, as a learner
-    would edit it); return its names: model, optimizer, scheduler, history..."""
-    ensure_mnist(data_dir, verbose=False)  # the Data cell, run before it, fetched MNIST
-    source = TRAINING_CELL if edit is None else TRAINING_CELL.replace(*edit)
-    assert edit is None or source != TRAINING_CELL, "the edit changes nothing"
-    names = {**the_notebooks_names(), "recipe": recipe, "device": CPU,
-             "DATA": str(data_dir), "CHECKPOINT": path, "RETRAIN": retrain}
-    exec(source, names)
-    return SimpleNamespace(**names)
-
-
 def opened(recipe: dict, path: Path, data_dir: Path, retrain: bool = False) -> cli.Run:
     """The run as the training cell holds it when its loop starts."""
     run = cli.build_run(recipe, CPU, data_dir)
@@ -208,15 +148,6 @@ def stop_in_epoch(monkeypatch, epoch: int) -> None:
             optimizer.step = interrupt
 
     monkeypatch.setattr(utils, "save_checkpoint", save_then_arm)
-
-
-def shown(text: str) -> str:
-    """The text as a terminal or Jupyter shows it: each line from its last carriage return."""
-    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
-
-
-def epochs_logged(text: str) -> list[int]:
-    return [int(e) for e in re.findall(r"^epoch +(\d+): train loss", shown(text), re.M)]
 
 
 def test_the_notebook_has_one_training_cell_with_its_loop_in_view():
@@ -262,33 +193,8 @@ def test_an_interrupted_run_resumes_from_its_last_saved_epoch(tmp_path, mnist_di
     assert without_seconds(cols(resumed.history)) == without_seconds(cols(unbroken.history))
 
 
-def test_the_bars_go_to_stdout_and_clear_themselves(tmp_path, mnist_dir, capsys):
-    training_cell({**RECIPE, "epochs": 1}, tmp_path / "a.pt", mnist_dir)
-    captured = capsys.readouterr()
-    assert captured.err == ""  # nothing Jupyter would show as a pink block
-    assert "epoch  1 train" in captured.out  # the bar was there while it ran
-    from nbconvert.preprocessors.coalescestreams import CR_PAT
-
-    # As the README's nbconvert command saves it: the bar's carriage returns applied.
-    assert epochs_logged(CR_PAT.sub("", captured.out)) == [1]
-    assert "train:" not in CR_PAT.sub("", captured.out)
-
-
 def finished_run(path: Path, mnist_dir: Path, epochs: int = 1) -> SimpleNamespace:
     return training_cell({**RECIPE, "epochs": epochs}, path, mnist_dir)
-
-
-def test_a_finished_run_is_loaded_not_trained_again(tmp_path, mnist_dir, capsys):
-    path = tmp_path / "notebook.pt"
-    trained = finished_run(path, mnist_dir)
-    capsys.readouterr()
-    loaded = training_cell({**RECIPE, "epochs": 1}, path, mnist_dir)
-    out = capsys.readouterr().out
-    assert out.startswith(f"loaded the finished run in {path} (1 epoch)")
-    assert epochs_logged(out) == []
-    assert loaded.history == trained.history
-    for name, tensor in trained.model.state_dict().items():
-        assert torch.equal(loaded.model.state_dict()[name], tensor), name
 
 
 def test_retrain_trains_a_finished_run_again_from_scratch(tmp_path, mnist_dir, capsys):
@@ -312,18 +218,6 @@ def test_retrain_still_resumes_an_unfinished_run_of_the_recipe(tmp_path, mnist_d
     again = opened(RECIPE, path, mnist_dir, retrain=True)
     assert capsys.readouterr().out == f"resuming {path} after epoch 1 of 3\n"
     assert cols(again.history)["epoch"] == [1]
-
-
-def test_another_recipes_run_is_refused_saying_what_differs_and_what_to_do(tmp_path, mnist_dir):
-    path = tmp_path / "notebook.pt"
-    finished_run(path, mnist_dir)
-    with pytest.raises(ValueError) as refused:
-        training_cell({**RECIPE, "epochs": 1, "lr": 0.02}, path, mnist_dir)
-    message = str(refused.value)
-    assert "another recipe" in message and "not resumed" in message
-    assert "lr 0.01 (the notebook's: 0.02)" in message
-    assert "RETRAIN = True" in message and "CHECKPOINT" in message
-    assert checkpoints.read_checkpoint(path)["recipe"]["lr"] == 0.01  # left as it was
 
 
 def test_more_epochs_than_saved_is_another_recipe_too(tmp_path, mnist_dir):
@@ -406,32 +300,8 @@ def test_leftovers_of_a_killed_save_are_removed(tmp_path, mnist_dir, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Colab's first cell: with the placeholder address, or a clone that fails, one line and no
-# traceback.
+# Colab's first cell: with the placeholder address, one line and no traceback.
 # ---------------------------------------------------------------------------------------------
-COLAB_CELL = next(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
-                  if c.cell_type == "code" and "REPO = " in c.source)
-PLACEHOLDER = re.search(r'^REPO = "([^"]+)"', COLAB_CELL, re.M).group(1)
-
-
-def run_colab_cell(tmp_path: Path, repo: str, git: str, times: int = 1
-                   ) -> subprocess.CompletedProcess:
-    """Run the cell `times` times in one process, where the repository's files are not (a fresh
-    folder, as Colab's /content), with REPO set to `repo` and `git` (a shell script) standing in
-    for git; between two runs it prints the folder it is in."""
-    bin_dir, work = tmp_path / "bin", tmp_path / "content"
-    bin_dir.mkdir()
-    work.mkdir()
-    (bin_dir / "git").write_text(f"#!/bin/sh\n{git}")
-    (bin_dir / "git").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("PYTHONPATH", None)
-    source = COLAB_CELL.replace(f'REPO = "{PLACEHOLDER}"', f'REPO = "{repo}"')
-    code = "\nimport os\nprint('cwd', os.getcwd())\n".join([f"exec({source!r})"] * times)
-    return subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=120, stdin=subprocess.DEVNULL)
-
-
 def colab_cell(tmp_path: Path, repo: str) -> tuple[subprocess.CompletedProcess, bool]:
     """The cell with a `git` that fails as one offline would; the run and whether git ran."""
     called = tmp_path / "git-called"
@@ -447,14 +317,6 @@ def test_colab_cell_with_the_placeholder_says_what_to_set_in_one_line(tmp_path):
     (line,) = done.stdout.splitlines()
     assert "set REPO above" in line and "upload" in line
     assert not git_ran
-
-
-def test_colab_cell_whose_clone_fails_says_why_in_one_line(tmp_path):
-    done, git_ran = colab_cell(tmp_path, "someone/s6-mnist")
-    assert git_ran
-    assert done.returncode == 0 and done.stderr == ""
-    (line,) = done.stdout.splitlines()
-    assert line.startswith("could not clone https://github.com/someone/s6-mnist: fatal:")
 
 
 def test_a_compact_recipe_is_refused_by_the_cell_that_builds_net(tmp_path, mnist_dir):

@@ -16,7 +16,7 @@ import torch
 
 import utils
 from model import Net
-from support import analysis, bookkeeping, figures
+from support import bookkeeping, figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -55,25 +55,27 @@ def test_plot_history_without_dir_writes_nothing(tmp_path, monkeypatch):
 def test_confusion_matrix_and_per_class_accuracy():
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 9])
     preds = torch.tensor([0, 1, 1, 1, 2, 0, 2, 9])
-    cm = analysis.confusion_matrix(labels, preds)
+    cm = figures.confusion_matrix(labels, preds)
     assert cm.shape == (10, 10)
     assert cm.sum() == len(labels)
     assert cm[0, 0] == 1 and cm[0, 1] == 1 and cm[2, 0] == 1 and cm[9, 9] == 1
-    acc = analysis.per_class_accuracy(cm)
+    acc = figures.per_class_accuracy(cm)
     assert acc[0] == 50.0 and acc[1] == 100.0 and acc[2] == pytest.approx(200 / 3)
     assert acc[5] == 0.0  # a class with no examples does not divide by zero
 
 
-def test_save_analysis_writes_misclassified_grid_and_confusion_matrix(tmp_path, mnist_dir):
+def test_plot_mistakes_writes_misclassified_grid_and_confusion_matrix(tmp_path, mnist_dir,
+                                                                     capsys):
     torch.manual_seed(0)
     model = Net().eval()  # untrained: plenty of mistakes to show
     _, loader = utils.get_loaders({"test_batch_size": 100, "limit_test": 200}, mnist_dir,
                                   torch.device("cpu"))
-    out = analysis.save_analysis(model, loader, torch.device("cpu"), save_dir=tmp_path)
+    out = utils.plot_mistakes(model, loader, torch.device("cpu"), save_dir=tmp_path)
     assert_png(tmp_path / "misclassified.png")
     assert_png(tmp_path / "confusion_matrix.png")
     assert out["confusion_matrix"].sum() == 200
     assert len(out["per_class_accuracy"]) == 10
+    assert capsys.readouterr().out.count("\ndigit ") == 9  # each digit's accuracy, one a line
 
 
 def mistakes(n_wrong: int, n: int = 100) -> tuple[torch.Tensor, ...]:
@@ -88,7 +90,7 @@ def mistakes(n_wrong: int, n: int = 100) -> tuple[torch.Tensor, ...]:
 
 def test_misclassified_grid_shows_the_24_most_confident_mistakes_first():
     images, labels, preds, conf = mistakes(30)  # 30 mistakes, more than the grid shows
-    fig = analysis.plot_misclassified(images, labels, preds, conf)
+    fig = figures.plot_misclassified(images, labels, preds, conf)
     shown = [ax for ax in fig.axes if ax.images]
     assert len(shown) == 24
     # each caption's second line labels its percentage: "97% sure"
@@ -107,14 +109,14 @@ def test_misclassified_grid_shows_the_24_most_confident_mistakes_first():
     (0, "0 of 100 test digits misclassified; none to show"),
 ])
 def test_misclassified_title_says_how_many_it_shows(tmp_path, n_wrong, title):
-    fig = analysis.plot_misclassified(*mistakes(n_wrong), path=tmp_path / "m.png")
+    fig = figures.plot_misclassified(*mistakes(n_wrong), path=tmp_path / "m.png")
     assert len([ax for ax in fig.axes if ax.images]) == n_wrong
     assert fig._suptitle.get_text() == title
     assert_png(tmp_path / "m.png")  # no mistakes at all still draws a figure
 
 
 def test_misclassified_captions_do_not_overlap_the_digits(tmp_path):
-    fig = analysis.plot_misclassified(*mistakes(30))
+    fig = figures.plot_misclassified(*mistakes(30))
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     shown = [ax for ax in fig.axes if ax.images]
@@ -122,15 +124,6 @@ def test_misclassified_captions_do_not_overlap_the_digits(tmp_path):
     for ax in shown:
         caption = ax.title.get_window_extent(renderer)
         assert not any(caption.overlaps(p) for p in pictures), ax.get_title()
-
-
-def test_image_grid_of_augmented_samples(tmp_path, mnist_dir):
-    loader, _ = utils.get_loaders({"batch_size": 16, "limit_train": 64}, mnist_dir,
-                                  torch.device("cpu"))
-    x, y = analysis.augmented_samples(loader, n=16)
-    assert x.shape == (16, 1, 28, 28) and x.min() >= 0 and x.max() <= 1
-    analysis.image_grid(x, [str(int(v)) for v in y], path=tmp_path / "samples.png")
-    assert_png(tmp_path / "samples.png")
 
 
 def history_of(epochs: int) -> dict[str, list[float]]:
@@ -177,7 +170,7 @@ def test_accuracy_plot_has_the_target_line_and_a_panel_from_98_5_up():
 def test_confusion_matrix_label_fits_and_colour_bar_counts_are_whole(tmp_path):
     cm = torch.diag(torch.full((10,), 990))
     cm[7, 0], cm[1, 9], cm[4, 2] = 4, 3, 1
-    fig = analysis.plot_confusion_matrix(cm, path=tmp_path / "cm.png")
+    fig = figures.plot_confusion_matrix(cm, path=tmp_path / "cm.png")
     assert_png(tmp_path / "cm.png")
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -191,7 +184,7 @@ def test_confusion_matrix_label_fits_and_colour_bar_counts_are_whole(tmp_path):
 
 
 def test_confusion_matrix_with_no_mistakes_still_draws(tmp_path):
-    analysis.plot_confusion_matrix(torch.diag(torch.full((10,), 1000)), path=tmp_path / "cm.png")
+    figures.plot_confusion_matrix(torch.diag(torch.full((10,), 1000)), path=tmp_path / "cm.png")
     assert_png(tmp_path / "cm.png")
 
 
@@ -211,7 +204,7 @@ def luminance(colour) -> float:
 def test_confusion_matrix_counts_contrast_with_their_cells():
     cm = torch.diag(torch.full((10,), 990))
     cm[5, 3], cm[9, 4], cm[6, 8] = 5, 4, 1  # the darkest cell, a dark one, the lightest
-    ax = analysis.plot_confusion_matrix(cm).axes[0]
+    ax = figures.plot_confusion_matrix(cm).axes[0]
     assert cell_text(ax, 5, 3).get_text() == "5"
     assert cell_text(ax, 5, 3).get_color() == "white"  # was black on dark red
     assert cell_text(ax, 9, 4).get_color() == "white"
@@ -269,9 +262,9 @@ def test_epoch_ranges(epochs, text):
 def every_figure() -> list:
     cm = torch.diag(torch.full((10,), 990))
     cm[5, 3] = 5
-    return [*utils.plot_history(history_of(20)), analysis.plot_confusion_matrix(cm),
-            analysis.plot_misclassified(*mistakes(30)),
-            analysis.image_grid(torch.rand(8, 28, 28), ["label 1"] * 8, suptitle="samples")]
+    return [*utils.plot_history(history_of(20)), figures.plot_confusion_matrix(cm),
+            figures.plot_misclassified(*mistakes(30)),
+            figures.image_grid(torch.rand(8, 28, 28), ["label 1"] * 8, suptitle="samples")]
 
 
 def test_no_text_in_any_figure_is_smaller_than_10_points():
