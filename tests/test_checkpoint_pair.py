@@ -118,8 +118,8 @@ CASES = {
     "dropout": "the model's dropout is [0.3, 0.3], the recipe's [0.1, 0.1]",
     "stale optimizer": "the optimizer updates another model's parameters",
     "stale scheduler": "the scheduler drives another optimizer",
-    "lr": "the optimizer's learning rate at the schedule's start is 0.05, the recipe's 0.01",
-    "lr set by hand": "the optimizer's lr is 0.1, but its schedule set 0.01",
+    "lr": "the optimizer's initial_lr is 0.05, the recipe's 0.01",
+    "lr set by hand": "the optimizer's lr is 0.1, but the schedule sets 0.01",
 }
 
 

@@ -347,8 +347,10 @@ def test_an_optimizer_key_this_torch_does_not_write_is_left_out(tmp_path):
     assert group["momentum"] == utils.RECIPE["momentum"]
 
 
-def test_a_learning_rate_changed_by_the_schedule_or_by_lr_is_accepted(tmp_path):
+def test_a_learning_rate_that_is_not_the_schedules_is_refused(tmp_path):
+    """The rate is the one the schedule sets; train.py's --lr on resume is in the history
+    (test_robustness' test_resume_honours_lr_and_accepts_unchanged_flags)."""
     state = valid_state()
     state["optimizer"]["param_groups"][0]["lr"] = 0.0005
-    loaded = checkpoints.read_checkpoint(saved(tmp_path, state))
-    assert loaded["optimizer"]["param_groups"][0]["lr"] == 0.0005
+    err = assert_refused(saved(tmp_path, state))
+    assert "the optimizer's lr is 0.0005, but the schedule sets 0.01" in str(err)
