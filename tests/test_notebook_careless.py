@@ -63,6 +63,22 @@ def test_an_edit_refused_after_a_saved_run_leaves_the_run_as_it_was(tmp_path, mn
     assert path.read_bytes() == before
 
 
+@pytest.mark.parametrize("where", ["before train", "after scheduler.step"])
+def test_an_lr_set_inside_the_epoch_loop_is_refused_at_the_first_save(tmp_path, mnist_dir,
+                                                                      where):
+    """The schedule sets the rate: one set by hand in the loop would be saved under a recipe
+    that did not train (StepLR carries the rate it is given on)."""
+    line = ("    train_loss, train_acc = train(" if where == "before train" else
+            "    history.append(")
+    edit = (line, f'    optimizer.param_groups[0]["lr"] = 0.1\n{line}')
+    path = tmp_path / "notebook.pt"
+    with pytest.raises(ValueError, match="the optimizer's lr is 0.1, but the schedule sets "
+                                         "0.01 after epoch 1 at lr 0.01: leave the learning "
+                                         "rate to the schedule"):
+        training_cell({**RECIPE, "epochs": 2}, path, mnist_dir, edit=edit)
+    assert not path.exists()
+
+
 def test_checkpoint_naming_a_folder_says_to_name_a_file_in_it(tmp_path, mnist_dir):
     with pytest.raises(ValueError) as refused:
         training_cell(RECIPE, tmp_path, mnist_dir)
