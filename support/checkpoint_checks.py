@@ -68,8 +68,9 @@ def load_parts(recipe: dict[str, Any], rows: list[dict[str, float]], model_state
     built_optimizer, built_scheduler = make_optimizer(model, recipe)
     optimizer, scheduler = make_optimizer(model, recipe)
     _load_model(model, model_state)
-    _load_scheduler(scheduler, scheduler_state, built_scheduler, recipe, len(rows))
+    _check_kind(scheduler_state, built_scheduler)
     _load_optimizer(optimizer, optimizer_state, built_optimizer)
+    _load_scheduler(scheduler, scheduler_state, built_scheduler, recipe, len(rows))
     rate = scheduled_rate(model, recipe, scheduler.state_dict(), rows)
     for name, now in (("the optimizer's lr", [g["lr"] for g in optimizer.param_groups]),
                       ("the scheduler's _last_lr", scheduler.get_last_lr())):
@@ -115,16 +116,14 @@ def _same(got: Any, want: Any) -> bool:
 
 
 def _check_tensors(state: dict[str, Any], want: dict[str, torch.Tensor], what: str) -> None:
-    """Each tensor of `state` has the dtype of the one built (a load would cast it without a
-    word) and its shape (a model's strict load names a wrong one itself), and is finite."""
+    """Each tensor of `state` has the dtype of the one built (a load casts it without a word)
+    and its shape, and is finite."""
     for name, t in state.items():
-        if name not in want:
-            continue  # the strict load names it
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{what} {name} is not a tensor")
         if t.dtype != want[name].dtype:
             raise ValueError(f"{what} {name} is {t.dtype}, the model's {want[name].dtype}")
-        if t.shape != want[name].shape and what != "weight":
+        if t.shape != want[name].shape:
             raise ValueError(f"{what} {name} does not fit its parameter ({tuple(t.shape)})")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{what} {name} holds NaN or infinite values")
@@ -133,12 +132,14 @@ def _check_tensors(state: dict[str, Any], want: dict[str, torch.Tensor], what: s
 def _load_model(model: nn.Module, state: Any) -> None:
     if not isinstance(state, dict):
         raise ValueError("model is not a state dict")
-    _check_tensors(state, model.state_dict(), "weight")
     try:
-        model.load_state_dict(state)
+        with warnings.catch_warnings():  # a complex weight: its refusal is _check_tensors'
+            warnings.simplefilter("ignore")
+            model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError, KeyError) as err:
         raise ValueError(f"the model's layers are not the recipe's "
                          f"({' '.join(str(err).split())[:300]})") from None
+    _check_tensors(state, model.state_dict(), "weight")
     for name, module in model.named_modules():  # a negative one makes evaluation NaN
         if isinstance(module, nn.BatchNorm2d) and bool((module.running_var < 0).any()):
             raise ValueError(f"BatchNorm {name} has a negative running variance")
@@ -172,17 +173,22 @@ def _load_optimizer(optimizer: Any, state: Any, built: Any) -> None:
         _check_tensors(kept, {k: by_index[index] for k in kept}, "optimizer")
 
 
+def _check_kind(state: Any, built: Any) -> None:
+    """A state of the schedule built: its public keys (the private ones are torch's
+    bookkeeping, which another release may not write)."""
+    if not isinstance(state, dict):
+        raise ValueError("scheduler is not a dict")
+    missing = [k for k in built.state_dict() if not k.startswith("_") and k not in state]
+    if missing:
+        raise ValueError(f"scheduler lacks {', '.join(missing)}: not a {type(built).__name__}")
+
+
 def _load_scheduler(scheduler: Any, state: Any, built: Any, recipe: dict[str, Any],
                     epochs: int) -> None:
     """The settings of the schedule built, stepped once per finished epoch (after every batch
     of one, for a per-batch schedule). A key this torch does not write is left out; a private
     one it writes and the file lacks (another release's bookkeeping) is the fresh one's."""
-    want, kind = built.state_dict(), type(built).__name__
-    if not isinstance(state, dict):
-        raise ValueError("scheduler is not a dict")
-    missing = [k for k in want if not k.startswith("_") and k not in state]
-    if missing:
-        raise ValueError(f"scheduler lacks {', '.join(missing)}: not a {kind}")
+    want = built.state_dict()
     loaded = {**want, **{k: v for k, v in state.items() if k in want}}
     for key, value in want.items():
         if key not in PROGRESS and not _same(loaded[key], value):
@@ -245,14 +251,13 @@ def saved_device(rng: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# A training cell's objects: what they are, then their states by the same comparison.
+# A training cell's objects: of the classes built, then their states by the same comparison.
 # ---------------------------------------------------------------------------------------------
 def check_objects(model: nn.Module, optimizer: Any, scheduler: Any, recipe: dict[str, Any],
                   rows: list[dict[str, float]]) -> None:
     """ValueError, in one line that says what to change, unless `model`, `optimizer` and
-    `scheduler` are what the recipe builds, trained for `rows` (one per finished epoch): the
-    recipe's model over whose parameters an SGD of the recipe's settings steps, driven by the
-    recipe's schedule, and their states those a checkpoint of them would be checked for."""
+    `scheduler` are what the recipe builds, trained for `rows` (one per finished epoch), each
+    driving the one before it."""
     recipe = check_recipe(recipe)
     plain = getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the model
     if recipe["compile"] != (plain is not model):
@@ -262,10 +267,16 @@ def check_objects(model: nn.Module, optimizer: Any, scheduler: Any, recipe: dict
                          "so that the checkpoint says how the run trained")
     with torch.random.fork_rng(devices=[]):
         fresh = make_model(recipe)
-    if type(plain) is not type(fresh):
-        raise ValueError(f"the recipe's model is {recipe['model']!r}, a {type(fresh).__name__}, "
-                         f"not the {type(plain).__name__} given: build the model the recipe "
-                         f"names (train.py's --model {recipe['model']} trains it)")
+    fixes = {"model": f"build the model the recipe names (train.py's --model {recipe['model']} "
+                      f"trains it)",
+             "optimizer": "build torch.optim.SGD as the training cell does",
+             "scheduler": "build the recipe's schedule, or set recipe['schedule'] to the one "
+                          "you built"}
+    for (what, fix), given, built in zip(fixes.items(), (plain, optimizer, scheduler),
+                                         (fresh, *make_optimizer(fresh, recipe)), strict=True):
+        if type(given) is not type(built):
+            raise ValueError(f"the {what} is {type(given).__name__}, not the recipe's "
+                             f"{type(built).__name__}: {fix}")
     if _dropouts(plain) != _dropouts(fresh):
         raise ValueError(f"the model's dropout is {_dropouts(plain)}, the recipe's "
                          f"{_dropouts(fresh)}: set recipe['dropout'] and build the model from it")
@@ -274,47 +285,37 @@ def check_objects(model: nn.Module, optimizer: Any, scheduler: Any, recipe: dict
     except ValueError as err:
         raise ValueError(f"{err}: build the model from the recipe, or change the recipe to say "
                          f"what the model is") from None
-    _check_drivers(plain, optimizer, scheduler, *make_optimizer(fresh, recipe), recipe)
+    updated = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(updated) != len(list(plain.parameters())) or any(
+            a is not b for a, b in zip(updated, plain.parameters(), strict=False)):
+        raise ValueError("the optimizer updates another model's parameters (was the model "
+                         "built again after the optimizer?): build the optimizer from this "
+                         "model, e.g. run the whole training cell again")
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("the scheduler drives another optimizer (was the optimizer built "
+                         "again after it?): run the whole training cell again")
+    _check_states(plain, optimizer, scheduler, recipe, rows)
+
+
+def _check_states(model: nn.Module, optimizer: Any, scheduler: Any, recipe: dict[str, Any],
+                  rows: list[dict[str, float]]) -> None:
+    """load_parts of the objects' states, its refusal worded for the training cell."""
     try:
-        load_parts(recipe, rows, plain.state_dict(), optimizer.state_dict(),
+        load_parts(recipe, rows, model.state_dict(), optimizer.state_dict(),
                    scheduler.state_dict())
     except Mismatch as err:
         kind = "SGD" if err.part == "optimizer" else type(scheduler).__name__
         fix = (f"build {kind} with {err.key}=recipe[{err.key!r}], or change recipe[{err.key!r}] "
                f"so that the checkpoint records it" if err.key in recipe else
                f"build {kind} from the recipe as the training cell does, or change the recipe")
-        part = "the optimizer" if err.part == "optimizer" else f"the {kind}"
-        raise ValueError(f"{part}'s {err.key} is {err.got!r}, the recipe's {err.want!r}: "
-                         f"{fix}") from None
+        raise ValueError(f"the {'optimizer' if kind == 'SGD' else kind}'s {err.key} is "
+                         f"{err.got!r}, the recipe's {err.want!r}: {fix}") from None
     except OffSchedule as err:
         raise ValueError(f"{err}: leave the learning rate to the schedule, or change "
                          f"recipe['lr'] so that the checkpoint records it") from None
     except ValueError as err:
         raise ValueError(f"{err}: build the model, SGD and schedule from the recipe, as the "
                          f"training cell does") from None
-
-
-def _check_drivers(model: nn.Module, optimizer: Any, scheduler: Any, built: Any,
-                   built_scheduler: Any, recipe: dict[str, Any]) -> None:
-    """The optimizer of the class built, over `model`'s own parameters; the scheduler of the
-    class built, over that optimizer."""
-    if type(optimizer) is not type(built):
-        raise ValueError(f"the optimizer is a {type(optimizer).__name__}, the recipe's an "
-                         f"{type(built).__name__}: build torch.optim.SGD as the training cell does")
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if len(params) != len(list(model.parameters())) or any(
-            a is not b for a, b in zip(params, model.parameters(), strict=False)):
-        raise ValueError("the optimizer updates another model's parameters (was the model "
-                         "built again after the optimizer?): build the optimizer from this "
-                         "model, e.g. run the whole training cell again")
-    kind = type(built_scheduler).__name__
-    if type(scheduler) is not type(built_scheduler):
-        raise ValueError(f"the scheduler is a {type(scheduler).__name__}, the recipe's schedule "
-                         f"{recipe['schedule']!r} is a {kind}: build the recipe's schedule, or "
-                         f"set recipe['schedule'] to the one you built")
-    if scheduler.optimizer is not optimizer:
-        raise ValueError("the scheduler drives another optimizer (was the optimizer built "
-                         "again after it?): run the whole training cell again")
 
 
 def _dropouts(model: nn.Module) -> list[float]:

@@ -110,10 +110,10 @@ def edited(run: cli.Run, what: str) -> tuple:
 CASES = {
     "momentum": "the optimizer's momentum is 0.95, the recipe's 0.9",
     "nesterov": "the optimizer's nesterov is True, the recipe's False",
-    "adam": "the optimizer is a Adam, the recipe's an SGD",
+    "adam": "the optimizer is Adam, not the recipe's SGD",
     "step_size": "the StepLR's step_size is 10, the recipe's 15",
     "gamma": "the StepLR's gamma is 0.5, the recipe's 0.1",
-    "schedule": "the scheduler is a CosineAnnealingLR, the recipe's schedule 'step' is a StepLR",
+    "schedule": "the scheduler is CosineAnnealingLR, not the recipe's StepLR",
     "head": "the model's layers are not the recipe's",
     "dropout": "the model's dropout is [0.3, 0.3], the recipe's [0.1, 0.1]",
     "stale optimizer": "the optimizer updates another model's parameters",

@@ -28,7 +28,7 @@ EDITS = {
                           "the optimizer's nesterov is True, the recipe's False"),
     "Adam for SGD": (("torch.optim.SGD(model.parameters(), lr=recipe[\"lr\"], "
                       "momentum=recipe[\"momentum\"])", "torch.optim.Adam(model.parameters())"),
-                     "the optimizer is a Adam, the recipe's an SGD"),
+                     "the optimizer is Adam, not the recipe's SGD"),
     "StepLR every 10 epochs": (("step_size=recipe[\"step_size\"]", "step_size=10"),
                                "the StepLR's step_size is 10, the recipe's 15"),
     "the GAP head": (("prepare_model(Net(),", "prepare_model(Net(head=\"gap\"),"),
