@@ -1,5 +1,6 @@
-"""What the tests need of a run beyond train.py's build_run, fit and save_run: the dict a save
-writes, a run restored from such a dict through utils.load_checkpoint, and a history's columns."""
+"""What the tests need of a run beyond train.py's build_run, fit and save_run: a tiny recipe's
+sizes, the dict a save writes, a run restored from such a dict through utils.load_checkpoint, a
+history's columns, and a checkpoint dict saved, or damaged, by hand."""
 
 from __future__ import annotations
 
@@ -12,6 +13,24 @@ import train as cli
 from support.bookkeeping import history_columns
 
 cols = history_columns  # run.history is a list of rows; a file's history is these columns
+CPU = torch.device("cpu")
+# A few batches of real MNIST: never a full epoch.
+TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
+
+
+def without_seconds(history: dict) -> dict:
+    return {k: v for k, v in history.items() if k != "seconds"}
+
+
+def saved(tmp_path: Path, state: dict, name: str = "edited.pt") -> Path:
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+def negative_running_variance(state: dict) -> None:
+    """A checkpoint's BatchNorm variance no model can have (evaluation would be NaN)."""
+    state["model"]["features.conv3.1.running_var"].fill_(-1.0)
 
 
 def run_state(run: cli.Run) -> dict:

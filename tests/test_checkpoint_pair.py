@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import cols
-from test_checkpoints import CPU, TINY, without_seconds
+from runs import CPU, TINY, cols, without_seconds
 
 import train as cli
 import utils
