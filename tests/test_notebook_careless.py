@@ -1,4 +1,4 @@
-"""The notebook as a careless user runs it (issue 31's second pass): its training cell edited,
+"""The notebook as a careless user runs it: its training cell edited,
 run twice or after a stale cell, its checkpoint named wrongly, a full disk, the Colab cell run
 again. Each case either works or is refused before the first epoch in one line that says what
 to change, and nothing saved is lost. docs/careless.md lists them."""

@@ -1,4 +1,4 @@
-"""Issue 19: one output policy for every file train.py writes, and one lock per checkpoint and
+"""One output policy for every file train.py writes, and one lock per checkpoint and
 per data-folder fetch. Most cases run train.main in this process (a refusal comes before any
 training); the races run real processes."""
 

@@ -1,5 +1,5 @@
-"""Issue 11: a trained model is never lost, no message about a save is false, and no user
-mistake, signal or damaged file ends in a traceback. One section per finding of the issue."""
+"""A trained model is never lost, no message about a save is false, and no user mistake,
+signal or damaged file ends in a traceback: one section per way it could."""
 
 from __future__ import annotations
 
