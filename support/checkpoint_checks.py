@@ -71,7 +71,7 @@ def load_parts(recipe: dict[str, Any], rows: list[dict[str, float]], model_state
     _check_kind(scheduler_state, built_scheduler)
     _load_optimizer(optimizer, optimizer_state, built_optimizer)
     _load_scheduler(scheduler, scheduler_state, built_scheduler, recipe, len(rows))
-    rate = scheduled_rate(model, recipe, scheduler.state_dict(), rows)
+    rate = _scheduled_rate(model, recipe, scheduler.state_dict(), rows)
     for name, now in (("the optimizer's lr", [g["lr"] for g in optimizer.param_groups]),
                       ("the scheduler's _last_lr", scheduler.get_last_lr())):
         if not _same(now, rate):
@@ -81,12 +81,12 @@ def load_parts(recipe: dict[str, Any], rows: list[dict[str, float]], model_state
     return model, optimizer, scheduler
 
 
-def steps_after(recipe: dict[str, Any], epochs: int) -> int:
+def _steps_after(recipe: dict[str, Any], epochs: int) -> int:
     """Where the recipe's scheduler stands after `epochs` finished epochs."""
     return epochs * (batches_per_epoch(recipe) if steps_per_batch(recipe) else 1)
 
 
-def scheduled_rate(model: nn.Module, recipe: dict[str, Any], state: dict[str, Any],
+def _scheduled_rate(model: nn.Module, recipe: dict[str, Any], state: dict[str, Any],
                    rows: list[dict[str, float]]) -> list[float]:
     """The rate the schedule in `state` sets at its step: a fresh one as built, or one step on
     from the rate the last epoch recorded (StepLR scales the rate it is given, so a rate set by
@@ -193,7 +193,7 @@ def _load_scheduler(scheduler: Any, state: Any, built: Any, recipe: dict[str, An
     for key, value in want.items():
         if key not in PROGRESS and not _same(loaded[key], value):
             raise Mismatch("scheduler", key, loaded[key], value)
-    at, steps = loaded["last_epoch"], steps_after(recipe, epochs)
+    at, steps = loaded["last_epoch"], _steps_after(recipe, epochs)
     if type(at) is not int:
         raise ValueError(f"scheduler last_epoch={str(at)[:40]} is not a count of steps")
     if at != steps:

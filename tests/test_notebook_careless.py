@@ -160,7 +160,7 @@ def test_the_colab_cell_never_waits_for_a_password(tmp_path):
 
 
 def test_a_second_kernel_on_the_notebooks_checkpoint_is_refused(tmp_path, mnist_dir):
-    """As tests/test_checkpoint_pair.py's two processes, through the training cell itself."""
+    """Another process holds the checkpoint, as a kernel's training cell would."""
     path = tmp_path / "notebook.pt"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
