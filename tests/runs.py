@@ -10,12 +10,16 @@ from pathlib import Path
 import torch
 
 import train as cli
+import utils
 from support.bookkeeping import history_columns
 
 cols = history_columns  # run.history is a list of rows; a file's history is these columns
 CPU = torch.device("cpu")
 # A few batches of real MNIST: never a full epoch.
 TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
+# The recipe test_cli's TINY flags give (with --epochs 1), so a checkpoint of it resumes with them.
+TINY_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 256, "limit_test": 200,
+               "batch_size": 64, "test_batch_size": 200}
 
 
 def without_seconds(history: dict) -> dict:
