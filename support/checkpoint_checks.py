@@ -105,14 +105,21 @@ def _scheduled_rate(model: nn.Module, recipe: dict[str, Any], state: dict[str, A
 
 
 def _same(got: Any, want: Any) -> bool:
-    """Equal, and of the same type: True is not 1, nor "0" 0, nor 0.0 a step count."""
+    """Equal, and of the same kind: True is not 1, nor "0" 0; a number is a number, int or
+    float (another release may write 0 where this one writes 0.0)."""
     if isinstance(want, (list, tuple)):
         return (type(got) is type(want) and len(got) == len(want)
                 and all(_same(g, w) for g, w in zip(got, want, strict=True)))
     if isinstance(want, dict):
         return (isinstance(got, dict) and set(got) == set(want)
                 and all(_same(got[k], w) for k, w in want.items()))
+    if _is_number(want):
+        return _is_number(got) and got == want
     return type(got) is type(want) and got == want
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_tensors(state: dict[str, Any], want: dict[str, torch.Tensor], what: str) -> None:
