@@ -1,6 +1,5 @@
-"""What the tests need of a run beyond train.py's build_run, fit and save_run: a tiny recipe's
-sizes, the dict a save writes, a run restored from such a dict through utils.load_checkpoint, a
-history's columns, and a checkpoint dict saved, or damaged, by hand."""
+"""What the tests need of a run beyond train.py's build_run, fit and save_run: the dict a save
+writes, a run restored from such a dict through utils.load_checkpoint, and a history's columns."""
 
 from __future__ import annotations
 
@@ -10,31 +9,9 @@ from pathlib import Path
 import torch
 
 import train as cli
-import utils
 from support.bookkeeping import history_columns
 
 cols = history_columns  # run.history is a list of rows; a file's history is these columns
-CPU = torch.device("cpu")
-# A few batches of real MNIST: never a full epoch.
-TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
-# The recipe test_cli's TINY flags give (with --epochs 1), so a checkpoint of it resumes with them.
-TINY_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 256, "limit_test": 200,
-               "batch_size": 64, "test_batch_size": 200}
-
-
-def without_seconds(history: dict) -> dict:
-    return {k: v for k, v in history.items() if k != "seconds"}
-
-
-def saved(tmp_path: Path, state: dict, name: str = "edited.pt") -> Path:
-    path = tmp_path / name
-    torch.save(state, path)
-    return path
-
-
-def negative_running_variance(state: dict) -> None:
-    """A checkpoint's BatchNorm variance no model can have (evaluation would be NaN)."""
-    state["model"]["features.conv3.1.running_var"].fill_(-1.0)
 
 
 def run_state(run: cli.Run) -> dict:
@@ -54,6 +31,15 @@ def restore_run(run: cli.Run, checkpoint: dict) -> None:
         cli.resume_run(run, str(path), may_change=tuple(run.recipe))
 
 
+CPU = torch.device("cpu")
+# A few batches of real MNIST: never a full epoch.
+TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
+
+
+def without_seconds(history: dict) -> dict:
+    return {k: v for k, v in history.items() if k != "seconds"}
+
+
 class Uncompiled(torch.nn.Module):
     """What torch.compile returns, in shape (the model under `_orig_mod`), without compiling:
     for the tests that are about something else than the compile."""
@@ -64,3 +50,14 @@ class Uncompiled(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._orig_mod(x)
+
+
+def saved(tmp_path: Path, state: dict, name: str = "edited.pt") -> Path:
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+def negative_running_variance(state: dict) -> None:
+    """A checkpoint's BatchNorm variance no model can have (evaluation would be NaN)."""
+    state["model"]["features.conv3.1.running_var"].fill_(-1.0)

@@ -19,7 +19,8 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 import torch
-from runs import CPU, TINY, cols, without_seconds
+from runs import cols
+from test_checkpoints import CPU, TINY, without_seconds
 
 import model
 import train as cli

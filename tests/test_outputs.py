@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import TINY_RECIPE
 from test_cli import TINY, assert_no_traceback, env
+from test_robustness import TINY_RECIPE
 
 import train as cli
 from support import checkpoints, locks, metrics, mnist_files, outputs

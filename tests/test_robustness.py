@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import TINY_RECIPE, negative_running_variance
+from runs import negative_running_variance
 from test_cli import TINY, assert_no_traceback, env, train
 
 import train as cli
@@ -23,6 +23,9 @@ from support import bookkeeping, checkpoints, flag_checks, flag_types, mnist_fil
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
+# The recipe TINY's flags give (with --epochs 1), so a checkpoint of it resumes with TINY.
+TINY_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 256, "limit_test": 200,
+               "batch_size": 64, "test_batch_size": 200}
 
 
 @pytest.fixture(scope="module")
