@@ -337,7 +337,8 @@ def save_run(run: Run, path: str) -> None:
 def resume_run(run: Run, path: str, may_change: tuple[str, ...] = HONOURED_ON_RESUME) -> None:
     """utils.load_checkpoint into the run: its history, model, SGD, schedule and draws."""
     run.history = utils.load_checkpoint(path, run.trained, run.optimizer, run.scheduler,
-                                        run.train_loader, run.recipe, may_change=may_change)
+                                        run.train_loader, run.recipe, may_change=may_change,
+                                        notebook=False)
 
 
 def start_run(args: argparse.Namespace, device: torch.device, status: stopping.Status,

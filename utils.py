@@ -135,24 +135,24 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module,
                     recipe: dict[str, Any], history: list[dict[str, float]],
                     log: bool = True) -> None:
     """Save the run after the last epoch in `history` (a row per epoch) and print its line.
-    The model, optimizer and scheduler must be the recipe's (ValueError says what differs),
-    and the run finite: nothing is saved that could not be resumed. The file is written whole
-    or not at all (a crash leaves the previous one), by one process at a time."""
+    The run must be finite, and the model, optimizer and scheduler the recipe's, trained at the
+    rates its schedule sets (ValueError says what differs): nothing is saved that says another
+    run than the one that trained. The file is written whole or not at all (a crash leaves the
+    previous one), by one process at a time."""
     recipe, path = full_recipe(recipe), outputs.user_path(path)  # "~/s6.pt" is at home
-    check_objects(model, optimizer, scheduler, recipe)
     for epoch, row in enumerate(history, start=1):
         check_epoch_row(row, epoch)
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: save the model's keys
+    plain = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: save the model's keys
     if history:
-        check_finite(model, history[-1])
-    device = next(model.parameters()).device
+        check_finite(plain, history[-1])
+    check_objects(model, optimizer, scheduler, recipe, history)
     checkpoint = {
-        "model": model.state_dict(),  # the weights and BatchNorm's running statistics
+        "model": plain.state_dict(),  # the weights and BatchNorm's running statistics
         "optimizer": optimizer.state_dict(),  # SGD's momentum buffers
         "scheduler": scheduler.state_dict(),  # where the schedule is
         "history": history_columns(history),  # a column per key, a value per epoch
         "recipe": recipe,  # every setting, so that a resume repeats them
-        "rng": checkpoints.rng_states(train_loader, device),  # the next shuffles and masks
+        "rng": checkpoints.rng_states(train_loader, next(plain.parameters()).device),
     }
     checkpoints.hold(path)
     checkpoints.write_checkpoint(checkpoint, path)
@@ -164,19 +164,22 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module,
 def load_checkpoint(path: str | os.PathLike, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, train_loader: Any,
                     recipe: dict[str, Any], retrain: bool = False,
-                    may_change: tuple[str, ...] = ()) -> list[dict[str, float]]:
+                    may_change: tuple[str, ...] = (), notebook: bool = True
+                    ) -> list[dict[str, float]]:
     """The history saved in `path`, one row per finished epoch, with the model, optimizer,
     scheduler and the loader's random draws put back as they were after its last epoch; []
     for a new run. Says which in one line. The objects must be the recipe's, and the saved run
     of the same recipe (ValueError says what differs), unless `retrain`, which starts over in
-    its place. `may_change`: the recipe keys train.py's resume may change (--epochs, --lr)."""
+    its place. `may_change`: the recipe keys train.py's resume may change (--epochs, --lr).
+    `notebook`: this process holds `path` until it exits, and a stop says which epoch it
+    holds; train.py (False) holds its --save-model itself and says what a stop leaves."""
     recipe, path = full_recipe(recipe), outputs.user_path(path)  # "~/s6.pt" is at home
-    check_objects(model, optimizer, scheduler, recipe)
-    if not may_change:  # the notebook's: train.py holds the file it saves to, and says itself
-        checkpoints.hold(path)  # what a Ctrl-C leaves; another kernel is refused this file now
+    check_objects(model, optimizer, scheduler, recipe, [])
+    if notebook:
+        checkpoints.hold(path)  # another kernel is refused this file from now on
     checkpoint = checkpoints.resumable(path, recipe, retrain, may_change)
     history = history_rows(checkpoint["history"]) if checkpoint else []
-    if not may_change:
+    if notebook:
         checkpoints.watch(path, len(history), recipe["epochs"])
     if checkpoint is None:
         return []

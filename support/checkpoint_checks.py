@@ -1,19 +1,16 @@
-"""The checks of a checkpoint: every part of a file read back, and the objects a notebook or
-train.py hands in, each held against what the saved recipe builds.
+"""Whether a checkpoint read back, or a training cell's objects, are what the recipe builds.
 
-`check_checkpoint` runs on every file before anything of it is used: each part loads into
-freshly built objects of the saved recipe (its Net or CompactNet, an SGD and a StepLR or
-OneCycleLR as support.recipe builds them), so a value of the wrong kind, or one that cannot
-have come from that recipe, is refused with a ValueError that says what does not fit. A key the
-running torch does not write is not applied; a key it needs is required.
-
-`check_objects` runs before the first epoch and at every save: the model, optimizer and
-scheduler of a training cell must be the recipe's (an edited momentum, schedule or head would
-otherwise be saved into a checkpoint that nothing can load).
+Both are held against objects freshly built from the recipe: each part loads strictly into its
+fresh object, every setting must equal the fresh one's, every tensor is finite and of the dtype
+built. The comparison cannot know three facts, so they are checked as such: the scheduler has
+stepped once per finished epoch (per batch, for a per-batch schedule); the learning rate is the
+one the schedule sets; each generator state has the size of its device's.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -21,339 +18,238 @@ from torch import nn
 
 from support.bookkeeping import check_epoch_row, history_rows, new_history
 from support.recipe import (
-    MODELS,
     batches_per_epoch,
     check_recipe,
-    full_recipe,
-    is_int,
-    is_real,
     make_model,
     make_optimizer,
-    positive_real,
     steps_per_batch,
 )
 
 FORMAT = ("model", "optimizer", "scheduler", "history", "recipe", "rng")
+# What LRScheduler.step moves; every other key of a scheduler's state is a setting.
+PROGRESS = ("last_epoch", "_step_count", "_last_lr")
 
 
-def fresh_model(recipe: dict[str, Any]) -> nn.Module:
-    """The recipe's model, to compare with, built without drawing from torch's generator: a
-    check must not change the draws of the run it checks (its resume would differ from an
-    unbroken run's)."""
-    with torch.random.fork_rng(devices=[]):
-        return make_model(recipe)
+class Mismatch(ValueError):
+    """A setting of a part that is not the one a fresh object of the recipe has."""
+
+    def __init__(self, part: str, key: str, got: Any, want: Any) -> None:
+        super().__init__(f"{part} {key}={str(got)[:60]} is not the recipe's ({str(want)[:60]})")
+        self.part, self.key, self.got, self.want = part, key, got, want
 
 
-# ---------------------------------------------------------------------------------------------
-# The objects of a training cell, against its recipe.
-# ---------------------------------------------------------------------------------------------
-def check_objects(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                  recipe: dict[str, Any]) -> None:
-    """ValueError, in one line that says what to change, unless `model`, `optimizer` and
-    `scheduler` are what the recipe builds: the recipe's model (its layers, shapes and dropout),
-    an SGD over that model's own parameters with the recipe's settings, and the recipe's
-    schedule over that SGD."""
-    recipe = full_recipe(recipe)
-    plain = getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the model
-    if recipe["compile"] != (plain is not model):
-        raise ValueError("recipe['compile'] is True but the model is not compiled: compiling is "
-                         "train.py's switch (its --compile flag)" if recipe["compile"] else
-                         "the model is compiled but recipe['compile'] is False: set it to True "
-                         "so that the checkpoint says how the run trained")
-    fresh = fresh_model(recipe)
-    _check_model_object(plain, fresh, recipe)
-    want_optimizer, want_scheduler = make_optimizer(fresh, recipe)
-    _check_optimizer_object(optimizer, plain, want_optimizer, recipe)
-    _check_scheduler_object(scheduler, optimizer, want_scheduler, recipe)
+class OffSchedule(ValueError):
+    """A learning rate that is not the one the schedule sets: it was set by hand."""
 
 
-def _check_model_object(model: nn.Module, fresh: nn.Module, recipe: dict[str, Any]) -> None:
-    built = MODELS[recipe["model"]]
-    hint = (f"build the model the recipe names (train.py's --model {recipe['model']} trains "
-            f"it)")
-    if not isinstance(model, nn.Module) or type(model) is not built:
-        raise ValueError(f"the recipe's model is {recipe['model']!r}, a {built.__name__}, not the "
-                         f"{type(model).__name__} given: {hint}")
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    if shapes != want:
-        differs = sorted(set(shapes) ^ set(want)) or [
-            k for k in want if shapes[k] != want[k]]
-        raise ValueError(f"the model's layers are not the recipe's (they differ at "
-                         f"{', '.join(differs[:3])}): build it with the recipe's options, or "
-                         f"change the recipe to say what the model is")
-    if _dropouts(model) != _dropouts(fresh):
-        raise ValueError(f"the model's dropout is {_dropouts(model)}, the recipe's "
-                         f"{_dropouts(fresh)}: set recipe['dropout'] and build the model from it")
-
-
-def _dropouts(model: nn.Module) -> list[float]:
-    """The probability of each dropout of a model, nn.Dropout or the fast path's fused one."""
-    return [float(m.p) for m in model.modules()
-            if isinstance(m, nn.Dropout) or type(m).__name__ == "ReLUDropout"]
-
-
-def _check_optimizer_object(optimizer: Any, model: nn.Module, want: torch.optim.Optimizer,
-                            recipe: dict[str, Any]) -> None:
-    if type(optimizer) is not type(want):
-        raise ValueError(f"the optimizer is a {type(optimizer).__name__}, the recipe's an "
-                         f"{type(want).__name__}: build torch.optim.SGD as the training cell does")
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if len(params) != len(list(model.parameters())) or any(
-            a is not b for a, b in zip(params, model.parameters(), strict=False)):
-        raise ValueError("the optimizer updates another model's parameters (was the model "
-                         "built again after the optimizer?): build the optimizer from this "
-                         "model, e.g. run the whole training cell again")
-    got, expected = optimizer.param_groups[0], want.param_groups[0]
-    for key, value in expected.items():
-        if key in ("params", "lr", "initial_lr"):
-            continue  # the schedule moves the learning rate, and a resume may set it
-        if got.get(key) != value:
-            fix = (f"build SGD with {key}=recipe[{key!r}], or change recipe[{key!r}] so that the "
-                   f"checkpoint records it" if key in recipe else
-                   "build SGD as the training cell does")
-            raise ValueError(f"the optimizer's {key} is {got.get(key)!r}, the recipe's {value!r}: "
-                             f"{fix}")
-
-
-def _check_scheduler_object(scheduler: Any, optimizer: Any, want: Any,
-                            recipe: dict[str, Any]) -> None:
-    kind = type(want).__name__
-    if type(scheduler) is not type(want):
-        raise ValueError(f"the scheduler is a {type(scheduler).__name__}, the recipe's schedule "
-                         f"{recipe['schedule']!r} is a {kind}: build the recipe's schedule, or "
-                         f"set recipe['schedule'] to the one you built")
-    if scheduler.optimizer is not optimizer:
-        raise ValueError("the scheduler drives another optimizer (was the optimizer built "
-                         "again after it?): run the whole training cell again")
-    # The learning rate the schedule started from, and the one it set last: SGD built with
-    # another lr, or its lr set by hand, would train at a rate the recipe does not record.
-    started, expected = optimizer.param_groups[0].get("initial_lr"), want.optimizer.param_groups[
-        0]["initial_lr"]
-    if started != expected:
-        raise ValueError(f"the optimizer's learning rate at the schedule's start is {started!r}, "
-                         f"the recipe's {expected!r}: build SGD with lr=recipe['lr'], or change "
-                         f"recipe['lr'] so that the checkpoint records it")
-    now, last = optimizer.param_groups[0]["lr"], scheduler.get_last_lr()[0]
-    if now != last:
-        raise ValueError(f"the optimizer's lr is {now!r}, but its schedule set {last!r}: leave "
-                         f"the learning rate to the schedule, or change recipe['lr']")
-    for key in SHAPE_KEYS[recipe["schedule"]]:
-        got, expected = getattr(scheduler, key, None), getattr(want, key, None)
-        if got != expected:
-            setting = {"step_size": "step_size", "gamma": "gamma",
-                       "total_steps": "epochs"}.get(key, key)
-            raise ValueError(f"the {kind}'s {key} is {got!r}, the recipe's {expected!r}: build "
-                             f"it from recipe[{setting!r}], or change the recipe")
-
-
-# What a scheduler object is built from, per schedule.
-SHAPE_KEYS: dict[str, tuple[str, ...]] = {"step": ("step_size", "gamma"),
-                                          "onecycle": ("total_steps",),
-                                          "onecycle-batch": ("total_steps",)}
-
-
-# ---------------------------------------------------------------------------------------------
-# A file read back: every part.
-# ---------------------------------------------------------------------------------------------
 def check_checkpoint(checkpoint: Any) -> dict[str, Any]:
-    """Every part a resume or an evaluation uses, checked against fresh objects of the saved
-    recipe; returns the checkpoint with the recipe completed from RECIPE and the optimizer and
-    scheduler states as the running torch writes them."""
+    """ValueError, saying what does not fit, unless every part of `checkpoint` loads into fresh
+    objects of its recipe; returns it with the recipe completed and the optimizer's and
+    scheduler's states as those objects hold them (as the running torch writes them)."""
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in FORMAT):
         raise ValueError(f"expected a dict with keys {', '.join(FORMAT)}")
     recipe = check_recipe(checkpoint["recipe"])
-    net = _check_model(checkpoint["model"], recipe)
-    optimizer = _check_optimizer(checkpoint["optimizer"], net, recipe)
-    epochs = _check_history(checkpoint["history"])
-    scheduler = _check_scheduler(checkpoint["scheduler"], net, recipe, epochs)
-    rng = _check_rng(checkpoint["rng"], recipe)
-    if recipe["epochs"] < epochs:
-        raise ValueError(f"recipe says {recipe['epochs']} epochs, history holds {epochs}")
-    return {**checkpoint, "recipe": recipe, "optimizer": optimizer, "scheduler": scheduler,
-            "rng": rng}
+    rows = _check_history(checkpoint["history"])
+    if recipe["epochs"] < len(rows):
+        raise ValueError(f"recipe says {recipe['epochs']} epochs, history holds {len(rows)}")
+    _, optimizer, scheduler = load_parts(recipe, rows, checkpoint["model"],
+                                         checkpoint["optimizer"], checkpoint["scheduler"])
+    return {**checkpoint, "recipe": recipe, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": _check_rng(checkpoint["rng"], recipe)}
 
 
-def _real_list(v: Any) -> bool:
-    return isinstance(v, list) and all(is_real(x) for x in v)
+def load_parts(recipe: dict[str, Any], rows: list[dict[str, float]], model_state: Any,
+               optimizer_state: Any, scheduler_state: Any) -> tuple[nn.Module, Any, Any]:
+    """The recipe's model, SGD and schedule, freshly built, with these states loaded after
+    `rows` (one per finished epoch); ValueError (a Mismatch for a setting) where one does not
+    fit. Nothing is drawn from torch's generator: a check must not change the run it checks."""
+    with torch.random.fork_rng(devices=[]):
+        model = make_model(recipe)
+    built_optimizer, built_scheduler = make_optimizer(model, recipe)
+    optimizer, scheduler = make_optimizer(model, recipe)
+    _load_model(model, model_state)
+    _check_kind(scheduler_state, built_scheduler)
+    _load_optimizer(optimizer, optimizer_state, built_optimizer)
+    _load_scheduler(scheduler, scheduler_state, built_scheduler, recipe, len(rows))
+    rate = _scheduled_rate(model, recipe, scheduler.state_dict(), rows)
+    for name, now in (("the optimizer's lr", [g["lr"] for g in optimizer.param_groups]),
+                      ("the scheduler's _last_lr", scheduler.get_last_lr())):
+        if not _same(now, rate):
+            after = f" after epoch {len(rows)} at lr {rows[-1]['lr']!r}" if rows else ""
+            raise OffSchedule(f"{name} is {str(now[0])[:40]}, but the schedule sets "
+                              f"{rate[0]!r}{after}")
+    return model, optimizer, scheduler
 
 
-def _check_tensors_finite(tensors: dict[str, Any], what: str) -> None:
-    for name, t in tensors.items():
+def _steps_after(recipe: dict[str, Any], epochs: int) -> int:
+    """Where the recipe's scheduler stands after `epochs` finished epochs."""
+    return epochs * (batches_per_epoch(recipe) if steps_per_batch(recipe) else 1)
+
+
+def _scheduled_rate(model: nn.Module, recipe: dict[str, Any], state: dict[str, Any],
+                   rows: list[dict[str, float]]) -> list[float]:
+    """The rate the schedule in `state` sets at its step: a fresh one as built, or one step on
+    from the rate the last epoch recorded (StepLR scales the rate it is given, so a rate set by
+    hand is carried on; train.py's --lr on resume is recorded so in the history; OneCycle
+    computes its rate from its step alone)."""
+    optimizer, scheduler = make_optimizer(model, recipe)
+    if not rows:
+        return [group["lr"] for group in optimizer.param_groups]
+    scheduler.load_state_dict({**state, "last_epoch": state["last_epoch"] - 1})
+    for group in optimizer.param_groups:
+        group["lr"] = rows[-1]["lr"]
+    with warnings.catch_warnings():  # "step() before optimizer.step()": this SGD never steps
+        warnings.simplefilter("ignore")
+        scheduler.step()
+    return scheduler.get_last_lr()
+
+
+def _same(got: Any, want: Any) -> bool:
+    """Equal, and of the same kind: True is not 1, nor "0" 0; a number is a number, int or
+    float (another release may write 0 where this one writes 0.0)."""
+    if isinstance(want, (list, tuple)):
+        return (type(got) is type(want) and len(got) == len(want)
+                and all(_same(g, w) for g, w in zip(got, want, strict=True)))
+    if isinstance(want, dict):
+        return (isinstance(got, dict) and set(got) == set(want)
+                and all(_same(got[k], w) for k, w in want.items()))
+    if _is_number(want):
+        return _is_number(got) and got == want
+    return type(got) is type(want) and got == want
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_tensors(state: dict[str, Any], want: dict[str, torch.Tensor], what: str) -> None:
+    """Each tensor of `state` has the dtype of the one built (a load casts it without a word)
+    and its shape, and is finite."""
+    for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{what} {name} is not a tensor")
+        if t.dtype != want[name].dtype:
+            raise ValueError(f"{what} {name} is {t.dtype}, the model's {want[name].dtype}")
+        if t.shape != want[name].shape:
+            raise ValueError(f"{what} {name} does not fit its parameter ({tuple(t.shape)})")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{what} {name} holds NaN or infinite values")
 
 
-def _check_model(state: Any, recipe: dict[str, Any]) -> nn.Module:
-    """The weights load strictly into the recipe's model (Net or CompactNet), every one is
-    finite, and every BatchNorm's running variance is >= 0 (a negative one makes evaluation NaN)."""
+def _load_model(model: nn.Module, state: Any) -> None:
     if not isinstance(state, dict):
         raise ValueError("model is not a state dict")
-    net = fresh_model(recipe)
-    kinds = {k: v.dtype for k, v in net.state_dict().items()}
-    cast = sorted(k for k, v in state.items()
-                  if isinstance(v, torch.Tensor) and k in kinds and v.dtype != kinds[k])
-    if cast:  # load_state_dict would cast them without a word
-        raise ValueError(f"weight {cast[0]} is {state[cast[0]].dtype}, the model's "
-                         f"{kinds[cast[0]]}")
     try:
-        net.load_state_dict(state)
+        with warnings.catch_warnings():  # a complex weight: its refusal is _check_tensors'
+            warnings.simplefilter("ignore")
+            model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError, KeyError) as err:
-        raise ValueError(" ".join(str(err).split())[:300]) from None
-    _check_tensors_finite(state, "weight")
-    for name, module in net.named_modules():
+        raise ValueError(f"the model's layers are not the recipe's "
+                         f"({' '.join(str(err).split())[:300]})") from None
+    _check_tensors(state, model.state_dict(), "weight")
+    for name, module in model.named_modules():  # a negative one makes evaluation NaN
         if isinstance(module, nn.BatchNorm2d) and bool((module.running_var < 0).any()):
             raise ValueError(f"BatchNorm {name} has a negative running variance")
-    return net
 
 
-# Set by the StepLR schedule from the recipe's lr, and by --lr on resume.
-LEARNING_RATES = ("lr", "initial_lr")
-
-
-def _check_optimizer(state: Any, net: nn.Module, recipe: dict[str, Any]) -> dict[str, Any]:
-    """An SGD state of this model's parameters whose hyperparameters are those make_optimizer
-    builds from the recipe (the learning rate aside: StepLR and --lr change it); each momentum
-    buffer a finite tensor of its parameter's shape. Returns the state as loaded."""
-    fresh, _ = make_optimizer(net, recipe)
-    expected = fresh.state_dict()["param_groups"]
-    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
+def _load_optimizer(optimizer: Any, state: Any, built: Any) -> None:
+    """Every setting of every group that of the SGD built (the rate aside: the schedule's rule
+    holds it); each buffer fits its parameter. A key this torch does not write is left out."""
+    want = built.state_dict()["param_groups"]
+    if (not isinstance(state, dict) or not isinstance(state.get("param_groups"), list)
+            or not all(isinstance(g, dict) for g in state["param_groups"])):
         raise ValueError("optimizer is not an optimizer's state dict")
-    if len(state["param_groups"]) != len(expected):
-        raise ValueError("optimizer of another model (another number of parameter groups)")
-    groups = []
-    for saved, want in zip(state["param_groups"], expected, strict=True):
-        if not isinstance(saved, dict):
-            raise ValueError("optimizer param group is not a dict")
-        # A key this torch's SGD does not write would be copied onto the group: leave it out.
-        groups.append({k: v for k, v in saved.items() if k in want})
+    groups = [{k: v for k, v in saved.items() if k in mine}
+              for saved, mine in zip(state["param_groups"], want, strict=False)]
     try:
-        fresh.load_state_dict({**state, "param_groups": groups})
+        optimizer.load_state_dict({**state, "param_groups": groups})
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as err:
         raise ValueError(f"optimizer of another model ({str(err)[:120]})") from None
-    for group, want in zip(fresh.param_groups, expected, strict=True):
-        missing = sorted(set(want) - set(group))
-        if missing:
-            raise ValueError(f"optimizer lacks {', '.join(missing)}")
-        for key in LEARNING_RATES:
-            if key in group and not positive_real(group[key]):
-                raise ValueError(f"optimizer {key}={str(group[key])[:40]} is not a number > 0")
-        for key, value in want.items():
-            if key not in ("params", *LEARNING_RATES) and group[key] != value:
-                raise ValueError(f"optimizer {key}={str(group[key])[:40]} is not the "
-                                 f"recipe's ({value})")
-    for param, st in fresh.state.items():
-        buf = st.get("momentum_buffer") if isinstance(st, dict) else st
-        if buf is None:
-            continue
-        if not isinstance(buf, torch.Tensor) or buf.shape != param.shape:
-            raise ValueError("optimizer momentum buffer does not fit its parameter")
-        _check_tensors_finite({"momentum buffer": buf}, "optimizer")
-    return fresh.state_dict()
+    for group, mine in zip(optimizer.state_dict()["param_groups"], want, strict=True):
+        for key, value in mine.items():
+            if key not in group:
+                raise ValueError(f"optimizer lacks {key}")
+            if key not in ("params", "lr") and not _same(group[key], value):
+                raise Mismatch("optimizer", key, group[key], value)
+    by_index = dict(zip((i for g in groups for i in g["params"]),
+                        (p for g in optimizer.param_groups for p in g["params"]), strict=True))
+    for index, buffers in state.get("state", {}).items():
+        if index not in by_index or not isinstance(buffers, dict):
+            raise ValueError("optimizer state of another model")
+        kept = {k: v for k, v in buffers.items() if v is not None}  # momentum 0 keeps None
+        _check_tensors(kept, {k: by_index[index] for k in kept}, "optimizer")
 
 
-# What defines each schedule; a scheduler's other keys are torch's bookkeeping, which a fresh
-# one of the running torch provides when a checkpoint from another release lacks one.
-SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
-    "step": ("step_size", "gamma", "base_lrs", "last_epoch"),
-    "onecycle": ("total_steps", "_schedule_phases", "cycle_momentum", "base_lrs", "last_epoch"),
-}
-SCHEDULE_KEYS["onecycle-batch"] = SCHEDULE_KEYS["onecycle"]  # the same scheduler, stepped per batch
-SCHEDULERS = {"step": "StepLR", "onecycle": "OneCycleLR", "onecycle-batch": "OneCycleLR"}
-
-
-def _check_scheduler(state: Any, net: nn.Module, recipe: dict[str, Any], epochs: int
-                     ) -> dict[str, Any]:
-    """A state of the recipe's schedule (StepLR, or OneCycleLR for schedule "onecycle" and
-    "onecycle-batch"), stepped once per finished epoch (after each batch of every finished
-    epoch for "onecycle-batch"): the keys a fresh one writes, each of the kind it writes
-    (a key this torch does not write is left out), and the values the recipe sets. Returns
-    the state to load."""
-    expected = make_optimizer(net, recipe)[1].state_dict()
-    schedule = recipe["schedule"]
-    kind = SCHEDULERS[schedule]
+def _check_kind(state: Any, built: Any) -> None:
+    """A state of the schedule built: its public keys (the private ones are torch's
+    bookkeeping, which another release may not write)."""
     if not isinstance(state, dict):
         raise ValueError("scheduler is not a dict")
-    missing = [key for key in SCHEDULE_KEYS[schedule] if key not in state]
+    missing = [k for k in built.state_dict() if not k.startswith("_") and k not in state]
     if missing:
-        raise ValueError(f"scheduler lacks {', '.join(missing)}: not a {kind}")
-    known = {k: v for k, v in state.items() if k in expected}
-    for key, value in known.items():
-        if not _same_kind(value, expected[key]):
-            raise ValueError(f"scheduler {key}={str(value)[:40]} does not belong to a {kind}")
-    # What the recipe fixes: StepLR's step and factor (its lr may change on resume); all of
-    # OneCycle's shape, its epochs and peak included (a resume may change neither).
-    fixed = (("step_size", "gamma") if schedule == "step" else
-             ("total_steps", "_schedule_phases", "_anneal_func_type", "cycle_momentum",
-              "base_lrs"))
-    for key in fixed:
-        if key in known and known[key] != expected[key]:
-            raise ValueError(f"scheduler {key}={str(known[key])[:60]} is not the recipe's "
-                             f"({str(expected[key])[:60]})")
-    if len(known["base_lrs"]) != len(expected["base_lrs"]) or not all(
-            positive_real(lr) for lr in known["base_lrs"]):
-        raise ValueError("scheduler base_lrs do not match the optimizer")
-    steps = epochs * (batches_per_epoch(recipe) if steps_per_batch(recipe) else 1)
-    if known["last_epoch"] != steps:
-        at = "step" if steps_per_batch(recipe) else "epoch"
-        raise ValueError(f"scheduler at {at} {known['last_epoch']}, history at "
-                         + (f"{epochs} epochs = step {steps}" if at == "step" else f"{epochs}"))
-    return {**expected, **known}
+        raise ValueError(f"scheduler lacks {', '.join(missing)}: not a {type(built).__name__}")
 
 
-def _same_kind(value: Any, reference: Any) -> bool:
-    """`value` could stand where a fresh scheduler has `reference`."""
-    if isinstance(reference, bool):
-        return isinstance(value, bool)
-    if isinstance(reference, int):
-        return is_int(value)
-    if isinstance(reference, float):
-        return is_real(value)
-    if isinstance(reference, list) and all(isinstance(r, dict) for r in reference):
-        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
-    if isinstance(reference, list):
-        return isinstance(value, list) and all(is_real(v) for v in value)
-    return reference is None or type(value) is type(reference)
+def _load_scheduler(scheduler: Any, state: Any, built: Any, recipe: dict[str, Any],
+                    epochs: int) -> None:
+    """The settings of the schedule built, stepped once per finished epoch (after every batch
+    of one, for a per-batch schedule). A key this torch does not write is left out; a private
+    one it writes and the file lacks (another release's bookkeeping) is the fresh one's."""
+    want = built.state_dict()
+    loaded = {**want, **{k: v for k, v in state.items() if k in want}}
+    for key, value in want.items():
+        if key not in PROGRESS and not _same(loaded[key], value):
+            raise Mismatch("scheduler", key, loaded[key], value)
+    at, steps = loaded["last_epoch"], _steps_after(recipe, epochs)
+    if type(at) is not int:
+        raise ValueError(f"scheduler last_epoch={str(at)[:40]} is not a count of steps")
+    if at != steps:
+        raise ValueError(f"scheduler at step {at}, history at {epochs} epochs = step {steps}"
+                         if steps_per_batch(recipe) else
+                         f"scheduler at epoch {at}, history at {epochs}")
+    scheduler.load_state_dict(loaded)
 
 
-def _check_history(history: Any) -> int:
-    """new_history's keys, each a list of finite numbers, all as long as `epoch` = 1..n.
-    Returns n, the epochs finished."""
+def _check_history(history: Any) -> list[dict[str, float]]:
+    """new_history's columns, one finite number per finished epoch, each row one the loop
+    could have appended (check_epoch_row: a 999% accuracy is no history); returns the rows."""
     keys = set(new_history())
     if not isinstance(history, dict) or set(history) != keys:
         raise ValueError(f"history needs exactly the keys {', '.join(sorted(keys))}")
-    for key, values in history.items():
-        if not _real_list(values):
-            raise ValueError(f"history {key} is not a list of finite numbers")
-    n = len(history["epoch"])
-    if any(len(v) != n for v in history.values()) or history["epoch"] != list(range(1, n + 1)):
+    if not all(isinstance(v, list) for v in history.values()) or len(
+            {len(v) for v in history.values()}) != 1:
         raise ValueError("history columns do not line up with epochs 1..n")
-    for epoch, row in enumerate(history_rows(history), start=1):
-        check_epoch_row(row, epoch)  # the rule a saved row met: a 999% accuracy is no history
-    return n
+    rows = history_rows(history)
+    for epoch, row in enumerate(rows, start=1):
+        check_epoch_row(row, epoch)
+        if not all(math.isfinite(v) for v in row.values()):
+            raise ValueError(f"history epoch {epoch} holds NaN or infinite values")
+    return rows
 
 
 def _check_rng(rng: Any, recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every generator state fits a generator of its kind. The CPU's always can be tried; a
-    CUDA or MPS state only where that device is here (elsewhere restore_run cannot use it and
-    says so). Returns the states restore_run reads."""
+    """Each generator state has the size of a fresh generator's of its device, where that
+    device is here (elsewhere the resume cannot use it, and says so); returns the states."""
     if not isinstance(rng, dict) or not {"torch", "loader"} <= set(rng):
         raise ValueError("rng needs the 'torch' and 'loader' generator states")
     states = {k: v for k, v in rng.items() if k in ("torch", "loader", "cuda", "mps")}
-    for name, state in states.items():
-        if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8
-                and state.dim() == 1 and state.numel() > 0):
-            raise ValueError(f"rng {name} is not a generator state (a 1-D uint8 tensor)")
     trained_on = saved_device(states)
     # The fast loader draws on the training device; the torchvision loader on the CPU.
-    loader_on = trained_on if recipe["loader"] == "fast" else "cpu"
-    for name, kind in (("torch", "cpu"), ("loader", loader_on), (trained_on, trained_on)):
-        if name in states and not _fits_generator(states[name], kind):
-            raise ValueError(f"rng {name} does not fit a {kind} generator "
-                             f"({states[name].numel()} bytes)")
+    devices = {"torch": "cpu", "loader": trained_on if recipe["loader"] == "fast" else "cpu",
+               "cuda": "cuda", "mps": "mps"}
+    for name, state in states.items():
+        want = _generator_state(devices[name])
+        if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8
+                and state.dim() == 1 and state.numel() > 0
+                and (want is None or state.numel() == want.numel())):
+            raise ValueError(f"rng {name} is not a {devices[name]} generator's state")
     return states
+
+
+def _generator_state(device: str) -> torch.Tensor | None:
+    here = {"cpu": True, "cuda": torch.cuda.is_available(),
+            "mps": torch.backends.mps.is_available()}
+    return torch.Generator(device=device).get_state() if here[device] else None
 
 
 def saved_device(rng: dict[str, Any]) -> str:
@@ -361,15 +257,75 @@ def saved_device(rng: dict[str, Any]) -> str:
     return next((kind for kind in ("cuda", "mps") if kind in rng), "cpu")
 
 
-def _fits_generator(state: torch.Tensor, kind: str) -> bool:
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
-    if not available[kind]:
-        return True  # cannot be tried here, and restore_run will not use it
+# ---------------------------------------------------------------------------------------------
+# A training cell's objects: of the classes built, then their states by the same comparison.
+# ---------------------------------------------------------------------------------------------
+def check_objects(model: nn.Module, optimizer: Any, scheduler: Any, recipe: dict[str, Any],
+                  rows: list[dict[str, float]]) -> None:
+    """ValueError, in one line that says what to change, unless `model`, `optimizer` and
+    `scheduler` are what the recipe builds, trained for `rows` (one per finished epoch), each
+    driving the one before it."""
+    recipe = check_recipe(recipe)
+    plain = getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the model
+    if recipe["compile"] != (plain is not model):
+        raise ValueError("recipe['compile'] is True but the model is not compiled: compiling is "
+                         "train.py's switch (its --compile flag)" if recipe["compile"] else
+                         "the model is compiled but recipe['compile'] is False: set it to True "
+                         "so that the checkpoint says how the run trained")
+    with torch.random.fork_rng(devices=[]):
+        fresh = make_model(recipe)
+    fixes = {"model": f"build the model the recipe names (train.py's --model {recipe['model']} "
+                      f"trains it)",
+             "optimizer": "build torch.optim.SGD as the training cell does",
+             "scheduler": "build the recipe's schedule, or set recipe['schedule'] to the one "
+                          "you built"}
+    for (what, fix), given, built in zip(fixes.items(), (plain, optimizer, scheduler),
+                                         (fresh, *make_optimizer(fresh, recipe)), strict=True):
+        if type(given) is not type(built):
+            raise ValueError(f"the {what} is {type(given).__name__}, not the recipe's "
+                             f"{type(built).__name__}: {fix}")
+    if _dropouts(plain) != _dropouts(fresh):
+        raise ValueError(f"the model's dropout is {_dropouts(plain)}, the recipe's "
+                         f"{_dropouts(fresh)}: set recipe['dropout'] and build the model from it")
     try:
-        torch.Generator(device=kind).set_state(state)
-    except RuntimeError:
-        return False
-    return True
+        _load_model(fresh, plain.state_dict())
+    except ValueError as err:
+        raise ValueError(f"{err}: build the model from the recipe, or change the recipe to say "
+                         f"what the model is") from None
+    updated = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(updated) != len(list(plain.parameters())) or any(
+            a is not b for a, b in zip(updated, plain.parameters(), strict=False)):
+        raise ValueError("the optimizer updates another model's parameters (was the model "
+                         "built again after the optimizer?): build the optimizer from this "
+                         "model, e.g. run the whole training cell again")
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("the scheduler drives another optimizer (was the optimizer built "
+                         "again after it?): run the whole training cell again")
+    _check_states(plain, optimizer, scheduler, recipe, rows)
 
 
+def _check_states(model: nn.Module, optimizer: Any, scheduler: Any, recipe: dict[str, Any],
+                  rows: list[dict[str, float]]) -> None:
+    """load_parts of the objects' states, its refusal worded for the training cell."""
+    try:
+        load_parts(recipe, rows, model.state_dict(), optimizer.state_dict(),
+                   scheduler.state_dict())
+    except Mismatch as err:
+        kind = "SGD" if err.part == "optimizer" else type(scheduler).__name__
+        fix = (f"build {kind} with {err.key}=recipe[{err.key!r}], or change recipe[{err.key!r}] "
+               f"so that the checkpoint records it" if err.key in recipe else
+               f"build {kind} from the recipe as the training cell does, or change the recipe")
+        raise ValueError(f"the {'optimizer' if kind == 'SGD' else kind}'s {err.key} is "
+                         f"{err.got!r}, the recipe's {err.want!r}: {fix}") from None
+    except OffSchedule as err:
+        raise ValueError(f"{err}: leave the learning rate to the schedule, or change "
+                         f"recipe['lr'] so that the checkpoint records it") from None
+    except ValueError as err:
+        raise ValueError(f"{err}: build the model, SGD and schedule from the recipe, as the "
+                         f"training cell does") from None
+
+
+def _dropouts(model: nn.Module) -> list[float]:
+    """The probability of each dropout of a model, nn.Dropout or the fast path's fused one."""
+    return [float(m.p) for m in model.modules()
+            if isinstance(m, nn.Dropout) or type(m).__name__ == "ReLUDropout"]

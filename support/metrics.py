@@ -40,8 +40,8 @@ def run_facts(device: torch.device, model: torch.nn.Module, recipe: dict,
     import torchvision
 
     return {"model": {"channels": list(model.channels), **net_options(recipe)},
-            # the fast loader's pixels are the original's (PIL's arithmetic); older runs
-            # of this project resampled bilinearly
+            # the fast loader's pixels are the original's (PIL's arithmetic), so a results
+            # file says which pixels its accuracy was measured on
             "augmentation_pixels": "pil-exact",
             "commit": commit,
             "parameters": count_parameters(model), "device": str(device),

@@ -1,4 +1,4 @@
-"""The notebook as a careless user runs it (issue 31's second pass): its training cell edited,
+"""The notebook as a careless user runs it: its training cell edited,
 run twice or after a stale cell, its checkpoint named wrongly, a full disk, the Colab cell run
 again. Each case either works or is refused before the first epoch in one line that says what
 to change, and nothing saved is lost. docs/careless.md lists them."""
@@ -28,7 +28,7 @@ EDITS = {
                           "the optimizer's nesterov is True, the recipe's False"),
     "Adam for SGD": (("torch.optim.SGD(model.parameters(), lr=recipe[\"lr\"], "
                       "momentum=recipe[\"momentum\"])", "torch.optim.Adam(model.parameters())"),
-                     "the optimizer is a Adam, the recipe's an SGD"),
+                     "the optimizer is Adam, not the recipe's SGD"),
     "StepLR every 10 epochs": (("step_size=recipe[\"step_size\"]", "step_size=10"),
                                "the StepLR's step_size is 10, the recipe's 15"),
     "the GAP head": (("prepare_model(Net(),", "prepare_model(Net(head=\"gap\"),"),
@@ -61,6 +61,22 @@ def test_an_edit_refused_after_a_saved_run_leaves_the_run_as_it_was(tmp_path, mn
     with pytest.raises(ValueError, match="momentum is 0.95"):
         training_cell({**RECIPE, "epochs": 1}, path, mnist_dir, edit=EDITS["momentum 0.95"][0])
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["before train", "after scheduler.step"])
+def test_an_lr_set_inside_the_epoch_loop_is_refused_at_the_first_save(tmp_path, mnist_dir,
+                                                                      where):
+    """The schedule sets the rate: one set by hand in the loop would be saved under a recipe
+    that did not train (StepLR carries the rate it is given on)."""
+    line = ("    train_loss, train_acc = train(" if where == "before train" else
+            "    history.append(")
+    edit = (line, f'    optimizer.param_groups[0]["lr"] = 0.1\n{line}')
+    path = tmp_path / "notebook.pt"
+    with pytest.raises(ValueError, match="the optimizer's lr is 0.1, but the schedule sets "
+                                         "0.01 after epoch 1 at lr 0.01: leave the learning "
+                                         "rate to the schedule"):
+        training_cell({**RECIPE, "epochs": 2}, path, mnist_dir, edit=edit)
+    assert not path.exists()
 
 
 def test_checkpoint_naming_a_folder_says_to_name_a_file_in_it(tmp_path, mnist_dir):
@@ -144,7 +160,7 @@ def test_the_colab_cell_never_waits_for_a_password(tmp_path):
 
 
 def test_a_second_kernel_on_the_notebooks_checkpoint_is_refused(tmp_path, mnist_dir):
-    """As tests/test_checkpoint_pair.py's two processes, through the training cell itself."""
+    """Another process holds the checkpoint, as a kernel's training cell would."""
     path = tmp_path / "notebook.pt"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"

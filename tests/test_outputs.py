@@ -1,4 +1,4 @@
-"""Issue 19: one output policy for every file train.py writes, and one lock per checkpoint and
+"""One output policy for every file train.py writes, and one lock per checkpoint and
 per data-folder fetch. Most cases run train.main in this process (a refusal comes before any
 training); the races run real processes."""
 
@@ -210,20 +210,6 @@ def test_the_temporary_name_is_checked_too(capsys, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Every write is atomic, metrics included.
 # ---------------------------------------------------------------------------------------------
-def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
-    path = tmp_path / "out.json"
-    path.write_text("old\n")
-
-    def fails(f):
-        f.write(b"half")
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError):
-        outputs.atomic_write(path, fails)
-    assert path.read_text() == "old\n"
-    assert os.listdir(tmp_path) == ["out.json"]
-
-
 def test_a_failed_metrics_write_keeps_the_old_file_and_says_so(files, capsys, monkeypatch):
     monkeypatch.chdir(files["text"].parent)
     metrics, save = files["text"].parent / "m.json", files["text"].parent / "new.pt"
