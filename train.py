@@ -33,9 +33,8 @@ from torch import nn
 from tqdm import tqdm
 
 import utils
-from model import DROPOUT_PLANS, HEADS, TRANSITIONS, count_parameters
+from model import count_parameters
 from support import checkpoints, failures, flag_checks, flag_types, metrics, outputs, stopping
-from support.augment import AUGMENTATIONS
 from support.bookkeeping import (
     STDOUT,
     NonFiniteLoss,
@@ -47,22 +46,9 @@ from support.bookkeeping import (
 from support.boundary import error, guarded
 from support.devices import compiled, fast_path, prepare_model
 from support.fast_loader import DeviceLoader
-from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, HONOURED_ON_RESUME, UsageError
+from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, RESUMABLE, UsageError
 from support.mnist_files import MNIST_FILES, TEST_FILES, ensure_mnist, load_mnist_tensors
-from support.recipe import (
-    COMPACT,
-    MODELS,
-    RECIPE,
-    SCHEDULES,
-    SPEEDRUN,
-    check_recipe,
-    foreign_options,
-    full_recipe,
-    make_model,
-    make_optimizer,
-    steps_per_batch,
-)
-from support.stopping import flag
+from support.recipe import check_recipe, make_model, make_optimizer, steps_per_batch
 from support.torchvision_loader import torchvision_test_loader
 
 if __name__ == "__main__":
@@ -78,92 +64,24 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Recipe flags default to None, so a flag the user gave can be told from a default (a
-    resume honours or refuses it); recipe_from fills in RECIPE."""
-    r = RECIPE
+    """The recipe's flags come from its fields (support/recipe.py), the rest are the run's."""
     p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0],
                                 epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    recipe = p.add_argument_group("recipe (saved in every checkpoint; a resume keeps it)")
-    recipe.add_argument("--epochs", type=flag_types.positive_int,
-                        help=f"total epochs to train (default: {r['epochs']}; compact: "
-                             f"{COMPACT['epochs']}; speedrun: {SPEEDRUN['epochs']})")
-    recipe.add_argument("--batch-size", type=flag_types.positive_int,
-                        help=f"training images per SGD step (default: {r['batch_size']})")
-    recipe.add_argument("--test-batch-size", type=flag_types.positive_int,
-                        help=f"test images per forward pass (default: {r['test_batch_size']})")
-    recipe.add_argument("--lr", type=flag_types.positive_float,
-                        help=f"SGD's learning rate, OneCycle's peak with --schedule onecycle "
-                             f"(default: {r['lr']}; compact: {COMPACT['lr']}; speedrun: "
-                             f"{SPEEDRUN['lr']})")
-    recipe.add_argument("--momentum", type=flag_types.non_negative_float,
-                        help=f"SGD's momentum (default: {r['momentum']})")
-    recipe.add_argument("--step-size", type=flag_types.positive_int,
-                        help="StepLR: epochs between learning-rate drops "
-                             f"(default: {r['step_size']})")
-    recipe.add_argument("--gamma", type=flag_types.positive_float,
-                        help=f"StepLR: factor of each drop (default: {r['gamma']})")
-    recipe.add_argument("--seed", type=flag_types.seed_int,
-                        help="fixes the weights, the shuffling, the augmentation and the dropout "
-                             f"masks (default: {r['seed']})")
-    recipe.add_argument("--model", choices=list(MODELS),
-                        help="s6 = the write-up's Net; compact = CompactNet (7,594 parameters); "
-                             "speedrun = SpeedNet, the laptop-CPU speedrun (docs/speedrun.md); "
-                             "tiny = TinyNet (3,608 parameters, docs/tiny.md). The named recipe "
-                             "of compact, speedrun or tiny (support/recipe.py COMPACT, SPEEDRUN, "
-                             "TINY) then fills in every recipe flag not given "
-                             f"(default: {r['model']})")
-    recipe.add_argument("--schedule", choices=list(SCHEDULES),
-                        help="step = StepLR (--step-size, --gamma); onecycle = OneCycleLR "
-                             "peaking at --lr, stepped once per epoch, its last epoch at "
-                             "lr / 250,000 (so it needs --epochs 2 or more; a resume follows it to "
-                             "its end); "
-                             "onecycle-batch = the same stepped after every batch (default: "
-                             f"{r['schedule']}; compact: {COMPACT['schedule']}; speedrun: "
-                             f"{SPEEDRUN['schedule']})")
-    recipe.add_argument("--nesterov", action=argparse.BooleanOptionalAction,
-                        help="SGD with Nesterov momentum (needs --momentum above 0; default: off; "
-                             "speedrun: on)")
-    recipe.add_argument("--dropout", type=flag_types.dropout_float,
-                        help="probability of each dropout layer in the model "
-                             f"(default: {r['dropout']:g}; compact: {COMPACT['dropout']:g})")
-    recipe.add_argument("--augmentation", choices=list(AUGMENTATIONS),
-                        help="both = the original's 10%% crop-resize and ±15° rotation; rotate "
-                             "or crop = only one of them; none (ablation) "
-                             f"(default: {r['augmentation']})")
-    model = p.add_argument_group("model variants (the s6 model's architecture; ablations)")
-    model.add_argument("--dropout-plan", choices=list(DROPOUT_PLANS),
-                       help="blocks followed by dropout: table = conv1 and conv2, as the "
-                            "original's table; every = every 3x3 block; none "
-                            f"(default: {r['dropout_plan']})")
-    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction,
-                       help="BatchNorm after each conv but the last; --no-batch-norm (ablation) "
-                            "removes it and gives every conv a bias (default: on)")
-    model.add_argument("--transitions", choices=list(TRANSITIONS),
-                       help="the two 1x1 reductions: bn-relu = Conv-BN-ReLU, as the table; "
-                            f"bare = a plain 1x1 conv (ablation) (default: {r['transitions']})")
-    model.add_argument("--head", choices=list(HEADS),
-                       help="conv = the table's 3x3 conv6 from 3x3 to 1x1; gap = global average "
-                            f"pooling, then a 1x1 conv to 10 classes (default: {r['head']})")
-    model.add_argument("--width", type=flag_types.width_float,
-                       help="multiply every channel count by this, rounded to the nearest integer "
-                            f"(the width sweep; default: {r['width']:g})")
-    data = p.add_argument_group("data")
-    data.add_argument("--loader", choices=["fast", "torchvision"],
-                      help="fast: data kept and augmented on the device, and the model run with "
-                           "fused ReLU-dropout (plus, on the CPU, channels-last memory and "
-                           "keep_freed_memory); see devices.fast_path. torchvision: the original "
-                           f"per-sample pipeline and model (default: {r['loader']})")
+    groups = {"recipe": p.add_argument_group("recipe (saved in every checkpoint; a resume "
+                                             "keeps it)"),
+              "model variants": p.add_argument_group("model variants (the s6 model's "
+                                                     "architecture; ablations)"),
+              "data": p.add_argument_group("data")}
+    out = p.add_argument_group("checkpoints and outputs")
+    groups["run"] = run = p.add_argument_group("run")
+    flag_types.add_recipe_flags(p, groups)
+    data = groups["data"]
     data.add_argument("--data-dir", type=flag_types.path_text, default=DEFAULT_DATA_DIR,
                       help="folder that holds MNIST/raw; the files are fetched into it when "
                            f"missing (default: {DEFAULT_DATA_DIR})")
     data.add_argument("--refetch", action="store_true",
                       help="replace MNIST files that fail their checks")
-    data.add_argument("--limit-train", type=flag_types.positive_int,
-                      help="use only the first N training images")
-    data.add_argument("--limit-test", type=flag_types.positive_int,
-                      help="use only the first N test images")
-    out = p.add_argument_group("checkpoints and outputs")
     out.add_argument("--save-model", metavar="PATH", type=flag_types.path_text,
                      help=f"checkpoint written after every epoch (default: {DEFAULT_CHECKPOINT}, "
                           "or the --resume file)")
@@ -180,20 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--metrics", metavar="PATH", type=flag_types.path_text,
                      help="write the run's history and facts as JSON (replaces an earlier "
                           "metrics file of train.py; any other file only with --force)")
-    run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                      help="where to train: auto picks cuda, then mps, then cpu (default: auto)")
-    run.add_argument("--threads", type=flag_types.threads_int,
+    run.add_argument("--threads", type=flag_types.value_type(flag_types.THREADS),
                      help="CPU threads for torch (torch.set_num_threads; default: torch's own, "
                           "one per core). The README's timings and histories depend on it: on "
                           "the CPU another thread count gives other last digits")
-    run.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                     help="train through torch.compile (needs a C++ compiler on the CPU; not on "
-                          "MPS); on --resume, --no-compile continues a compiled run without it "
-                          "(default: off, or the checkpoint's)")
-    run.add_argument("--deterministic", action="store_true", default=None,
-                     help="deterministic kernels and no TF32 on CUDA (slower); the CPU is "
-                          "deterministic for a given thread count anyway")
     run.add_argument("--dry-run", action="store_true",
                      help="one training batch and one test batch, to check the set-up; "
                           "writes no checkpoint")
@@ -256,19 +166,8 @@ def execute(args: argparse.Namespace, device: torch.device, status: stopping.Sta
 
 
 def recipe_from(args: argparse.Namespace) -> dict:
-    """The settings that define a run (the keys of RECIPE), from the flags given and
-    RECIPE's defaults; a checkpoint carries them, so a resume repeats them."""
-    given = {key: getattr(args, key, None) for key in RECIPE}
-    recipe = full_recipe({k: v for k, v in given.items() if v is not None})
-    foreign = foreign_options(recipe)
-    if foreign:
-        verb, them = ("applies", "it") if len(foreign) == 1 else ("apply", "them")
-        raise UsageError(f"{' and '.join(flag(k) for k in foreign)} {verb} to the s6 model "
-                         f"only, not to --model {recipe['model']}: drop {them}")
-    flag_checks.check_new_recipe(args, recipe)
-    if recipe["nesterov"] and recipe["momentum"] == 0:
-        raise UsageError("--nesterov needs momentum: give --momentum above 0, or --no-nesterov")
-    return recipe
+    """A new run's recipe: the named recipe of its --model, with the flags given."""
+    return flag_checks.new_recipe(args).as_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +232,7 @@ def save_run(run: Run, path: str) -> None:
                           run.recipe, run.history, log=False)
 
 
-def resume_run(run: Run, path: str, may_change: tuple[str, ...] = HONOURED_ON_RESUME) -> None:
+def resume_run(run: Run, path: str, may_change: tuple[str, ...] = RESUMABLE) -> None:
     """utils.load_checkpoint into the run: its history, model, SGD, schedule and draws."""
     run.history = utils.load_checkpoint(path, run.trained, run.optimizer, run.scheduler,
                                         run.train_loader, run.recipe, may_change=may_change)
@@ -341,8 +240,9 @@ def resume_run(run: Run, path: str, may_change: tuple[str, ...] = HONOURED_ON_RE
 
 def start_run(args: argparse.Namespace, device: torch.device, status: stopping.Status,
               recipe: dict, checkpoint: dict | None) -> Run:
-    """The run, built from the recipe, restored from the checkpoint and with a new --lr when
-    resuming (an --lr equal to the saved recipe's is no change, as flag_checks calls it)."""
+    """The run, built from the recipe and, when resuming, restored from the checkpoint; the
+    recipe is the saved one with the flags that changed it (flag_checks.resume_recipe), and
+    what a restore puts back from the file is set to it."""
     if args.dry_run:
         recipe.update(epochs=1, limit_train=recipe["batch_size"],
                       limit_test=recipe["test_batch_size"])
@@ -351,14 +251,20 @@ def start_run(args: argparse.Namespace, device: torch.device, status: stopping.S
     run = build_run(recipe, device, args.data_dir)
     if checkpoint is not None:
         resume_run(run, args.resume)
-        done = len(run.history)
-        status.expect(args.resume, done)
-        if args.lr is not None and args.lr != recipe["lr"]:  # the value it holds: no change
-            for group in run.optimizer.param_groups:
-                group["lr"] = args.lr
-            print(f"learning rate set to {args.lr:g} from epoch {done + 1} "
-                  f"(later StepLR drops apply to it)")
+        status.expect(args.resume, len(run.history))
+        if recipe["lr"] != checkpoint["recipe"]["lr"]:
+            set_lr(run, recipe["lr"])
     return run
+
+
+def set_lr(run: Run, lr: float) -> None:
+    """The learning rate from the next epoch on, as a fresh SGD and StepLR of `lr` hold it
+    (so the next resume's checks find the recipe's rate); later StepLR drops apply to it."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = lr
+    run.scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
+    print(f"learning rate set to {lr:g} from epoch {len(run.history) + 1} "
+          f"(later StepLR drops apply to it)")
 
 
 def run_training(args: argparse.Namespace, device: torch.device, status: stopping.Status,

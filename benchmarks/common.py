@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from support import outputs
-from support.flag_types import MAX_INT
+
+MAX_INT = 2**31 - 1  # train.py's limit too (support.recipe), without loading torch
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,16 +24,23 @@ import torch
 
 from support import checkpoints, devices, metrics, mnist_files, outputs, stopping
 from support.checkpoints import epochs_text
-from support.recipe import ONECYCLES, RECIPE
-from support.stopping import flag
+from support.flag_types import flag
+from support.recipe import (
+    DEFAULTS,
+    NAMED,
+    ONECYCLES,
+    RULES,
+    SCHEDULES,
+    Recipe,
+    check_recipe,
+    foreign_options,
+    takers,
+)
 
 DEFAULT_CHECKPOINT = "checkpoints/last.pt"
 DEFAULT_DATA_DIR = "data"
-# With --resume, these flags change the run from the next epoch on; every other recipe flag
-# must match the checkpoint's recipe (docs/resume.md).
-HONOURED_ON_RESUME = ("epochs", "lr", "compile")
-# With --evaluate, the checkpoint's recipe builds the model; only these flags apply.
-HONOURED_ON_EVALUATE = ("test_batch_size", "limit_test")
+# With --resume, these recipe keys may change the run from the next epoch on.
+RESUMABLE = tuple(key for key, rule in RULES.items() if rule.on_resume)
 
 
 class UsageError(ValueError):
@@ -265,37 +272,65 @@ def longer_run(recipe: dict, path: str, data_dir: str | None, epochs: int) -> st
 
 
 # ---------------------------------------------------------------------------------------------
-# --resume and --evaluate: the checkpoint's recipe, and the flags that may change it.
+# --resume and --evaluate: the saved recipe with the flags given, or a refusal that says why.
 # ---------------------------------------------------------------------------------------------
 def resume_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
-    """The checkpoint's recipe, with the flags a resume honours."""
-    recipe = dict(checkpoint["recipe"])
-    refuse_ignored_flags(args, recipe, HONOURED_ON_RESUME, "--resume continues the saved recipe",
-                         "drop them, or start a new run with --save-model NEW.pt "
-                         "(only --epochs, --lr and --compile may change on resume)")
+    """The saved recipe with the flags given, checked by the rules of a new run. A flag given
+    with the value the recipe holds is no change. A change is refused where the checkpoint
+    fixes it (a field that is not `on_resume`) or the saved schedule fixed it at its start
+    (SCHEDULES), as is a resume with no epochs left."""
+    saved = checkpoint["recipe"]
+    changes = changed(args, saved, "on_resume", "--resume continues the saved recipe",
+                      "drop them, or start a new run with --save-model NEW.pt (only "
+                      f"{allowed('on_resume')} may change on resume)")
     done = len(checkpoint["history"]["epoch"])
-    if recipe["schedule"] in ONECYCLES:
-        check_onecycle_resume(args, recipe, done)
-    if args.epochs is not None:
-        recipe["epochs"] = args.epochs
+    fixed = SCHEDULES[saved["schedule"]]
+    if any(k in fixed for k in changes) or ("epochs" in fixed and done >= saved["epochs"]):
+        refuse_fixed_schedule(args, saved, {k: v for k, v in changes.items() if k in fixed},
+                              done)
+    recipe = check_recipe({**saved, **changes})
     if recipe["epochs"] <= done:
         raise UsageError(f"{args.resume} already holds {epochs_text(done)} of {recipe['epochs']}: "
                          f"give --epochs more than {done} to train further, "
                          f"or score it with --evaluate")
-    if args.compile is not None:
-        recipe["compile"] = args.compile
     return recipe
 
 
-def check_onecycle_resume(args: argparse.Namespace, recipe: dict, done: int) -> None:
-    """The rule for resuming a OneCycle run (docs/resume.md): its cycle was fixed at its start
-    by its epochs and peak lr, and a resume follows it to its end; a new --epochs or --lr is
-    refused, pointing to what works: the rest of the cycle, or a new run with the change."""
-    changes = {k: getattr(args, k) for k in ("epochs", "lr")
-               if getattr(args, k) not in (None, recipe[k])}
+def allowed(may: str) -> str:
+    """The flags whose Rule says `may` ("on_resume", "on_evaluate"): "--a, --b and --c"."""
+    keys = [flag(k) for k, rule in RULES.items() if getattr(rule, may)]
+    return " and ".join([", ".join(keys[:-1]), keys[-1]])
+
+
+def evaluation_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
+    """The checkpoint's own recipe (its model, its loader), with the test set's size and
+    batch size from the flags."""
+    changed(args, checkpoint["recipe"], "on_evaluate",
+            "--evaluate scores the saved model with its own recipe",
+            f"drop them (only {allowed('on_evaluate')} apply to an evaluation)")
+    given = given_recipe(args)
+    return check_recipe({**checkpoint["recipe"], **{
+        k: given.get(k, DEFAULTS[k]) for k, rule in RULES.items() if rule.on_evaluate}})
+
+
+def changed(args: argparse.Namespace, saved: dict, may: str, mode: str, remedy: str) -> dict:
+    """The recipe flags given that differ from the saved recipe; those whose Rule does not
+    allow it (`may`: "on_resume" or "on_evaluate") are refused, saying what `mode` does and
+    what to do instead, rather than ignored without a word."""
+    changes = {k: v for k, v in given_recipe(args).items() if v != saved[k]}
+    ignored = "; ".join(f"{flag(k)} {v} (saved: {saved[k]})" for k, v in changes.items()
+                        if not getattr(RULES[k], may))
+    if ignored:
+        raise UsageError(f"{mode}, so {ignored} cannot apply: {remedy}")
+    return changes
+
+
+def refuse_fixed_schedule(args: argparse.Namespace, recipe: dict, changes: dict,
+                          done: int) -> None:
+    """A schedule fixed at its start by its epochs and peak lr (docs/resume.md) is followed to
+    its end; a change is refused, pointing to what works: the rest of the cycle, or a new run
+    with the change."""
     finished = done >= recipe["epochs"]
-    if not changes and not finished:
-        return
     data_dir = None if args.data_dir == DEFAULT_DATA_DIR else args.data_dir
     if changes:
         cause = f"so {' and '.join(flag(k) for k in changes)} cannot change it"
@@ -314,43 +349,42 @@ def check_onecycle_resume(args: argparse.Namespace, recipe: dict, done: int) -> 
                      f"{state}, or {new}")
 
 
-def check_new_recipe(args: argparse.Namespace, recipe: dict) -> None:
-    """A new run's recipe: the StepLR flags a OneCycle schedule would ignore are refused, and
-    so is a OneCycle of one epoch, which would train at its floor lr (peak / 250,000)."""
-    if recipe["schedule"] not in ONECYCLES:
-        return
-    ignored = [flag(k) for k in ("step_size", "gamma") if getattr(args, k, None) is not None]
-    whose = f" (--model {recipe['model']}'s)" if args.schedule is None else ""
+def given_recipe(args: argparse.Namespace) -> dict:
+    """The recipe flags the user gave (a flag not given is None)."""
+    return {key: getattr(args, key) for key in RULES if getattr(args, key, None) is not None}
+
+
+def new_recipe(args: argparse.Namespace) -> Recipe:
+    """A new run's recipe: its --model's named recipe with the flags given, refused in the
+    flags' words where Recipe's rules would refuse it. The StepLR flags a OneCycle schedule
+    would ignore are refused, and so is a OneCycle of one epoch, which would train at its
+    floor lr (peak / 250,000)."""
+    given = given_recipe(args)
+    values = {**NAMED[given.get("model", "s6")], **given}
+    foreign = foreign_options(values)
+    if foreign:
+        verb, them = ("applies", "it") if len(foreign) == 1 else ("apply", "them")
+        models = takers(foreign[0])
+        raise UsageError(f"{' and '.join(flag(k) for k in foreign)} {verb} to the "
+                         f"{' and '.join(models)} model{'s' * (len(models) > 1)} only, not to "
+                         f"--model {values['model']}: drop {them}")
+    if values.get("nesterov") and values.get("momentum", DEFAULTS["momentum"]) == 0:
+        raise UsageError("--nesterov needs momentum: give --momentum above 0, or --no-nesterov")
+    recipe = Recipe.of(values)
+    if recipe.schedule not in ONECYCLES:
+        return recipe
+    ignored = [flag(k) for k in ("step_size", "gamma") if k in given]
+    whose = f" (--model {recipe.model}'s)" if args.schedule is None else ""
     if ignored:
         verb = "applies" if len(ignored) == 1 else "apply"
         raise UsageError(f"{' and '.join(ignored)} {verb} to --schedule step only, and this "
-                         f"run's schedule is {recipe['schedule']}{whose}: drop "
+                         f"run's schedule is {recipe.schedule}{whose}: drop "
                          f"{'it' if len(ignored) == 1 else 'them'}, or add --schedule step")
-    if recipe["schedule"] == "onecycle" and recipe["epochs"] < 2 and not args.dry_run:
+    if recipe.schedule == "onecycle" and recipe.epochs < 2 and not args.dry_run:
         raise UsageError(f"a OneCycle schedule{whose} is stepped once per epoch and spends its "
-                         f"last epoch at its floor, lr {recipe['lr'] / 25e4:g} (peak / 250,000), "
+                         f"last epoch at its floor, lr {recipe.lr / 25e4:g} (peak / 250,000), "
                          f"so a 1-epoch run would not train: give --epochs 2 or more, or add "
                          f"--schedule step")
+    return recipe
 
 
-def evaluation_recipe(args: argparse.Namespace, checkpoint: dict) -> dict:
-    """The checkpoint's own recipe (its model, its loader), with the test set's size and
-    batch size from the flags."""
-    recipe = dict(checkpoint["recipe"])
-    refuse_ignored_flags(args, recipe, HONOURED_ON_EVALUATE,
-                         "--evaluate scores the saved model with its own recipe",
-                         "drop them (only --test-batch-size and --limit-test apply to an "
-                         "evaluation)")
-    return {**recipe, "test_batch_size": args.test_batch_size or RECIPE["test_batch_size"],
-            "limit_test": args.limit_test}
-
-
-def refuse_ignored_flags(args: argparse.Namespace, saved: dict, honoured: tuple[str, ...],
-                         mode: str, remedy: str) -> None:
-    """Recipe flags given that differ from a checkpoint's recipe and are not `honoured` would
-    be ignored without a word: refuse them, saying what `mode` does and what to do instead."""
-    ignored = "; ".join(f"{flag(k)} {getattr(args, k)} (saved: {saved[k]})" for k in RECIPE
-                        if k not in honoured and getattr(args, k, None) is not None
-                        and getattr(args, k) != saved[k])
-    if ignored:
-        raise UsageError(f"{mode}, so {ignored} cannot apply: {remedy}")

@@ -21,14 +21,10 @@ from pathlib import Path
 
 from support import checkpoints, failures, locks, mnist_files
 from support.bookkeeping import NonFiniteLoss
+from support.flag_types import flag
 from support.recipe import ONECYCLES, RECIPE, full_recipe
 
 PROG = "train.py"
-
-
-def flag(key: str) -> str:
-    """The command-line flag of a recipe key: batch_size is --batch-size."""
-    return "--" + key.replace("_", "-")
 
 
 def invocation() -> list[str]:

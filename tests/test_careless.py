@@ -430,6 +430,17 @@ def test_a_flag_given_with_the_value_it_holds_changes_nothing_on_resume(capsys, 
     assert given["history"] == plain["history"]
 
 
+def test_a_new_lr_on_resume_is_the_recipe_from_then_on_and_resumes_again(capsys, a_pt):
+    # The resumed recipe is the saved one with the flags applied: the checkpoint records the
+    # rate it now trains at, so the next resume finds its objects and recipe in agreement.
+    code, out, _ = main(capsys, "--resume", "a.pt", "--epochs", "2", "--lr", "0.005",
+                        "--device", "cpu", "--quiet")
+    assert code == 0 and "learning rate set to 0.005 from epoch 2" in out, out
+    assert checkpoints.read_checkpoint(a_pt)["recipe"]["lr"] == 0.005
+    assert main(capsys, "--resume", "a.pt", "--epochs", "3", "--device", "cpu", "--quiet")[0] == 0
+    assert checkpoints.read_checkpoint(a_pt)["history"]["lr"] == [0.01, 0.005, 0.005]
+
+
 def test_the_help_states_the_onecycle_rules():
     text = " ".join(cli.build_parser().format_help().split())
     assert "its last epoch at lr / 250,000 (so it needs --epochs 2 or more" in text

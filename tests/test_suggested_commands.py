@@ -215,11 +215,11 @@ TABLE: dict[str, Row] = {
         finished_onecycle_run_again, ("flag_checks.existing_checkpoint",
                                       "flag_checks.longer_run"), 2),
     "a finished OneCycle run resumed with --epochs": Row(
-        onecycle_resumed_with_epochs, ("flag_checks.check_onecycle_resume",), 2),
+        onecycle_resumed_with_epochs, ("flag_checks.refuse_fixed_schedule",), 2),
     "a finished OneCycle run resumed": Row(
-        onecycle_resumed_when_finished, ("flag_checks.check_onecycle_resume",), 2),
+        onecycle_resumed_when_finished, ("flag_checks.refuse_fixed_schedule",), 2),
     "an unfinished OneCycle run resumed with --lr": Row(
-        onecycle_resumed_with_lr_midway, ("flag_checks.check_onecycle_resume",), 2),
+        onecycle_resumed_with_lr_midway, ("flag_checks.refuse_fixed_schedule",), 2),
     "Ctrl-C after epoch 1": Row(ctrl_c_after_epoch_1, ("stopping.Status.report",), 1),
     "a full disk at epoch 2": Row(disk_full_at_epoch_2, ("stopping.Status.report",), 1),
     "--compile without a compiler, after epoch 1": Row(
