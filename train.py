@@ -11,18 +11,23 @@ flag and path is checked before any work starts (no output replaces a file that 
 without `--force`), one run at a time trains into a checkpoint, and every message about what
 was saved is checked against the file on disk. A failure a user can cause or meet is one line;
 a bug keeps its traceback. Read top to bottom: the flags, `main`, then the run; the machinery
-behind them is in support/ (flag_types, flag_checks, boundary, stopping, startup).
+behind them is in support/command_line.py (the flags, their checks, the commands a message suggests)
+and support/stopping.py (signals, failures and what they say).
 """
 
 from __future__ import annotations
 
-from support import startup
+import signal
+import sys
 
-if __name__ == "__main__":
-    startup.hold_ctrl_c()  # until torch has loaded, Ctrl-C is only noted
+# Loading torch takes seconds, and a Ctrl-C then is the user's choice, not a crash; raised
+# inside an import, a KeyboardInterrupt can be swallowed by a library's bare `except`. So until
+# the imports are done, Ctrl-C is only noted (unless it is ignored, as in a background job).
+_pressed: list[int] = []
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, lambda signum, frame: _pressed.append(signum))
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +39,7 @@ from tqdm import tqdm
 
 import utils
 from model import count_parameters
-from support import checkpoints, failures, flag_checks, flag_types, metrics, outputs, stopping
+from support import checkpoints, command_line, metrics, outputs, stopping
 from support.bookkeeping import (
     STDOUT,
     NonFiniteLoss,
@@ -42,17 +47,23 @@ from support.bookkeeping import (
     check_finite,
     epoch_line,
     final_line,
+    history_rows,
 )
-from support.boundary import error, guarded
+from support.command_line import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, RESUMABLE, UsageError
 from support.devices import compiled, fast_path, prepare_model
 from support.fast_loader import DeviceLoader
-from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, RESUMABLE, UsageError
 from support.mnist_files import MNIST_FILES, TEST_FILES, ensure_mnist, load_mnist_tensors
 from support.recipe import check_recipe, make_model, make_optimizer, steps_per_batch
+from support.stopping import error, guarded
 from support.torchvision_loader import torchvision_test_loader
 
-if __name__ == "__main__":
-    startup.release_ctrl_c()  # and one noted meanwhile stops here, in one line
+if __name__ == "__main__":  # Ctrl-C raises again; one noted meanwhile stops here, in one line
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _pressed:
+        print("\ninterrupted (Ctrl-C) while starting; nothing was trained or saved.",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 EXAMPLES = """examples:
@@ -65,7 +76,7 @@ EXAMPLES = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The recipe's flags come from its fields (support/recipe.py), the rest are the run's."""
-    p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog=command_line.PROG, description=__doc__.splitlines()[0],
                                 epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {"recipe": p.add_argument_group("recipe (saved in every checkpoint; a resume "
@@ -75,32 +86,32 @@ def build_parser() -> argparse.ArgumentParser:
               "data": p.add_argument_group("data")}
     out = p.add_argument_group("checkpoints and outputs")
     groups["run"] = run = p.add_argument_group("run")
-    flag_types.add_recipe_flags(p, groups)
+    command_line.add_recipe_flags(groups)
     data = groups["data"]
-    data.add_argument("--data-dir", type=flag_types.path_text, default=DEFAULT_DATA_DIR,
+    data.add_argument("--data-dir", type=command_line.path_text, default=DEFAULT_DATA_DIR,
                       help="folder that holds MNIST/raw; the files are fetched into it when "
                            f"missing (default: {DEFAULT_DATA_DIR})")
     data.add_argument("--refetch", action="store_true",
                       help="replace MNIST files that fail their checks")
-    out.add_argument("--save-model", metavar="PATH", type=flag_types.path_text,
+    out.add_argument("--save-model", metavar="PATH", type=command_line.path_text,
                      help=f"checkpoint written after every epoch (default: {DEFAULT_CHECKPOINT}, "
                           "or the --resume file)")
     out.add_argument("--no-save", action="store_true", help="write no checkpoint")
     out.add_argument("--force", action="store_true",
                      help="let --save-model or --metrics replace an existing file that is not "
                           "this run's own")
-    out.add_argument("--resume", metavar="PATH", type=flag_types.path_text,
+    out.add_argument("--resume", metavar="PATH", type=command_line.path_text,
                      help="continue the run saved in this checkpoint; only --epochs, --lr and "
                           "--compile may change it (a OneCycle run: only --compile; "
                           "docs/resume.md)")
-    out.add_argument("--evaluate", metavar="PATH", type=flag_types.path_text,
+    out.add_argument("--evaluate", metavar="PATH", type=command_line.path_text,
                      help="score a checkpoint on the test set, then exit; writes nothing")
-    out.add_argument("--metrics", metavar="PATH", type=flag_types.path_text,
+    out.add_argument("--metrics", metavar="PATH", type=command_line.path_text,
                      help="write the run's history and facts as JSON (replaces an earlier "
                           "metrics file of train.py; any other file only with --force)")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                      help="where to train: auto picks cuda, then mps, then cpu (default: auto)")
-    run.add_argument("--threads", type=flag_types.value_type(flag_types.THREADS),
+    run.add_argument("--threads", type=command_line.value_type(command_line.THREADS),
                      help="CPU threads for torch (torch.set_num_threads; default: torch's own, "
                           "one per core). The README's timings and histories depend on it: on "
                           "the CPU another thread count gives other last digits")
@@ -113,17 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, torch.device]:
-    """The flags, checked (support/flag_checks.py): argparse's own errors for a malformed flag,
+    """The flags, checked (support/command_line.py): argparse's own errors for a malformed flag,
     a one-line refusal (SystemExit 2) for everything after."""
     args = build_parser().parse_args(argv)
-    return args, flag_checks.check_flags(args)
+    return args, command_line.check_flags(args)
 
 
 # ---------------------------------------------------------------------------------------------
 # main: check, then train, resume or evaluate.
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None, then_exit: bool = False) -> int:
-    """The command. Inside its error boundary (support/boundary.py) a failure a user can cause
+    """The command. Inside its error boundary (support/stopping.py) a failure a user can cause
     or meet ends in one line and an exit code, and a bug keeps its traceback; `then_exit` when
     the process ends after it (stopping_on_signals)."""
     status = stopping.Status(test=utils.test)
@@ -133,8 +144,8 @@ def main(argv: list[str] | None = None, then_exit: bool = False) -> int:
         if args.data_dir != DEFAULT_DATA_DIR:
             status.data_dir = args.data_dir
         status.evaluating = bool(args.evaluate)
-        with flag_checks.checkpoint_held(args):
-            flag_checks.check_replacements(args)
+        with command_line.checkpoint_held(args):
+            command_line.check_replacements(args)
             return execute(args, device, status)
 
     return guarded(command, status, then_exit)
@@ -148,14 +159,13 @@ def execute(args: argparse.Namespace, device: torch.device, status: stopping.Sta
     if args.resume or args.evaluate:
         status.doing = "reading the checkpoint"
         checkpoint = checkpoints.read_checkpoint(args.resume or args.evaluate)
-    if args.evaluate:
-        recipe = flag_checks.evaluation_recipe(args, checkpoint)
-    else:
-        recipe = flag_checks.resume_recipe(args, checkpoint) if checkpoint else recipe_from(args)
+    recipe = command_line.changed_recipe(args, checkpoint) if checkpoint else recipe_from(args)
     if recipe["compile"] and device.type == "mps":
         raise UsageError("--compile is not supported on MPS here: "
                          + ("resume with --no-compile" if args.resume else "train without it"))
     status.recipe = recipe
+    if args.resume and len(checkpoint["history"]["epoch"]) >= recipe["epochs"]:
+        return write_saved_metrics(args, device, status, checkpoint)  # what --metrics wrote
     status.doing = "getting MNIST"
     ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet,
                  files=TEST_FILES if args.evaluate else MNIST_FILES)
@@ -167,7 +177,7 @@ def execute(args: argparse.Namespace, device: torch.device, status: stopping.Sta
 
 def recipe_from(args: argparse.Namespace) -> dict:
     """A new run's recipe: the named recipe of its --model, with the flags given."""
-    return flag_checks.new_recipe(args).as_dict()
+    return command_line.new_recipe(args).as_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +251,7 @@ def resume_run(run: Run, path: str, may_change: tuple[str, ...] = RESUMABLE) -> 
 def start_run(args: argparse.Namespace, device: torch.device, status: stopping.Status,
               recipe: dict, checkpoint: dict | None) -> Run:
     """The run, built from the recipe and, when resuming, restored from the checkpoint; the
-    recipe is the saved one with the flags that changed it (flag_checks.resume_recipe), and
+    recipe is the saved one with the flags that changed it (command_line.resume_recipe), and
     what a restore puts back from the file is set to it."""
     if args.dry_run:
         recipe.update(epochs=1, limit_train=recipe["batch_size"],
@@ -282,7 +292,7 @@ def run_training(args: argparse.Namespace, device: torch.device, status: stoppin
         status.doing = f"saving epoch {n}"
         if args.save_model:
             status.expect(args.save_model, n)
-            failures.written(f"save epoch {n} in {args.save_model}",
+            stopping.written(f"save epoch {n} in {args.save_model}",
                              lambda: save_run(run, outputs.target(args.save_model)))
         last_saved = n
         status.doing = f"training epoch {n + 1}"
@@ -298,15 +308,33 @@ def run_training(args: argparse.Namespace, device: torch.device, status: stoppin
             save(run.history)  # the epoch whose line could not be printed is whole: keep it
         raise
     if args.metrics:
-        status.doing = "writing --metrics"
-        failures.written(f"write --metrics {args.metrics}",
-                         lambda: metrics.write_metrics(args.metrics, run.recipe, run.history,
-                                                       run.model, device, commit))
+        write_metrics(args, device, status, run.recipe, run.history, run.model, commit)
     kept = (f"checkpoint: {args.save_model}" if args.save_model else
             f"no checkpoint ({'--dry-run' if args.dry_run else '--no-save'})")
     if args.metrics:
         kept += f"; metrics: {args.metrics}"
     print(final_line(run.history, kept))
+    return 0
+
+
+def write_metrics(args: argparse.Namespace, device: torch.device, status: stopping.Status,
+                  recipe: dict, history: list[dict], model: nn.Module, commit: str | None
+                  ) -> None:
+    status.doing, status.metrics = "writing --metrics", args.metrics
+    stopping.written(f"write --metrics {args.metrics}", lambda: metrics.write_metrics(
+        args.metrics, recipe, history, model, device, commit))
+
+
+def write_saved_metrics(args: argparse.Namespace, device: torch.device, status: stopping.Status,
+                        checkpoint: dict) -> int:
+    """A finished run resumed with --metrics (command_line.changed_recipe lets no other through):
+    the metrics of its checkpoint are written, and nothing is trained."""
+    model = make_model(checkpoint["recipe"])
+    model.load_state_dict(checkpoint["model"])
+    history = history_rows(checkpoint["history"])
+    write_metrics(args, device, status, checkpoint["recipe"], history, model,
+                  metrics.git_commit())
+    print(final_line(history, f"checkpoint: {args.resume}; metrics: {args.metrics}"))
     return 0
 
 

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------------
 # argparse types: a bad count is a one-line usage error (exit 2), not a traceback later.
-# train.py's positive_int (support.flag_types) leaves a non-integer to argparse ("invalid
-# positive_int value"); these say "must be an integer", which test_benchmarks pins.
+# train.py's recipe flags (support.command_line) leave a non-integer to argparse ("invalid
+# integer value"); these say "must be an integer", which test_benchmarks pins.
 # ---------------------------------------------------------------------------------------------
 def out_folder(text: str) -> Path:
     """--out: a folder (made by the run if missing), `~` expanded as outputs.user_path does;

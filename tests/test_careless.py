@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import train
+from runs import after_save, train
 from test_outputs import main, refused
-from test_suggested_commands import after_save
 
 import train as cli
 import utils
-from support import checkpoints, failures, flag_checks, locks, stopping
+from support import checkpoints, command_line, locks, stopping
 from support.bookkeeping import Tally
 
 pytestmark = pytest.mark.usefixtures("signals_restored")
@@ -315,14 +314,14 @@ def test_evaluate_in_an_unwritable_folder_works(capsys, here, one_epoch, immutab
 def test_a_folder_made_unwritable_mid_run_is_one_line_and_frees_the_lock(
         capsys, here, monkeypatch, immutable):
     (here / "run").mkdir()
-    real = failures.written
+    real = stopping.written
 
     def freeze_after_epoch_1(what, write):
         real(what, write)
         if what.startswith("save epoch 1 "):
             immutable(here / "run")  # as a disk remounted read-only, or a quota reached
 
-    monkeypatch.setattr(failures, "written", freeze_after_epoch_1)
+    monkeypatch.setattr(stopping, "written", freeze_after_epoch_1)
     code, _, err = main(capsys, *SMALL, "--epochs", "2", "--save-model", "run/last.pt")
     assert code == 1
     assert error_line(err) == (
@@ -355,7 +354,7 @@ def test_ctrl_c_before_the_first_save_leaves_nothing(capsys, here, monkeypatch):
     def interrupted(what, write):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(failures, "written", interrupted)
+    monkeypatch.setattr(stopping, "written", interrupted)
     code, _, err = main(capsys, *SMALL, "--epochs", "2", "--save-model", "last.pt")
     assert code == 130 and err.strip().endswith("no complete epoch was saved.")
     assert sorted(os.listdir(here)) == ["data"]
@@ -580,7 +579,7 @@ def test_every_path_flag_at_home_written_as_tilde_is_expanded_once(capsys, tmp_p
         f"train.py: error: --save-model and --metrics name the same file {tmp_path}/home/x.pt: "
         f"give each its own path")
     args = cli.build_parser().parse_args(["--data-dir=~/d", "--resume=~/r.pt", "--metrics=~/m"])
-    flag_checks.expand_paths(args)
+    command_line.expand_paths(args)
     assert (args.data_dir, args.resume, args.metrics) == (
         f"{tmp_path}/home/d", f"{tmp_path}/home/r.pt", f"{tmp_path}/home/m")
     assert not (tmp_path / "~").exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import TINY, assert_no_traceback, env
+from runs import TINY, assert_no_traceback, env
 
 import train as cli
 import utils

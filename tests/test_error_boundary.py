@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import Uncompiled
-from test_cli import TINY, assert_no_traceback, env
+from runs import TINY, Uncompiled, assert_no_traceback, env
 from test_outputs import SMALL, main
 from test_robustness import finish, spawn, wait_for
 
 import train as cli
 import utils
 from model import Net
-from support import checkpoints, failures, stopping, workers
+from support import checkpoints, stopping, workers
 from support.recipe import full_recipe
 from support.torchvision_loader import torchvision_loaders
 
@@ -109,10 +108,10 @@ def test_write_failure_reads_the_whole_chain():
         except OSError:
             raise RuntimeError("unexpected pos 1 vs 2")  # noqa: B904 - as torch raises it
     except RuntimeError as err:
-        assert failures.write_failure(err) == "No space left on device"
-    assert failures.write_failure(RuntimeError("file write failed")) is not None
-    assert failures.write_failure(RuntimeError("something else")) is None
-    assert failures.write_failure(BrokenPipeError(32, "Broken pipe")) is None
+        assert stopping.write_failure(err) == "No space left on device"
+    assert stopping.write_failure(RuntimeError("file write failed")) is not None
+    assert stopping.write_failure(RuntimeError("something else")) is None
+    assert stopping.write_failure(BrokenPipeError(32, "Broken pipe")) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,10 +171,10 @@ def test_out_of_memory_while_evaluating(here, capsys, monkeypatch):
 
 
 def test_out_of_memory_is_recognised_in_each_form():
-    assert failures.out_of_memory(MemoryError())
-    assert failures.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to ..."))
-    assert failures.out_of_memory(RuntimeError("MPS backend out of memory"))
-    assert not failures.out_of_memory(RuntimeError("shape mismatch"))
+    assert stopping.out_of_memory(MemoryError())
+    assert stopping.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to ..."))
+    assert stopping.out_of_memory(RuntimeError("MPS backend out of memory"))
+    assert not stopping.out_of_memory(RuntimeError("shape mismatch"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +200,7 @@ def test_a_closed_stdout_stops_quietly(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# --compile without a C++ compiler; --no-compile resumes a compiled run without it.
+# --compile without a C++ compiler: the run can go on without it.
 # ---------------------------------------------------------------------------------------------
 def test_no_compiler_is_one_line_that_says_the_run_can_go_on(here, capsys, monkeypatch):
     from torch._inductor.exc import InductorError, InvalidCxxCompiler
@@ -218,22 +217,6 @@ def test_no_compiler_is_one_line_that_says_the_run_can_go_on(here, capsys, monke
         f"torch._inductor.config.cpp.cxx: {torch._inductor.config.cpp.cxx}): run again "
         "without --compile, or install a C++ compiler (g++ or clang++); no complete epoch "
         "was saved.")
-
-
-def test_no_compile_resumes_a_compiled_run_without_compiling(here, capsys, monkeypatch):
-    assert main(capsys, *SMALL, "--save-model", "last.pt")[0] == 0
-    state = torch.load("last.pt", weights_only=True)
-    state["recipe"]["compile"] = True  # as a run with --compile saves it
-    torch.save(state, "last.pt")
-
-    def no_compiling(model, device):
-        raise AssertionError("--no-compile must not compile")
-
-    monkeypatch.setattr(cli, "compiled", no_compiling)
-    code, out, _ = main(capsys, "--resume", "last.pt", "--epochs", "2", "--no-compile",
-                        "--device", "cpu", "--quiet")
-    assert code == 0, out
-    assert checkpoints.read_checkpoint("last.pt")["recipe"]["compile"] is False
 
 
 # ---------------------------------------------------------------------------------------------

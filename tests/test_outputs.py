@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import TINY, assert_no_traceback, env
+from runs import TINY, assert_no_traceback, env
 from test_robustness import TINY_RECIPE
 
 import train as cli

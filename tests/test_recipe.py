@@ -3,6 +3,8 @@ utils). The command line and build_run derive from it."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import runs
 import torch
@@ -81,3 +83,10 @@ def test_an_architecture_option_is_refused_only_for_a_model_that_does_not_take_i
                                                "not to --model compact: drop it"):
         train.recipe_from(parse(["--model", "compact", "--width", "0.5"]))
     assert train.recipe_from(parse(["--model", "tiny", "--width", "0.5"]))["width"] == 0.5
+
+
+def test_argparse_types_refuse_out_of_range_values():
+    for key, text in (("batch_size", str(2**31)), ("seed", str(-(2**63) - 1))):
+        with pytest.raises(argparse.ArgumentTypeError):
+            RULES[key].parse(text)
+    assert RULES["seed"].parse(str(2**64 - 1)) == 2**64 - 1

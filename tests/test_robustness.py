@@ -3,7 +3,6 @@ mistake, signal or damaged file ends in a traceback. One section per finding of 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import signal
@@ -14,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import TINY, assert_no_traceback, env, train
 from test_checkpoints import HAND_EDITED as CHECKPOINT_EDITS
 from test_checkpoints import negative_running_variance, saved
-from test_cli import TINY, assert_no_traceback, env, train
 
 import train as cli
 import utils
 from model import Net
-from support import bookkeeping, checkpoints, flag_checks, flag_types, mnist_files, stopping
+from support import bookkeeping, checkpoints, command_line, mnist_files, stopping
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -219,7 +218,7 @@ def test_read_only_data_folder_with_valid_files_is_accepted(mnist_dir, monkeypat
     def unwritable(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(flag_checks.tempfile, "NamedTemporaryFile", unwritable)
+    monkeypatch.setattr(command_line.tempfile, "NamedTemporaryFile", unwritable)
     args, _ = cli.parse_args(["--data-dir", str(mnist_dir), "--no-save", "--device", "cpu"])
     assert args.data_dir == str(mnist_dir)
 
@@ -228,7 +227,7 @@ def test_read_only_data_folder_that_needs_a_fetch_is_refused(tmp_path, monkeypat
     def unwritable(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(flag_checks.tempfile, "NamedTemporaryFile", unwritable)
+    monkeypatch.setattr(command_line.tempfile, "NamedTemporaryFile", unwritable)
     with pytest.raises(SystemExit) as exit_:
         cli.parse_args(["--data-dir", str(tmp_path), "--no-save", "--device", "cpu"])
     assert exit_.value.code == 2
@@ -323,11 +322,10 @@ def test_ctrl_c_while_starting_is_not_a_traceback(tmp_path):
 
 
 def test_what_loads_before_torch_loads_no_torch():
-    """support.startup holds Ctrl-C only if it is in place before torch loads, and the
-    benchmark drivers share flag_types' MAX_INT without paying for torch."""
+    """The benchmark drivers' common part loads without paying for torch."""
     done = subprocess.run(
-        [sys.executable, "-c", "import sys; import support.startup, support.flag_types, "
-         "benchmarks.common; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"],
+        [sys.executable, "-c", "import sys; import benchmarks.common; "
+         " print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -494,12 +492,6 @@ def test_torchvision_failure_keeps_its_reason(tmp_path, small_mnist, monkeypatch
         err.value)
 
 
-def test_argparse_types_refuse_out_of_range_values():
-    for parse, text in ((flag_types.positive_int, str(2**31)),
-                        (flag_types.seed_int, str(-(2**63) - 1))):
-        with pytest.raises(argparse.ArgumentTypeError):
-            parse(text)
-    assert flag_types.seed_int(str(2**64 - 1)) == 2**64 - 1
 
 
 
