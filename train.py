@@ -101,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let --save-model or --metrics replace an existing file that is not "
                           "this run's own")
     out.add_argument("--resume", metavar="PATH", type=command_line.path_text,
-                     help="continue the run saved in this checkpoint; only --epochs, --lr and "
-                          "--compile may change it (a OneCycle run: only --compile; "
-                          "docs/resume.md)")
+                     help=f"continue the run saved in this checkpoint; only "
+                          f"{command_line.allowed('on_resume')} may change it (a OneCycle run: "
+                          f"only --compile; docs/resume.md)")
     out.add_argument("--evaluate", metavar="PATH", type=command_line.path_text,
                      help="score a checkpoint on the test set, then exit; writes nothing")
     out.add_argument("--metrics", metavar="PATH", type=command_line.path_text,

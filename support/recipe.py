@@ -187,16 +187,12 @@ class Recipe:
     @classmethod
     def of(cls, values: Mapping[str, Any] | Recipe) -> Recipe:
         """The named recipe of `values`' model with `values` (a checkpoint's may lack newer
-        keys); a key the recipe does not know is a mistake, not a setting."""
+        keys), every value checked."""
         if isinstance(values, Recipe):
             return values
         if not isinstance(values, Mapping):
             raise ValueError("recipe is not a dict")
-        unknown = sorted(set(values) - set(RULES))
-        if unknown:
-            raise ValueError(f"unknown recipe keys: {', '.join(unknown)} "
-                             f"(known: {', '.join(RULES)})")
-        return cls(**{**NAMED.get(values.get("model", "s6"), {}), **values})
+        return cls(**full_recipe(values))
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -266,8 +262,14 @@ def check_recipe(recipe: Any) -> dict[str, Any]:
 
 
 def full_recipe(recipe: Mapping[str, Any] | Recipe) -> dict[str, Any]:
-    """The named recipe of `recipe`'s model with `recipe`'s values, checked."""
-    return check_recipe(recipe)
+    """Every key: the named recipe of `recipe`'s model with `recipe`'s values, not yet checked
+    (Recipe.of checks them); a key the recipe does not know is a mistake, not a setting."""
+    if isinstance(recipe, Recipe):
+        return recipe.as_dict()
+    unknown = sorted(set(recipe) - set(RULES))
+    if unknown:
+        raise ValueError(f"unknown recipe keys: {', '.join(unknown)} (known: {', '.join(RULES)})")
+    return {**DEFAULTS, **NAMED.get(recipe.get("model", "s6"), {}), **recipe}
 
 
 def is_int(v: Any) -> bool:

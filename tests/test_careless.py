@@ -1,4 +1,4 @@
-"""train.py as a careless user drives it (issue 31): wrong paths, cut files, flags that clash
+"""train.py as a careless user drives it: wrong paths, cut files, flags that clash
 or would be ignored, Ctrl-C and full disks at awkward moments, folders that change under a
 run. Each case ends in what works or in one line that says what to do, loses nothing already
 saved, and leaves no lock or scratch file. docs/careless.md lists every case with its test.
@@ -396,18 +396,6 @@ def test_less_data_than_a_batch_trains_one_batch(capsys, here, flags):
 # ---------------------------------------------------------------------------------------------
 # A OneCycle run resumed with the values it already has is accepted; the help says the rule.
 # ---------------------------------------------------------------------------------------------
-def test_a_onecycle_resume_with_its_own_epochs_and_lr_is_accepted(capsys, here, monkeypatch):
-    after_save(monkeypatch, 1, KeyboardInterrupt())
-    flags = ["--model", "compact", *SMALL, "--epochs", "2", "--save-model", "k.pt"]
-    assert main(capsys, *flags)[0] == 130
-    monkeypatch.undo()
-    monkeypatch.chdir(here)
-    code, out, _ = main(capsys, "--resume", str(here / "k.pt"), "--epochs", "2", "--lr", "0.2",
-                        "--device", "cpu", "--quiet")
-    assert code == 0, out
-    assert checkpoints.read_checkpoint(here / "k.pt")["history"]["epoch"] == [1, 2]
-
-
 def test_a_flag_given_with_the_value_it_holds_changes_nothing_on_resume(capsys, here,
                                                                        monkeypatch):
     # Its own peak --lr is "no change" to the checks, so the run must not act on it either:

@@ -253,10 +253,10 @@ def test_sigint_then_resume(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 20: the CLI as a learner lives it.
+# The command line as a learner lives it.
 # ---------------------------------------------------------------------------------------------
 def test_epoch_lines_arrive_as_they_happen_through_a_pipe(tmp_path):
-    """Without PYTHONUNBUFFERED, a piped stdout used to hold every line until the run ended."""
+    """Without PYTHONUNBUFFERED, a piped stdout would hold every line until the run ended."""
     child_env = {k: v for k, v in env().items() if k != "PYTHONUNBUFFERED"}
     args = ["--device", "cpu", "--quiet", "--limit-train", "1024", "--limit-test", "200",
             "--batch-size", "32", "--epochs", "50", "--no-save"]
@@ -276,7 +276,7 @@ def test_epoch_lines_arrive_as_they_happen_through_a_pipe(tmp_path):
 
 
 def test_a_redirected_log_has_no_bars(tmp_path):
-    """A redirected 20-epoch log used to get 1,900 bar refreshes (203 KB)."""
+    """A redirected 20-epoch log would get 1,900 bar refreshes (203 KB)."""
     done = train(*[a for a in TINY if a != "--quiet"], "--epochs", "2", "--no-save")
     assert done.returncode == 0, done.stderr
     assert "epoch  1 train" not in done.stderr and "\r" not in done.stderr, done.stderr
@@ -337,7 +337,8 @@ AWKWARD_PATHS = ["my run.pt", "it's \"here\".pt", "$HOME;`x` *.pt", "épreuve/п
 @pytest.mark.parametrize("data_dir", [None, "my data", "-data"])
 @pytest.mark.parametrize("path", AWKWARD_PATHS)
 def test_a_hint_pastes_back_exactly_its_paths(path, data_dir):
-    hints = {"resume": command_line.checkpoint_command("--resume", path, data_dir, "--epochs", "6"),
+    hints = {"resume": command_line.checkpoint_command("--resume", path, data_dir, "--epochs",
+                                                       "6"),
              "evaluate": command_line.checkpoint_command("--evaluate", path, data_dir)}
     for dest, hint in hints.items():
         words = shlex.split(hint)  # as a shell splits the pasted line

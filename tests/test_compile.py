@@ -1,4 +1,4 @@
-"""--compile for real (issue 31): torch.compile with the inductor backend, which needs a C++
+"""--compile for real: torch.compile with the inductor backend, which needs a C++
 compiler on the CPU. The other tests that name --compile stub the compiler out, because they
 are about its absence; this one is about the compile, so nothing is stubbed: train.py trains
 a short run compiled, resumes it compiled, without compiling and compiled again, and scores

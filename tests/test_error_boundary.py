@@ -1,4 +1,4 @@
-"""Issue 19: one error boundary in train.py. Each failure a user can cause or meet is one line
+"""One error boundary in train.py. Each failure a user can cause or meet is one line
 that says what happened and what is on disk; a bug keeps its traceback."""
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def test_a_second_sigterm_cannot_cut_the_report_short(tmp_path, gap):
     wait_for(path, proc, err)
     proc.send_signal(signal.SIGTERM)
     time.sleep(gap)
-    proc.send_signal(signal.SIGTERM)  # used to give a traceback and lose the report, 4 in 8
+    proc.send_signal(signal.SIGTERM)  # without the ignore: a traceback, and a lost report
     proc.send_signal(signal.SIGTERM)
     assert finish(proc) == 128 + signal.SIGTERM
     stderr = err.read_text()

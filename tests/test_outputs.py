@@ -240,8 +240,8 @@ def test_a_failed_metrics_write_keeps_the_old_file_and_says_so(files, capsys, mo
     code, _, err = main(capsys, *SMALL, "--save-model", str(save), "--metrics", str(metrics))
     assert code == 1
     assert err.strip() == (f"error: could not write --metrics {metrics}: No space left on "
-                           f"device; epoch 1 is saved in {save}; continue with "
-                           f"`python train.py --resume {save}`")
+                           f"device; epoch 1 is saved in {save}; write its metrics with "
+                           f"`python train.py --resume {save} --metrics {metrics}`")
     assert metrics.read_bytes() == before
     assert not [p for p in os.listdir(metrics.parent) if p.endswith(".partial")]
 

@@ -1,4 +1,4 @@
-"""Every command a message suggests, pasted as printed, does what the message says (issue 31).
+"""Every command a message suggests, pasted as printed, does what the message says.
 
 One table: each row makes a situation in a folder of its own (a finished run, an interrupted
 one, a run that diverged...), provokes one message of train.py there, and lists what each
