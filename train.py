@@ -11,18 +11,23 @@ flag and path is checked before any work starts (no output replaces a file that 
 without `--force`), one run at a time trains into a checkpoint, and every message about what
 was saved is checked against the file on disk. A failure a user can cause or meet is one line;
 a bug keeps its traceback. Read top to bottom: the flags, `main`, then the run; the machinery
-behind them is in support/ (flag_types, flag_checks, boundary, stopping, startup).
+behind them is in support/command_line.py (the flags, their checks, the commands a message suggests)
+and support/stopping.py (signals, failures and what they say).
 """
 
 from __future__ import annotations
 
-from support import startup
+import signal
+import sys
 
-if __name__ == "__main__":
-    startup.hold_ctrl_c()  # until torch has loaded, Ctrl-C is only noted
+# Loading torch takes seconds, and a Ctrl-C then is the user's choice, not a crash; raised
+# inside an import, a KeyboardInterrupt can be swallowed by a library's bare `except`. So until
+# the imports are done, Ctrl-C is only noted (unless it is ignored, as in a background job).
+_pressed: list[int] = []
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, lambda signum, frame: _pressed.append(signum))
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,9 +38,8 @@ from torch import nn
 from tqdm import tqdm
 
 import utils
-from model import DROPOUT_PLANS, HEADS, TRANSITIONS, count_parameters
-from support import checkpoints, failures, flag_checks, flag_types, metrics, outputs, stopping
-from support.augment import AUGMENTATIONS
+from model import count_parameters
+from support import checkpoints, command_line, metrics, outputs, stopping
 from support.bookkeeping import (
     STDOUT,
     NonFiniteLoss,
@@ -43,30 +47,23 @@ from support.bookkeeping import (
     check_finite,
     epoch_line,
     final_line,
+    history_rows,
 )
-from support.boundary import error, guarded
+from support.command_line import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, RESUMABLE, UsageError
 from support.devices import compiled, configure_process, fast_path, prepare_model
 from support.fast_loader import DeviceLoader
-from support.flag_checks import DEFAULT_CHECKPOINT, DEFAULT_DATA_DIR, HONOURED_ON_RESUME, UsageError
 from support.mnist_files import MNIST_FILES, TEST_FILES, ensure_mnist, load_mnist_tensors
-from support.recipe import (
-    COMPACT,
-    MODELS,
-    RECIPE,
-    SCHEDULES,
-    SPEEDRUN,
-    check_recipe,
-    foreign_options,
-    full_recipe,
-    make_model,
-    make_optimizer,
-    steps_per_batch,
-)
-from support.stopping import flag
+from support.recipe import check_recipe, make_model, make_optimizer, steps_per_batch
+from support.stopping import error, guarded
 from support.torchvision_loader import torchvision_test_loader
 
-if __name__ == "__main__":
-    startup.release_ctrl_c()  # and one noted meanwhile stops here, in one line
+if __name__ == "__main__":  # Ctrl-C raises again; one noted meanwhile stops here, in one line
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _pressed:
+        print("\ninterrupted (Ctrl-C) while starting; nothing was trained or saved.",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 EXAMPLES = """examples:
@@ -78,122 +75,46 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Recipe flags default to None, so a flag the user gave can be told from a default (a
-    resume honours or refuses it); recipe_from fills in RECIPE."""
-    r = RECIPE
-    p = argparse.ArgumentParser(prog=stopping.PROG, description=__doc__.splitlines()[0],
+    """The recipe's flags come from its fields (support/recipe.py), the rest are the run's."""
+    p = argparse.ArgumentParser(prog=command_line.PROG, description=__doc__.splitlines()[0],
                                 epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    recipe = p.add_argument_group("recipe (saved in every checkpoint; a resume keeps it)")
-    recipe.add_argument("--epochs", type=flag_types.positive_int,
-                        help=f"total epochs to train (default: {r['epochs']}; compact: "
-                             f"{COMPACT['epochs']}; speedrun: {SPEEDRUN['epochs']})")
-    recipe.add_argument("--batch-size", type=flag_types.positive_int,
-                        help=f"training images per SGD step (default: {r['batch_size']})")
-    recipe.add_argument("--test-batch-size", type=flag_types.positive_int,
-                        help=f"test images per forward pass (default: {r['test_batch_size']})")
-    recipe.add_argument("--lr", type=flag_types.positive_float,
-                        help=f"SGD's learning rate, OneCycle's peak with --schedule onecycle "
-                             f"(default: {r['lr']}; compact: {COMPACT['lr']}; speedrun: "
-                             f"{SPEEDRUN['lr']})")
-    recipe.add_argument("--momentum", type=flag_types.non_negative_float,
-                        help=f"SGD's momentum (default: {r['momentum']})")
-    recipe.add_argument("--step-size", type=flag_types.positive_int,
-                        help="StepLR: epochs between learning-rate drops "
-                             f"(default: {r['step_size']})")
-    recipe.add_argument("--gamma", type=flag_types.positive_float,
-                        help=f"StepLR: factor of each drop (default: {r['gamma']})")
-    recipe.add_argument("--seed", type=flag_types.seed_int,
-                        help="fixes the weights, the shuffling, the augmentation and the dropout "
-                             f"masks (default: {r['seed']})")
-    recipe.add_argument("--model", choices=list(MODELS),
-                        help="s6 = the write-up's Net; compact = CompactNet (7,594 parameters); "
-                             "speedrun = SpeedNet, the laptop-CPU speedrun (docs/speedrun.md); "
-                             "tiny = TinyNet (3,608 parameters, docs/tiny.md). The named recipe "
-                             "of compact, speedrun or tiny (support/recipe.py COMPACT, SPEEDRUN, "
-                             "TINY) then fills in every recipe flag not given "
-                             f"(default: {r['model']})")
-    recipe.add_argument("--schedule", choices=list(SCHEDULES),
-                        help="step = StepLR (--step-size, --gamma); onecycle = OneCycleLR "
-                             "peaking at --lr, stepped once per epoch, its last epoch at "
-                             "lr / 250,000 (so it needs --epochs 2 or more; a resume follows it to "
-                             "its end); "
-                             "onecycle-batch = the same stepped after every batch (default: "
-                             f"{r['schedule']}; compact: {COMPACT['schedule']}; speedrun: "
-                             f"{SPEEDRUN['schedule']})")
-    recipe.add_argument("--nesterov", action=argparse.BooleanOptionalAction,
-                        help="SGD with Nesterov momentum (needs --momentum above 0; default: off; "
-                             "speedrun: on)")
-    recipe.add_argument("--dropout", type=flag_types.dropout_float,
-                        help="probability of each dropout layer in the model "
-                             f"(default: {r['dropout']:g}; compact: {COMPACT['dropout']:g})")
-    recipe.add_argument("--augmentation", choices=list(AUGMENTATIONS),
-                        help="both = the original's 10%% crop-resize and ±15° rotation; rotate "
-                             "or crop = only one of them; none (ablation) "
-                             f"(default: {r['augmentation']})")
-    model = p.add_argument_group("model variants (the s6 model's architecture; ablations)")
-    model.add_argument("--dropout-plan", choices=list(DROPOUT_PLANS),
-                       help="blocks followed by dropout: table = conv1 and conv2, as the "
-                            "original's table; every = every 3x3 block; none "
-                            f"(default: {r['dropout_plan']})")
-    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction,
-                       help="BatchNorm after each conv but the last; --no-batch-norm (ablation) "
-                            "removes it and gives every conv a bias (default: on)")
-    model.add_argument("--transitions", choices=list(TRANSITIONS),
-                       help="the two 1x1 reductions: bn-relu = Conv-BN-ReLU, as the table; "
-                            f"bare = a plain 1x1 conv (ablation) (default: {r['transitions']})")
-    model.add_argument("--head", choices=list(HEADS),
-                       help="conv = the table's 3x3 conv6 from 3x3 to 1x1; gap = global average "
-                            f"pooling, then a 1x1 conv to 10 classes (default: {r['head']})")
-    model.add_argument("--width", type=flag_types.width_float,
-                       help="multiply every channel count by this, rounded to the nearest integer "
-                            f"(the width sweep; default: {r['width']:g})")
-    data = p.add_argument_group("data")
-    data.add_argument("--loader", choices=["fast", "torchvision"],
-                      help="fast: data kept and augmented on the device, and the model run with "
-                           "fused ReLU-dropout (plus, on the CPU, channels-last memory and "
-                           "keep_freed_memory); see devices.fast_path. torchvision: the original "
-                           f"per-sample pipeline and model (default: {r['loader']})")
-    data.add_argument("--data-dir", type=flag_types.path_text, default=DEFAULT_DATA_DIR,
+    groups = {"recipe": p.add_argument_group("recipe (saved in every checkpoint; a resume "
+                                             "keeps it)"),
+              "model variants": p.add_argument_group("model variants (the s6 model's "
+                                                     "architecture; ablations)"),
+              "data": p.add_argument_group("data")}
+    out = p.add_argument_group("checkpoints and outputs")
+    groups["run"] = run = p.add_argument_group("run")
+    command_line.add_recipe_flags(groups)
+    data = groups["data"]
+    data.add_argument("--data-dir", type=command_line.path_text, default=DEFAULT_DATA_DIR,
                       help="folder that holds MNIST/raw; the files are fetched into it when "
                            f"missing (default: {DEFAULT_DATA_DIR})")
     data.add_argument("--refetch", action="store_true",
                       help="replace MNIST files that fail their checks")
-    data.add_argument("--limit-train", type=flag_types.positive_int,
-                      help="use only the first N training images")
-    data.add_argument("--limit-test", type=flag_types.positive_int,
-                      help="use only the first N test images")
-    out = p.add_argument_group("checkpoints and outputs")
-    out.add_argument("--save-model", metavar="PATH", type=flag_types.path_text,
+    out.add_argument("--save-model", metavar="PATH", type=command_line.path_text,
                      help=f"checkpoint written after every epoch (default: {DEFAULT_CHECKPOINT}, "
                           "or the --resume file)")
     out.add_argument("--no-save", action="store_true", help="write no checkpoint")
     out.add_argument("--force", action="store_true",
                      help="let --save-model or --metrics replace an existing file that is not "
                           "this run's own")
-    out.add_argument("--resume", metavar="PATH", type=flag_types.path_text,
-                     help="continue the run saved in this checkpoint; only --epochs, --lr and "
-                          "--compile may change it (a OneCycle run: only --compile; "
-                          "docs/resume.md)")
-    out.add_argument("--evaluate", metavar="PATH", type=flag_types.path_text,
+    out.add_argument("--resume", metavar="PATH", type=command_line.path_text,
+                     help=f"continue the run saved in this checkpoint; only "
+                          f"{command_line.allowed('on_resume')} may change it (a OneCycle run: "
+                          f"only --compile; docs/resume.md)")
+    out.add_argument("--evaluate", metavar="PATH", type=command_line.path_text,
                      help="score a checkpoint on the test set, then exit; writes nothing")
-    out.add_argument("--metrics", metavar="PATH", type=flag_types.path_text,
+    out.add_argument("--metrics", metavar="PATH", type=command_line.path_text,
                      help="write the run's history and facts as JSON (replaces an earlier "
                           "metrics file of train.py; any other file only with --force)")
-    run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                      help="where to train: auto picks cuda, then mps, then cpu (default: auto)")
-    run.add_argument("--threads", type=flag_types.threads_int,
+    run.add_argument("--threads", type=command_line.value_type(command_line.THREADS),
                      help="CPU threads for torch (torch.set_num_threads; default: torch's own, "
                           "one per core). The README's timings and histories depend on it: on "
                           "the CPU another thread count gives other last digits")
-    run.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                     help="train through torch.compile (needs a C++ compiler on the CPU; not on "
-                          "MPS); on --resume, --no-compile continues a compiled run without it "
-                          "(default: off, or the checkpoint's)")
-    run.add_argument("--deterministic", action="store_true", default=None,
-                     help="deterministic kernels and no TF32 on CUDA (slower); the CPU is "
-                          "deterministic for a given thread count anyway")
     run.add_argument("--dry-run", action="store_true",
                      help="one training batch and one test batch, to check the set-up; "
                           "writes no checkpoint")
@@ -203,17 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, torch.device]:
-    """The flags, checked (support/flag_checks.py): argparse's own errors for a malformed flag,
+    """The flags, checked (support/command_line.py): argparse's own errors for a malformed flag,
     a one-line refusal (SystemExit 2) for everything after."""
     args = build_parser().parse_args(argv)
-    return args, flag_checks.check_flags(args)
+    return args, command_line.check_flags(args)
 
 
 # ---------------------------------------------------------------------------------------------
 # main: check, then train, resume or evaluate.
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None, then_exit: bool = False) -> int:
-    """The command. Inside its error boundary (support/boundary.py) a failure a user can cause
+    """The command. Inside its error boundary (support/stopping.py) a failure a user can cause
     or meet ends in one line and an exit code, and a bug keeps its traceback; `then_exit` when
     the process ends after it (stopping_on_signals)."""
     status = stopping.Status(test=utils.test)
@@ -223,8 +144,8 @@ def main(argv: list[str] | None = None, then_exit: bool = False) -> int:
         if args.data_dir != DEFAULT_DATA_DIR:
             status.data_dir = args.data_dir
         status.evaluating = bool(args.evaluate)
-        with flag_checks.checkpoint_held(args):
-            flag_checks.check_replacements(args)
+        with command_line.checkpoint_held(args):
+            command_line.check_replacements(args)
             return execute(args, device, status)
 
     return guarded(command, status, then_exit)
@@ -238,14 +159,13 @@ def execute(args: argparse.Namespace, device: torch.device, status: stopping.Sta
     if args.resume or args.evaluate:
         status.doing = "reading the checkpoint"
         checkpoint = checkpoints.read_checkpoint(args.resume or args.evaluate)
-    if args.evaluate:
-        recipe = flag_checks.evaluation_recipe(args, checkpoint)
-    else:
-        recipe = flag_checks.resume_recipe(args, checkpoint) if checkpoint else recipe_from(args)
+    recipe = command_line.changed_recipe(args, checkpoint) if checkpoint else recipe_from(args)
     if recipe["compile"] and device.type == "mps":
         raise UsageError("--compile is not supported on MPS here: "
                          + ("resume with --no-compile" if args.resume else "train without it"))
     status.recipe = recipe
+    if args.resume and len(checkpoint["history"]["epoch"]) >= recipe["epochs"]:
+        return write_saved_metrics(args, device, status, checkpoint)  # what --metrics wrote
     status.doing = "getting MNIST"
     ensure_mnist(args.data_dir, refetch=args.refetch, verbose=not args.quiet,
                  files=TEST_FILES if args.evaluate else MNIST_FILES)
@@ -256,19 +176,8 @@ def execute(args: argparse.Namespace, device: torch.device, status: stopping.Sta
 
 
 def recipe_from(args: argparse.Namespace) -> dict:
-    """The settings that define a run (the keys of RECIPE), from the flags given and
-    RECIPE's defaults; a checkpoint carries them, so a resume repeats them."""
-    given = {key: getattr(args, key, None) for key in RECIPE}
-    recipe = full_recipe({k: v for k, v in given.items() if v is not None})
-    foreign = foreign_options(recipe)
-    if foreign:
-        verb, them = ("applies", "it") if len(foreign) == 1 else ("apply", "them")
-        raise UsageError(f"{' and '.join(flag(k) for k in foreign)} {verb} to the s6 model "
-                         f"only, not to --model {recipe['model']}: drop {them}")
-    flag_checks.check_new_recipe(args, recipe)
-    if recipe["nesterov"] and recipe["momentum"] == 0:
-        raise UsageError("--nesterov needs momentum: give --momentum above 0, or --no-nesterov")
-    return recipe
+    """A new run's recipe: the named recipe of its --model, with the flags given."""
+    return command_line.new_recipe(args).as_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +243,7 @@ def save_run(run: Run, path: str) -> None:
                           run.recipe, run.history, log=False)
 
 
-def resume_run(run: Run, path: str, may_change: tuple[str, ...] = HONOURED_ON_RESUME) -> None:
+def resume_run(run: Run, path: str, may_change: tuple[str, ...] = RESUMABLE) -> None:
     """utils.load_checkpoint into the run: its history, model, SGD, schedule and draws."""
     run.history = utils.load_checkpoint(path, run.trained, run.optimizer, run.scheduler,
                                         run.train_loader, run.recipe, may_change=may_change,
@@ -343,8 +252,9 @@ def resume_run(run: Run, path: str, may_change: tuple[str, ...] = HONOURED_ON_RE
 
 def start_run(args: argparse.Namespace, device: torch.device, status: stopping.Status,
               recipe: dict, checkpoint: dict | None) -> Run:
-    """The run, built from the recipe, restored from the checkpoint and with a new --lr when
-    resuming (an --lr equal to the saved recipe's is no change, as flag_checks calls it)."""
+    """The run, built from the recipe and, when resuming, restored from the checkpoint; the
+    recipe is the saved one with the flags that changed it (command_line.resume_recipe), and
+    what a restore puts back from the file is set to it."""
     if args.dry_run:
         recipe.update(epochs=1, limit_train=recipe["batch_size"],
                       limit_test=recipe["test_batch_size"])
@@ -353,14 +263,20 @@ def start_run(args: argparse.Namespace, device: torch.device, status: stopping.S
     run = build_run(recipe, device, args.data_dir)
     if checkpoint is not None:
         resume_run(run, args.resume)
-        done = len(run.history)
-        status.expect(args.resume, done)
-        if args.lr is not None and args.lr != recipe["lr"]:  # the value it holds: no change
-            for group in run.optimizer.param_groups:
-                group["lr"] = args.lr
-            print(f"learning rate set to {args.lr:g} from epoch {done + 1} "
-                  f"(later StepLR drops apply to it)")
+        status.expect(args.resume, len(run.history))
+        if recipe["lr"] != checkpoint["recipe"]["lr"]:
+            set_lr(run, recipe["lr"])
     return run
+
+
+def set_lr(run: Run, lr: float) -> None:
+    """The learning rate from the next epoch on, as a fresh SGD and StepLR of `lr` hold it
+    (so the next resume's checks find the recipe's rate); later StepLR drops apply to it."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = lr
+    run.scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
+    print(f"learning rate set to {lr:g} from epoch {len(run.history) + 1} "
+          f"(later StepLR drops apply to it)")
 
 
 def run_training(args: argparse.Namespace, device: torch.device, status: stopping.Status,
@@ -378,7 +294,7 @@ def run_training(args: argparse.Namespace, device: torch.device, status: stoppin
         status.doing = f"saving epoch {n}"
         if args.save_model:
             status.expect(args.save_model, n)
-            failures.written(f"save epoch {n} in {args.save_model}",
+            stopping.written(f"save epoch {n} in {args.save_model}",
                              lambda: save_run(run, outputs.target(args.save_model)))
         last_saved = n
         status.doing = f"training epoch {n + 1}"
@@ -394,15 +310,33 @@ def run_training(args: argparse.Namespace, device: torch.device, status: stoppin
             save(run.history)  # the epoch whose line could not be printed is whole: keep it
         raise
     if args.metrics:
-        status.doing = "writing --metrics"
-        failures.written(f"write --metrics {args.metrics}",
-                         lambda: metrics.write_metrics(args.metrics, run.recipe, run.history,
-                                                       run.model, device, commit))
+        write_metrics(args, device, status, run.recipe, run.history, run.model, commit)
     kept = (f"checkpoint: {args.save_model}" if args.save_model else
             f"no checkpoint ({'--dry-run' if args.dry_run else '--no-save'})")
     if args.metrics:
         kept += f"; metrics: {args.metrics}"
     print(final_line(run.history, kept))
+    return 0
+
+
+def write_metrics(args: argparse.Namespace, device: torch.device, status: stopping.Status,
+                  recipe: dict, history: list[dict], model: nn.Module, commit: str | None
+                  ) -> None:
+    status.doing, status.metrics = "writing --metrics", args.metrics
+    stopping.written(f"write --metrics {args.metrics}", lambda: metrics.write_metrics(
+        args.metrics, recipe, history, model, device, commit))
+
+
+def write_saved_metrics(args: argparse.Namespace, device: torch.device, status: stopping.Status,
+                        checkpoint: dict) -> int:
+    """A finished run resumed with --metrics (command_line.changed_recipe lets no other through):
+    the metrics of its checkpoint are written, and nothing is trained."""
+    model = make_model(checkpoint["recipe"])
+    model.load_state_dict(checkpoint["model"])
+    history = history_rows(checkpoint["history"])
+    write_metrics(args, device, status, checkpoint["recipe"], history, model,
+                  metrics.git_commit())
+    print(final_line(history, f"checkpoint: {args.resume}; metrics: {args.metrics}"))
     return 0
 
 

@@ -24,15 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from support import outputs
-from support.flag_types import MAX_INT
+
+MAX_INT = 2**31 - 1  # train.py's limit too (support.recipe), without loading torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------
 # argparse types: a bad count is a one-line usage error (exit 2), not a traceback later.
-# train.py's positive_int (support.flag_types) leaves a non-integer to argparse ("invalid
-# positive_int value"); these say "must be an integer", which test_benchmarks pins.
+# train.py's recipe flags (support.command_line) leave a non-integer to argparse ("invalid
+# integer value"); these say "must be an integer", which test_benchmarks pins.
 # ---------------------------------------------------------------------------------------------
 def out_folder(text: str) -> Path:
     """--out: a folder (made by the run if missing), `~` expanded as outputs.user_path does;

@@ -1,105 +1,78 @@
-"""How a train.py run stops before its end, and what it says then.
+"""How a train.py run ends before its end, and what it says then: its error boundary.
 
-Ctrl-C, SIGTERM and SIGHUP stop a run cleanly (`stopping_on_signals`); a failure a user can
-cause or meet (failures.py recognises them) is one line (`failure_message`); a closed stdout
-stops it quietly (`stop_quietly`); a diverged loss points to a checkpoint only after checking
-it (`report_divergence`). Each says which epoch is on disk, and `Status` says so only after
-read_checkpoint found that epoch in the file itself, with a command that pastes as it is.
+    Ctrl-C, SIGTERM, SIGHUP     interrupted (...) while ...; then what is on disk   128 + signal
+    a refused flag or path      train.py: error: ...  (command_line.refuse)                   2
+    stdout's reader gone        stopped: the output was closed; ...                  141
+    a failure a user can meet   error: ...  (failure_message)                        1
+    anything else: a bug        its traceback                                        1
+
+Each says which epoch is on disk, and `Status` says so only after read_checkpoint found that
+epoch in the file itself, with a command that pastes as it is. The failures a user can cause
+or meet are recognised in the forms torch raises them, through an exception's whole chain
+(its cause and context, and the exception an InductorError wraps), because torch often
+reports one failure as another: a full disk during torch.save as RuntimeError "unexpected
+pos", with the OSError as context.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-import shlex
-import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from support import checkpoints, failures, locks, mnist_files
+import torch
+
+from support import checkpoints, locks, mnist_files
 from support.bookkeeping import NonFiniteLoss
-from support.recipe import ONECYCLES, RECIPE, full_recipe
-
-PROG = "train.py"
-
-
-def flag(key: str) -> str:
-    """The command-line flag of a recipe key: batch_size is --batch-size."""
-    return "--" + key.replace("_", "-")
-
-
-def invocation() -> list[str]:
-    """train.py as the user ran it, so that a hint pastes where they ran it: the script's path
-    as they typed it, after their interpreter: `python` where that finds this one on PATH (a
-    link beside it in the same folder is the same environment), else its path. Called from
-    elsewhere (a test, a benchmark), `python train.py`."""
-    if Path(sys.argv[0]).name != PROG:
-        return ["python", PROG]
-    here = os.path.abspath(sys.executable)
-    on_path = shutil.which("python")
-    same = on_path is not None and os.path.dirname(os.path.abspath(on_path)) == (
-        os.path.dirname(here)) and os.path.samefile(on_path, here)
-    return ["python" if same else here, sys.argv[0]]
+from support.command_line import (
+    UsageError,
+    checkpoint_command,
+    flag,
+    given,
+    new_run_command,
+    refuse,
+    unused_path,
+)
+from support.recipe import DEFAULTS, ONECYCLES
 
 
-def resume_command(path: str, data_dir: str | None, *more: str) -> str:
-    """A command that can be pasted as it is: quoted, and with the run's data folder when it
-    is not the default."""
-    return checkpoint_command("--resume", path, data_dir, *more)
+def guarded(command: Callable[[], int], status: Status, then_exit: bool = False) -> int:
+    """`command`'s exit code, or the one line and exit code of what stopped it; `status` says
+    what it was doing. Signals stop it cleanly (stopping_on_signals); `then_exit` when the
+    process ends after it."""
+    line_buffered()
+    with stopping_on_signals(then_exit):
+        try:
+            return command()
+        except KeyboardInterrupt as err:
+            return report_interrupt(err, status)
+        except UsageError as err:
+            refuse(str(err))
+        except BrokenPipeError:
+            return stop_quietly(status)
+        except Exception as err:
+            message = failure_message(err, status)
+            if message is None:
+                raise  # a bug: its traceback is what a fix needs
+            return error(message)
 
 
-def checkpoint_command(option: str, path: str, data_dir: str | None, *more: str) -> str:
-    """`python train.py OPTION PATH`, with the run's data folder when it is not the default.
-    A value that starts with '-' is joined to its flag (`--resume=-run.pt`): on its own,
-    argparse would take it for a flag and refuse the pasted command."""
-
-    words = [*invocation(), *_given(option, path)]
-    if data_dir is not None:
-        words += _given("--data-dir", data_dir)
-    return shlex.join([*words, *more])
+def error(message: str) -> int:
+    """A failure a user can cause or meet, on stderr: one line, exit code 1."""
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
-def new_run_command(recipe: dict, data_dir: str | None, save_model: str, **changes: object
-                    ) -> str:
-    """`python train.py ...` that trains `recipe` anew, with `changes` (recipe keys), into
-    `save_model`: its model's named recipe and the flags of every value that differs from it,
-    so that the new run repeats the saved one but for the changes."""
-    recipe = {**recipe, **changes}
-    named = full_recipe({"model": recipe["model"]})
-    words = invocation()
-    if recipe["model"] != RECIPE["model"]:
-        words += ["--model", recipe["model"]]  # first: it names the recipe the rest changes
-    for key, value in recipe.items():
-        # OneCycle ignores StepLR's keys, so a flag for them would be refused
-        skip = recipe["schedule"] in ONECYCLES and key in ("step_size", "gamma")
-        if skip or key == "model" or value == named[key]:
-            continue
-        if isinstance(value, bool):
-            words.append(flag(key) if value else "--no-" + key.replace("_", "-"))
-        else:
-            words += _given(flag(key), str(value))
-    if data_dir is not None:
-        words += _given("--data-dir", data_dir)
-    return shlex.join([*words, *_given("--save-model", save_model)])
-
-
-def _given(name: str, value: str) -> list[str]:
-    """A flag and its value; joined when the value starts with '-' (see checkpoint_command)."""
-    return [f"{name}={value}"] if value.startswith("-") else [name, value]
-
-
-def unused_path(beside: str, tag: str) -> str:
-    """A file name beside `beside` that no file has yet: NAME-TAG.pt, then NAME-TAG-2.pt..."""
-    path = Path(beside)
-    for n in range(1, 1000):
-        name = f"{path.stem}-{tag}{'' if n == 1 else f'-{n}'}{path.suffix or '.pt'}"
-        candidate = str(path.with_name(name))
-        if not os.path.lexists(candidate):
-            return candidate
-    return str(path.with_name(f"{path.stem}-{tag}-{os.getpid()}{path.suffix or '.pt'}"))
+def line_buffered() -> None:
+    """Each line reaches a pipe or a file when it is printed (`| tee log`, `> log` followed
+    with tail -f): Python buffers a redirected stdout in 8 KB blocks otherwise."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +85,7 @@ class Status:
     doing: str = "starting"
     data_dir: str | None = None  # given with --data-dir, so a resume command repeats it
     evaluating: bool = False
+    metrics: str | None = None  # the --metrics file being written, after the last epoch
     recipe: dict = field(default_factory=dict)
     test: Callable | None = None  # utils.test: a failure inside it happened while testing
     # path -> the epoch counts that file may hold from this run (a save may be cut short)
@@ -134,7 +108,7 @@ class Status:
         return best
 
     def command(self, path: str, *more: str) -> str:
-        return resume_command(path, self.data_dir, *more)
+        return checkpoint_command("--resume", path, self.data_dir, *more)
 
     def nothing(self) -> str:
         if self.evaluating:
@@ -148,10 +122,12 @@ class Status:
         if found is None:
             return no_epoch or self.nothing()
         path, n = found
-        saved = f"epoch {n} is saved in {path}; continue with"
-        if one_line:
-            return f"{saved} `{self.command(path)}`"
-        return f"{saved}:\n  {self.command(path)}"
+        if self.metrics:  # the run is finished: what remains is its metrics
+            saved = f"epoch {n} is saved in {path}; write its metrics with"
+            command = self.command(path, *given("--metrics", self.metrics))
+        else:
+            saved, command = f"epoch {n} is saved in {path}; continue with", self.command(path)
+        return f"{saved} `{command}`" if one_line else f"{saved}:\n  {command}"
 
     def summary(self, no_epoch: str | None = None) -> str:
         """`report` on one line."""
@@ -223,11 +199,11 @@ def failure_message(err: Exception, status: Status) -> str | None:
     if isinstance(err, (checkpoints.CheckpointError, checkpoints.CheckpointInUse, locks.Unusable,
                         mnist_files.DataFileError, mnist_files.MnistUnavailable)):
         return str(err)
-    if isinstance(err, failures.WriteFailed):
+    if isinstance(err, WriteFailed):
         return f"{err}; {status.summary()}"
-    if failures.out_of_memory(err):
+    if out_of_memory(err):
         return _out_of_memory(err, status)
-    reason = failures.missing_compiler(err)
+    reason = missing_compiler(err)
     if reason is not None:
         return _no_compiler(reason, status)
     return None
@@ -246,12 +222,12 @@ def _no_compiler(reason: str, status: Status) -> str:
 
 def _out_of_memory(err: Exception, status: Status) -> str:
     """Which batch ran out of memory, and the flag that makes it smaller."""
-    testing = failures.while_testing(err, status.test)
+    testing = while_testing(err, status.test)
     key = "test_batch_size" if status.evaluating or testing else "batch_size"
     name = flag(key)
     # fit tests each epoch after training it, under the same "training epoch N"
     doing = status.doing.replace("training", "testing", 1) if testing else status.doing
-    what = f"out of memory while {doing} with {name} {status.recipe.get(key, RECIPE[key]):,}"
+    what = f"out of memory while {doing} with {name} {status.recipe.get(key, DEFAULTS[key]):,}"
     found = status.saved()
     if found is None:
         return f"{what}: run again with a smaller {name}; {status.nothing()}"
@@ -297,3 +273,85 @@ def _onecycle_divergence(found: tuple[str, int] | None, status: Status) -> str:
                               lr=peak)
     return (f"the last good checkpoint (epoch {n}) is {path}; a OneCycle run keeps its peak lr "
             f"on resume, so train a new one with a smaller peak: `{command}`")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which failures a user can cause or meet.
+# ---------------------------------------------------------------------------------------------
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+# What torch's zip writer says when a write to the file it was given failed.
+FAILED_WRITE = ("unexpected pos", "file write failed")
+
+
+def chain(err: BaseException) -> Iterator[BaseException]:
+    """`err`, then what it was raised from or during, each once."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [x for x in (e.__cause__, e.__context__, getattr(e, "inner_exception", None))
+                 if isinstance(x, BaseException)]
+
+
+def write_failure(err: BaseException) -> str | None:
+    """Why a write failed (disk full, no permission, ...), or None if `err` is not about a
+    write: the OSError's words, else torch's writer's."""
+    for e in chain(err):
+        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+            return e.strerror or str(e)
+    for e in chain(err):
+        if isinstance(e, RuntimeError) and any(w in str(e) for w in FAILED_WRITE):
+            return "the write failed (is the disk full?)"
+    return None
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """The device or the CPU ran out of memory: torch.OutOfMemoryError on CUDA and MPS,
+    RuntimeError "DefaultCPUAllocator: can't allocate memory" on the CPU, or MemoryError."""
+    oom = getattr(torch, "OutOfMemoryError", MemoryError)
+    return any(isinstance(e, (MemoryError, oom)) or (
+        isinstance(e, RuntimeError) and any(w in str(e) for w in OUT_OF_MEMORY))
+        for e in chain(err))
+
+
+def while_testing(err: BaseException, test: Callable | None) -> bool:
+    """`err` was raised inside `test` (utils.test, which train.py names: the test batches),
+    not in a training step. Frames are matched by their code, not by a file's name."""
+    if test is None:
+        return False
+    code = inspect.unwrap(test).__code__  # torch.inference_mode wraps it
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def missing_compiler(err: BaseException) -> str | None:
+    """torch.compile's words when it found no working C++ compiler (Inductor's
+    InvalidCxxCompiler, which most releases wrap in an InductorError), else None."""
+    for e in chain(err):
+        if type(e).__name__ == "InvalidCxxCompiler" or str(e).startswith("InvalidCxxCompiler"):
+            return str(e).splitlines()[0].removeprefix("InvalidCxxCompiler: ")
+    return None
+
+
+class WriteFailed(RuntimeError):
+    """A checkpoint or --metrics write failed for a reason the user can fix (disk full...)."""
+
+
+def written(what: str, write: Callable[[], object]) -> None:
+    """Run `write`; a failure that `write_failure` explains becomes WriteFailed("could not
+    {what}: {reason}"), anything else (a bug) goes on as it is."""
+    try:
+        write()
+    except Exception as err:
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        raise WriteFailed(f"could not {what}: {reason}") from err

@@ -1,6 +1,7 @@
 """What the tests need of a run beyond train.py's build_run, fit and save_run: the dict a save
 writes, a run restored from such a dict through utils.load_checkpoint, and a history's columns;
-and the notebook's cells, each run from its own source with the names its earlier cells define."""
+the notebook's cells, each run from its own source with the names its earlier cells define;
+train.py run as a user runs it, and a failure raised where it saves."""
 
 from __future__ import annotations
 
@@ -11,17 +12,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import nbformat
+import pytest
 import torch
 
 import model
 import train as cli
 import utils
+from support import stopping
 from support.bookkeeping import history_columns
 from support.mnist_files import ensure_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
 
 cols = history_columns  # run.history is a list of rows; a file's history is these columns
 
@@ -178,3 +184,40 @@ def saved(tmp_path: Path, state: dict, name: str = "edited.pt") -> Path:
 def negative_running_variance(state: dict) -> None:
     """A checkpoint's BatchNorm variance no model can have (evaluation would be NaN)."""
     state["model"]["features.conv3.1.running_var"].fill_(-1.0)
+
+
+# Every training here is a few batches; none writes to the repository's checkpoints/.
+TINY_ARGS = ["--device", "cpu", "--quiet", "--limit-train", "256", "--limit-test", "200",
+        "--batch-size", "64", "--test-batch-size", "200"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_no_traceback(done: subprocess.CompletedProcess | str) -> None:
+    text = done if isinstance(done, str) else done.stdout + done.stderr
+    assert "Traceback" not in text, text
+
+
+def after_save(monkeypatch: pytest.MonkeyPatch, epoch: int, error: BaseException) -> None:
+    """train.py saves through stopping.written: raise `error` once epoch `epoch` is saved;
+    an OSError instead fails the save of the next epoch, as a full disk does."""
+    real = stopping.written
+
+    def full_disk() -> None:
+        raise error
+
+    def written(what: str, write: Callable[[], object]) -> None:
+        if isinstance(error, OSError) and what.startswith(f"save epoch {epoch + 1} "):
+            write = full_disk
+        real(what, write)
+        if not isinstance(error, OSError) and what.startswith(f"save epoch {epoch} "):
+            raise error
+
+    monkeypatch.setattr(stopping, "written", written)

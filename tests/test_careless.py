@@ -1,4 +1,4 @@
-"""train.py as a careless user drives it (issue 31): wrong paths, cut files, flags that clash
+"""train.py as a careless user drives it: wrong paths, cut files, flags that clash
 or would be ignored, Ctrl-C and full disks at awkward moments, folders that change under a
 run. Each case ends in what works or in one line that says what to do, loses nothing already
 saved, and leaves no lock or scratch file. docs/careless.md lists every case with its test.
@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import train
+from runs import after_save, train
 from test_outputs import main, refused
-from test_suggested_commands import after_save
 
 import train as cli
 import utils
-from support import checkpoints, failures, flag_checks, locks, stopping
+from support import checkpoints, command_line, locks, stopping
 from support.bookkeeping import Tally
 
 pytestmark = pytest.mark.usefixtures("signals_restored")
@@ -315,14 +314,14 @@ def test_evaluate_in_an_unwritable_folder_works(capsys, here, one_epoch, immutab
 def test_a_folder_made_unwritable_mid_run_is_one_line_and_frees_the_lock(
         capsys, here, monkeypatch, immutable):
     (here / "run").mkdir()
-    real = failures.written
+    real = stopping.written
 
     def freeze_after_epoch_1(what, write):
         real(what, write)
         if what.startswith("save epoch 1 "):
             immutable(here / "run")  # as a disk remounted read-only, or a quota reached
 
-    monkeypatch.setattr(failures, "written", freeze_after_epoch_1)
+    monkeypatch.setattr(stopping, "written", freeze_after_epoch_1)
     code, _, err = main(capsys, *SMALL, "--epochs", "2", "--save-model", "run/last.pt")
     assert code == 1
     assert error_line(err) == (
@@ -355,7 +354,7 @@ def test_ctrl_c_before_the_first_save_leaves_nothing(capsys, here, monkeypatch):
     def interrupted(what, write):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(failures, "written", interrupted)
+    monkeypatch.setattr(stopping, "written", interrupted)
     code, _, err = main(capsys, *SMALL, "--epochs", "2", "--save-model", "last.pt")
     assert code == 130 and err.strip().endswith("no complete epoch was saved.")
     assert sorted(os.listdir(here)) == ["data"]
@@ -397,18 +396,6 @@ def test_less_data_than_a_batch_trains_one_batch(capsys, here, flags):
 # ---------------------------------------------------------------------------------------------
 # A OneCycle run resumed with the values it already has is accepted; the help says the rule.
 # ---------------------------------------------------------------------------------------------
-def test_a_onecycle_resume_with_its_own_epochs_and_lr_is_accepted(capsys, here, monkeypatch):
-    after_save(monkeypatch, 1, KeyboardInterrupt())
-    flags = ["--model", "compact", *SMALL, "--epochs", "2", "--save-model", "k.pt"]
-    assert main(capsys, *flags)[0] == 130
-    monkeypatch.undo()
-    monkeypatch.chdir(here)
-    code, out, _ = main(capsys, "--resume", str(here / "k.pt"), "--epochs", "2", "--lr", "0.2",
-                        "--device", "cpu", "--quiet")
-    assert code == 0, out
-    assert checkpoints.read_checkpoint(here / "k.pt")["history"]["epoch"] == [1, 2]
-
-
 def test_a_flag_given_with_the_value_it_holds_changes_nothing_on_resume(capsys, here,
                                                                        monkeypatch):
     # Its own peak --lr is "no change" to the checks, so the run must not act on it either:
@@ -428,6 +415,17 @@ def test_a_flag_given_with_the_value_it_holds_changes_nothing_on_resume(capsys, 
         assert torch.equal(given["model"][key], value), key
     del given["history"]["seconds"], plain["history"]["seconds"]  # wall time differs anyway
     assert given["history"] == plain["history"]
+
+
+def test_a_new_lr_on_resume_is_the_recipe_from_then_on_and_resumes_again(capsys, a_pt):
+    # The resumed recipe is the saved one with the flags applied: the checkpoint records the
+    # rate it now trains at, so the next resume finds its objects and recipe in agreement.
+    code, out, _ = main(capsys, "--resume", "a.pt", "--epochs", "2", "--lr", "0.005",
+                        "--device", "cpu", "--quiet")
+    assert code == 0 and "learning rate set to 0.005 from epoch 2" in out, out
+    assert checkpoints.read_checkpoint(a_pt)["recipe"]["lr"] == 0.005
+    assert main(capsys, "--resume", "a.pt", "--epochs", "3", "--device", "cpu", "--quiet")[0] == 0
+    assert checkpoints.read_checkpoint(a_pt)["history"]["lr"] == [0.01, 0.005, 0.005]
 
 
 def test_the_help_states_the_onecycle_rules():
@@ -569,7 +567,7 @@ def test_every_path_flag_at_home_written_as_tilde_is_expanded_once(capsys, tmp_p
         f"train.py: error: --save-model and --metrics name the same file {tmp_path}/home/x.pt: "
         f"give each its own path")
     args = cli.build_parser().parse_args(["--data-dir=~/d", "--resume=~/r.pt", "--metrics=~/m"])
-    flag_checks.expand_paths(args)
+    command_line.expand_paths(args)
     assert (args.data_dir, args.resume, args.metrics) == (
         f"{tmp_path}/home/d", f"{tmp_path}/home/r.pt", f"{tmp_path}/home/m")
     assert not (tmp_path / "~").exists()

@@ -22,31 +22,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import TINY_ARGS, assert_no_traceback, env, train
 
 import model
 import train as cli
-from support import checkpoints, stopping
+from support import checkpoints, command_line
 
 ROOT = Path(__file__).resolve().parent.parent
-# Every training here is a few batches; none writes to the repository's checkpoints/.
-TINY = ["--device", "cpu", "--quiet", "--limit-train", "256", "--limit-test", "200",
-        "--batch-size", "64", "--test-batch-size", "200"]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_no_traceback(done: subprocess.CompletedProcess | str) -> None:
-    text = done if isinstance(done, str) else done.stdout + done.stderr
-    assert "Traceback" not in text, text
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _mnist(mnist_dir):
     """train.py reads the repository's data/ folder; make sure it holds MNIST first."""
@@ -97,7 +79,6 @@ BAD_ARGS = {
     "epochs-0": lambda tmp: ["--epochs", "0"],
     "epochs-negative": lambda tmp: ["--epochs", "-1"],
     "batch-size-0": lambda tmp: ["--batch-size", "0"],
-    "lr-negative": lambda tmp: ["--lr", "-1"],
     "lr-nan": lambda tmp: ["--lr", "nan"],
     "lr-inf": lambda tmp: ["--lr", "inf"],
     "device-tpu": lambda tmp: ["--device", "tpu"],
@@ -136,7 +117,7 @@ def test_bad_arguments_are_usage_errors(tmp_path, case):
 def tiny_run(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("tiny_run")
     checkpoint, metrics = tmp / "ck" / "last.pt", tmp / "out" / "metrics.json"
-    done = train(*TINY, "--epochs", "1", "--save-model", str(checkpoint),
+    done = train(*TINY_ARGS, "--epochs", "1", "--save-model", str(checkpoint),
                  "--metrics", str(metrics))
     return {"done": done, "checkpoint": checkpoint, "metrics": metrics}
 
@@ -184,33 +165,12 @@ def test_evaluate_checkpoint(tiny_run):
     assert found.group(1) == f"{metrics['history']['test_acc'][-1]:.2f}"
 
 
-def test_evaluate_refuses_model_flags_it_would_ignore(tiny_run):
-    done = train("--evaluate", str(tiny_run["checkpoint"]), "--no-batch-norm",
-                 "--dropout-plan", "every", "--device", "cpu", "--quiet")
-    assert done.returncode == 2
-    assert "--dropout-plan every (saved: table); --batch-norm False (saved: True)" in done.stderr
-    assert "accuracy" not in done.stdout
-    assert_no_traceback(done)
-
-
-def test_evaluate_refuses_random_bytes(tmp_path):
-    path = tmp_path / "garbage.pt"
-    path.write_bytes(os.urandom(2048))
-    done = train("--evaluate", str(path), "--no-save", "--device", "cpu", "--quiet")
-    assert done.returncode != 0
-    assert_no_traceback(done)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("error:")
-    assert str(path) in lines[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # A diverging run stops with a clear message.
 # ---------------------------------------------------------------------------------------------
 def test_nan_loss_stops_the_run(tmp_path):
     path = tmp_path / "nan.pt"
-    done = train(*TINY, "--lr", "1e12", "--momentum", "0.99", "--epochs", "3",
+    done = train(*TINY_ARGS, "--lr", "1e12", "--momentum", "0.99", "--epochs", "3",
                  "--save-model", str(path))
     assert done.returncode != 0
     assert_no_traceback(done)
@@ -226,7 +186,7 @@ def test_nan_loss_stops_the_run(tmp_path):
 def test_diverged_epoch_is_not_saved_as_good(tmp_path):
     path = tmp_path / "nan.pt"
     # One batch per epoch: the step after the only (finite) loss of epoch 1 diverges.
-    done = train(*TINY, "--limit-train", "64", "--lr", "1e20", "--epochs", "3",
+    done = train(*TINY_ARGS, "--limit-train", "64", "--lr", "1e20", "--epochs", "3",
                  "--save-model", str(path))
     assert done.returncode != 0
     assert_no_traceback(done)
@@ -293,10 +253,10 @@ def test_sigint_then_resume(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 20: the CLI as a learner lives it.
+# The command line as a learner lives it.
 # ---------------------------------------------------------------------------------------------
 def test_epoch_lines_arrive_as_they_happen_through_a_pipe(tmp_path):
-    """Without PYTHONUNBUFFERED, a piped stdout used to hold every line until the run ended."""
+    """Without PYTHONUNBUFFERED, a piped stdout would hold every line until the run ended."""
     child_env = {k: v for k, v in env().items() if k != "PYTHONUNBUFFERED"}
     args = ["--device", "cpu", "--quiet", "--limit-train", "1024", "--limit-test", "200",
             "--batch-size", "32", "--epochs", "50", "--no-save"]
@@ -316,8 +276,8 @@ def test_epoch_lines_arrive_as_they_happen_through_a_pipe(tmp_path):
 
 
 def test_a_redirected_log_has_no_bars(tmp_path):
-    """A redirected 20-epoch log used to get 1,900 bar refreshes (203 KB)."""
-    done = train(*[a for a in TINY if a != "--quiet"], "--epochs", "2", "--no-save")
+    """A redirected 20-epoch log would get 1,900 bar refreshes (203 KB)."""
+    done = train(*[a for a in TINY_ARGS if a != "--quiet"], "--epochs", "2", "--no-save")
     assert done.returncode == 0, done.stderr
     assert "epoch  1 train" not in done.stderr and "\r" not in done.stderr, done.stderr
     assert [line[:9] for line in done.stdout.splitlines() if line.startswith("epoch")] == [
@@ -367,14 +327,6 @@ def one_usage_line(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def pasted(hint: str, *more: str) -> subprocess.CompletedProcess:
-    """Run the command a message suggests in backticks, as a user pastes it."""
-    command = re.search(r"`python (train\.py [^`]+)`", hint).group(1)
-    return subprocess.run(f"{shlex.quote(sys.executable)} {command} {' '.join(more)}",
-                          shell=True, cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=300)
-
-
 # Paths a hint must give back exactly: spaces, quotes, shell characters, non-ASCII, and a
 # leading '-' (which argparse takes for a flag unless it is joined to its own: --resume=-run.pt).
 AWKWARD_PATHS = ["my run.pt", "it's \"here\".pt", "$HOME;`x` *.pt", "épreuve/последний.pt",
@@ -385,8 +337,9 @@ AWKWARD_PATHS = ["my run.pt", "it's \"here\".pt", "$HOME;`x` *.pt", "épreuve/п
 @pytest.mark.parametrize("data_dir", [None, "my data", "-data"])
 @pytest.mark.parametrize("path", AWKWARD_PATHS)
 def test_a_hint_pastes_back_exactly_its_paths(path, data_dir):
-    hints = {"resume": stopping.resume_command(path, data_dir, "--epochs", "6"),
-             "evaluate": stopping.checkpoint_command("--evaluate", path, data_dir)}
+    hints = {"resume": command_line.checkpoint_command("--resume", path, data_dir, "--epochs",
+                                                       "6"),
+             "evaluate": command_line.checkpoint_command("--evaluate", path, data_dir)}
     for dest, hint in hints.items():
         words = shlex.split(hint)  # as a shell splits the pasted line
         assert words[:2] == ["python", "train.py"], hint
@@ -396,54 +349,9 @@ def test_a_hint_pastes_back_exactly_its_paths(path, data_dir):
     assert cli.build_parser().parse_args(shlex.split(hints["resume"])[2:]).epochs == 6
 
 
-def test_a_second_run_on_a_finished_checkpoint_suggests_what_works(tiny_run, tmp_path):
-    path = tmp_path / "last.pt"
-    path.write_bytes(tiny_run["checkpoint"].read_bytes())  # a finished run: 1 epoch of 1
-    line = one_usage_line(train(*TINY, "--epochs", "1", "--save-model", str(path)))
-    assert line == (f"train.py: error: {path} already exists and holds a finished run (1 epoch "
-                    f"of 1); train it further with `python train.py --resume {path} --epochs 6`"
-                    f", score it with `python train.py --evaluate {path}`, keep it with "
-                    f"--save-model OTHER.pt, or replace it with --force")
-    done = pasted(line, "--device", "cpu", "--quiet")  # accepted, not refused in turn
-    assert done.returncode == 0, done.stderr
-    assert checkpoints.read_checkpoint(path)["history"]["epoch"] == [1, 2, 3, 4, 5, 6]
-
-
-def test_both_hints_for_a_finished_checkpoint_keep_the_runs_data_folder(tiny_run, tmp_path):
-    data = tmp_path / "mnist"
-    data.symlink_to(ROOT / "data", target_is_directory=True)  # another --data-dir, same files
-    path = tmp_path / "last.pt"
-    path.write_bytes(tiny_run["checkpoint"].read_bytes())
-    line = one_usage_line(train(*TINY, "--epochs", "1", "--data-dir", str(data),
-                                "--save-model", str(path)))
-    assert f"`python train.py --resume {path} --data-dir {data} --epochs 6`" in line, line
-    assert f"`python train.py --evaluate {path} --data-dir {data}`" in line, line
-    scored = re.search(r"`python (train\.py --evaluate [^`]+)`", line).group(1)
-    done = subprocess.run(f"{shlex.quote(sys.executable)} {scored} --device cpu --limit-test 200",
-                          shell=True, cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert re.fullmatch(rf"{re.escape(str(path))}: test loss \d\.\d{{4}}, accuracy "
-                        rf"\d+\.\d\d% on 200 images", done.stdout.splitlines()[-1]), done.stdout
-
-
-def test_a_second_run_on_an_unfinished_checkpoint_suggests_resuming(tiny_run, tmp_path):
-    state = torch.load(tiny_run["checkpoint"], weights_only=True)
-    state["recipe"]["epochs"] = 2  # as a run of 2 epochs stopped after the first
-    path = tmp_path / "last.pt"
-    torch.save(state, path)
-    line = one_usage_line(train(*TINY, "--save-model", str(path)))
-    assert line == (f"train.py: error: {path} already exists and holds 1 epoch of 2; resume it "
-                    f"with `python train.py --resume {path}`, keep it with --save-model "
-                    f"OTHER.pt, or replace it with --force")
-    done = pasted(line, "--device", "cpu", "--quiet")
-    assert done.returncode == 0, done.stderr
-    assert checkpoints.read_checkpoint(path)["history"]["epoch"] == [1, 2]
-
-
 def test_a_policy_refusal_is_one_line_without_the_usage_block(tmp_path):
     path = tmp_path / "x.pt"
-    line = one_usage_line(train(*TINY, "--save-model", str(path), "--metrics", str(path)))
+    line = one_usage_line(train(*TINY_ARGS, "--save-model", str(path), "--metrics", str(path)))
     assert line == (f"train.py: error: --save-model and --metrics name the same file {path}: "
                     f"give each its own path")
     assert not path.exists()
@@ -451,7 +359,7 @@ def test_a_policy_refusal_is_one_line_without_the_usage_block(tmp_path):
 
 def test_threads_flag_sets_and_records_the_thread_count(tmp_path):
     metrics = tmp_path / "m.json"
-    done = train(*TINY, "--epochs", "1", "--no-save", "--threads", "2", "--metrics",
+    done = train(*TINY_ARGS, "--epochs", "1", "--no-save", "--threads", "2", "--metrics",
                  str(metrics))
     assert done.returncode == 0, done.stderr
     assert json.loads(metrics.read_text())["threads"] == 2

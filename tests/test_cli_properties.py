@@ -1,4 +1,4 @@
-"""Issue 19: train.py's command line under hostile values, drawn by Hypothesis.
+"""train.py's command line under hostile values, drawn by Hypothesis.
 
 Each drawn command line runs in this process (train.main) in a fresh folder that holds files
 of every kind an output could wrongly land on. Every run must end with exit code 0, 1 or 2
@@ -186,7 +186,7 @@ def offline(monkeypatch):
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow])
 @given(drawn=command_lines)
-# The cases of the issue, every time.
+# Known hostile cases, every time.
 @example(drawn=["--no-save", "--metrics", "run.pt"])
 @example(drawn=["--save-model", "x.pt", "--metrics", "x.pt"])
 @example(drawn=["--resume", "run.pt", "--epochs", "2", "--metrics", "run.pt"])

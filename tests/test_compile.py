@@ -1,4 +1,4 @@
-"""--compile for real (issue 31): torch.compile with the inductor backend, which needs a C++
+"""--compile for real: torch.compile with the inductor backend, which needs a C++
 compiler on the CPU. The other tests that name --compile stub the compiler out, because they
 are about its absence; this one is about the compile, so nothing is stubbed: train.py trains
 a short run compiled, resumes it compiled, without compiling and compiled again, and scores
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import TINY, assert_no_traceback, env
+from runs import TINY_ARGS, assert_no_traceback, env
 
 import train as cli
 import utils
@@ -48,7 +48,7 @@ def kernels(cache: Path) -> set[Path]:
 @pytest.mark.slow
 def test_compile_trains_resumes_with_and_without_it_and_evaluates(tmp_path, mnist_dir):
     path, cache = tmp_path / "compiled.pt", tmp_path / "inductor"
-    compiled_train(cache, *TINY, "--epochs", "1", "--compile", "--save-model", str(path))
+    compiled_train(cache, *TINY_ARGS, "--epochs", "1", "--compile", "--save-model", str(path))
     first = kernels(cache)
     assert first, "inductor compiled no kernel: --compile did not compile"
     assert checkpoints.read_checkpoint(path)["recipe"]["compile"] is True

@@ -1,4 +1,4 @@
-"""Issue 19: one error boundary in train.py. Each failure a user can cause or meet is one line
+"""One error boundary in train.py. Each failure a user can cause or meet is one line
 that says what happened and what is on disk; a bug keeps its traceback."""
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import Uncompiled
-from test_cli import TINY, assert_no_traceback, env
+from runs import TINY_ARGS, Uncompiled, assert_no_traceback, env
 from test_outputs import SMALL, main
 from test_robustness import finish, spawn, wait_for
 
 import train as cli
 import utils
 from model import Net
-from support import checkpoints, failures, stopping, workers
+from support import checkpoints, stopping, workers
 from support.recipe import full_recipe
 from support.torchvision_loader import torchvision_loaders
 
@@ -109,10 +108,10 @@ def test_write_failure_reads_the_whole_chain():
         except OSError:
             raise RuntimeError("unexpected pos 1 vs 2")  # noqa: B904 - as torch raises it
     except RuntimeError as err:
-        assert failures.write_failure(err) == "No space left on device"
-    assert failures.write_failure(RuntimeError("file write failed")) is not None
-    assert failures.write_failure(RuntimeError("something else")) is None
-    assert failures.write_failure(BrokenPipeError(32, "Broken pipe")) is None
+        assert stopping.write_failure(err) == "No space left on device"
+    assert stopping.write_failure(RuntimeError("file write failed")) is not None
+    assert stopping.write_failure(RuntimeError("something else")) is None
+    assert stopping.write_failure(BrokenPipeError(32, "Broken pipe")) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,10 +171,10 @@ def test_out_of_memory_while_evaluating(here, capsys, monkeypatch):
 
 
 def test_out_of_memory_is_recognised_in_each_form():
-    assert failures.out_of_memory(MemoryError())
-    assert failures.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to ..."))
-    assert failures.out_of_memory(RuntimeError("MPS backend out of memory"))
-    assert not failures.out_of_memory(RuntimeError("shape mismatch"))
+    assert stopping.out_of_memory(MemoryError())
+    assert stopping.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to ..."))
+    assert stopping.out_of_memory(RuntimeError("MPS backend out of memory"))
+    assert not stopping.out_of_memory(RuntimeError("shape mismatch"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +182,7 @@ def test_out_of_memory_is_recognised_in_each_form():
 # ---------------------------------------------------------------------------------------------
 def test_a_closed_stdout_stops_quietly(tmp_path):
     path = tmp_path / "last.pt"
-    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--epochs", "3",
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY_ARGS, "--epochs", "3",
                              "--save-model", str(path)], cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().startswith("device: cpu")
@@ -201,7 +200,7 @@ def test_a_closed_stdout_stops_quietly(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# --compile without a C++ compiler; --no-compile resumes a compiled run without it.
+# --compile without a C++ compiler: the run can go on without it.
 # ---------------------------------------------------------------------------------------------
 def test_no_compiler_is_one_line_that_says_the_run_can_go_on(here, capsys, monkeypatch):
     from torch._inductor.exc import InductorError, InvalidCxxCompiler
@@ -220,22 +219,6 @@ def test_no_compiler_is_one_line_that_says_the_run_can_go_on(here, capsys, monke
         "was saved.")
 
 
-def test_no_compile_resumes_a_compiled_run_without_compiling(here, capsys, monkeypatch):
-    assert main(capsys, *SMALL, "--save-model", "last.pt")[0] == 0
-    state = torch.load("last.pt", weights_only=True)
-    state["recipe"]["compile"] = True  # as a run with --compile saves it
-    torch.save(state, "last.pt")
-
-    def no_compiling(model, device):
-        raise AssertionError("--no-compile must not compile")
-
-    monkeypatch.setattr(cli, "compiled", no_compiling)
-    code, out, _ = main(capsys, "--resume", "last.pt", "--epochs", "2", "--no-compile",
-                        "--device", "cpu", "--quiet")
-    assert code == 0, out
-    assert checkpoints.read_checkpoint("last.pt")["recipe"]["compile"] is False
-
-
 # ---------------------------------------------------------------------------------------------
 # Signals: a second one while the report is written is ignored; nohup's SIGHUP stays ignored.
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +231,7 @@ def test_a_second_sigterm_cannot_cut_the_report_short(tmp_path, gap):
     wait_for(path, proc, err)
     proc.send_signal(signal.SIGTERM)
     time.sleep(gap)
-    proc.send_signal(signal.SIGTERM)  # used to give a traceback and lose the report, 4 in 8
+    proc.send_signal(signal.SIGTERM)  # without the ignore: a traceback, and a lost report
     proc.send_signal(signal.SIGTERM)
     assert finish(proc) == 128 + signal.SIGTERM
     stderr = err.read_text()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import TINY, assert_no_traceback, env
+from runs import TINY_ARGS, assert_no_traceback, env
 from test_robustness import TINY_RECIPE
 
 import train as cli
@@ -226,8 +226,8 @@ def test_a_failed_metrics_write_keeps_the_old_file_and_says_so(files, capsys, mo
     code, _, err = main(capsys, *SMALL, "--save-model", str(save), "--metrics", str(metrics))
     assert code == 1
     assert err.strip() == (f"error: could not write --metrics {metrics}: No space left on "
-                           f"device; epoch 1 is saved in {save}; continue with "
-                           f"`python train.py --resume {save}`")
+                           f"device; epoch 1 is saved in {save}; write its metrics with "
+                           f"`python train.py --resume {save} --metrics {metrics}`")
     assert metrics.read_bytes() == before
     assert not [p for p in os.listdir(metrics.parent) if p.endswith(".partial")]
 
@@ -288,7 +288,7 @@ def test_two_runs_started_at_once_on_one_checkpoint(tmp_path):
     """They used to both exit 0, the file holding the second run only: now one trains, and
     the other refuses (in use, or already there if the first was that quick)."""
     path = tmp_path / "last.pt"
-    procs = [subprocess.Popen([sys.executable, "train.py", *TINY, "--epochs", "1", "--seed",
+    procs = [subprocess.Popen([sys.executable, "train.py", *TINY_ARGS, "--epochs", "1", "--seed",
                                str(seed), "--save-model", str(path)], cwd=ROOT, env=env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seed in (1, 2)]

@@ -3,6 +3,8 @@ utils). The command line and build_run derive from it."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import runs
 import torch
@@ -13,7 +15,7 @@ import train as cli
 import utils
 from model import Net
 from support import checkpoints
-from support.recipe import RECIPE_RULES, net_options
+from support.recipe import RULES, net_options
 
 
 def test_every_recipe_key_is_a_train_py_flag_with_the_recipes_default():
@@ -23,9 +25,9 @@ def test_every_recipe_key_is_a_train_py_flag_with_the_recipes_default():
 
 
 def test_every_recipe_key_is_checked_when_a_checkpoint_is_loaded():
-    assert set(RECIPE_RULES) == set(utils.RECIPE)
-    for key, (ok, _) in RECIPE_RULES.items():
-        assert ok(utils.RECIPE[key]), key
+    assert set(RULES) == set(utils.RECIPE)
+    for key, rule in RULES.items():
+        assert rule.holds(utils.RECIPE[key]), key
 
 
 def test_flags_reach_the_recipe():
@@ -73,3 +75,18 @@ def test_prepare_model_follows_the_recipe():
     # fused or not, one set of weights under one set of keys
     plain = built({**utils.RECIPE, "dropout_plan": "every", "loader": "torchvision"})
     assert list(fast.state_dict()) == list(plain.state_dict())
+
+
+def test_an_architecture_option_is_refused_only_for_a_model_that_does_not_take_it():
+    parse = train.build_parser().parse_args
+    with pytest.raises(train.UsageError, match="--width applies to the s6 and tiny models only, "
+                                               "not to --model compact: drop it"):
+        train.recipe_from(parse(["--model", "compact", "--width", "0.5"]))
+    assert train.recipe_from(parse(["--model", "tiny", "--width", "0.5"]))["width"] == 0.5
+
+
+def test_argparse_types_refuse_out_of_range_values():
+    for key, text in (("batch_size", str(2**31)), ("seed", str(-(2**63) - 1))):
+        with pytest.raises(argparse.ArgumentTypeError):
+            RULES[key].parse(text)
+    assert RULES["seed"].parse(str(2**64 - 1)) == 2**64 - 1

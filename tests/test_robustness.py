@@ -3,7 +3,6 @@ signal or damaged file ends in a traceback: one section per way it could."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import signal
@@ -14,23 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import negative_running_variance
-from test_cli import TINY, assert_no_traceback, env, train
+from runs import TINY_ARGS, assert_no_traceback, env, negative_running_variance, train
 
 import train as cli
 import utils
-from support import bookkeeping, checkpoints, flag_checks, flag_types, mnist_files, stopping
+from support import bookkeeping, checkpoints, command_line, mnist_files, stopping
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
-# The recipe TINY's flags give (with --epochs 1), so a checkpoint of it resumes with TINY.
+# The recipe TINY_ARGS's flags give (with --epochs 1), so a checkpoint of it resumes with TINY_ARGS.
 TINY_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 256, "limit_test": 200,
                "batch_size": 64, "test_batch_size": 200}
 
 
 @pytest.fixture(scope="module")
 def one_epoch(mnist_dir, tmp_path_factory) -> bytes:
-    """The bytes of a real 1-epoch checkpoint of the TINY recipe."""
+    """The bytes of a real 1-epoch checkpoint of the TINY_ARGS recipe."""
     run = cli.build_run(TINY_RECIPE, CPU, mnist_dir)
     cli.fit(run, progress=False, log=False)
     path = tmp_path_factory.mktemp("one_epoch") / "last.pt"
@@ -101,7 +99,7 @@ def test_dry_run_writes_no_checkpoint(tmp_path):
 
 def test_new_run_refuses_to_replace_a_checkpoint(checkpoint):
     before = checkpoint.read_bytes()
-    done = train(*TINY, "--epochs", "1", "--save-model", str(checkpoint))
+    done = train(*TINY_ARGS, "--epochs", "1", "--save-model", str(checkpoint))
     assert done.returncode == 2
     line = one_line_error(done)
     assert f"--resume {checkpoint}" in line and "--save-model" in line and "--force" in line
@@ -111,7 +109,7 @@ def test_new_run_refuses_to_replace_a_checkpoint(checkpoint):
 
 def test_force_replaces_a_checkpoint(checkpoint):
     before = checkpoint.read_bytes()
-    done = train(*TINY, "--epochs", "1", "--seed", "7", "--save-model", str(checkpoint),
+    done = train(*TINY_ARGS, "--epochs", "1", "--seed", "7", "--save-model", str(checkpoint),
                  "--force")
     assert done.returncode == 0, done.stderr
     assert checkpoint.read_bytes() != before
@@ -217,7 +215,7 @@ def test_read_only_data_folder_with_valid_files_is_accepted(mnist_dir, monkeypat
     def unwritable(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(flag_checks.tempfile, "NamedTemporaryFile", unwritable)
+    monkeypatch.setattr(command_line.tempfile, "NamedTemporaryFile", unwritable)
     args, _ = cli.parse_args(["--data-dir", str(mnist_dir), "--no-save", "--device", "cpu"])
     assert args.data_dir == str(mnist_dir)
 
@@ -226,7 +224,7 @@ def test_read_only_data_folder_that_needs_a_fetch_is_refused(tmp_path, monkeypat
     def unwritable(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(flag_checks.tempfile, "NamedTemporaryFile", unwritable)
+    monkeypatch.setattr(command_line.tempfile, "NamedTemporaryFile", unwritable)
     with pytest.raises(SystemExit) as exit_:
         cli.parse_args(["--data-dir", str(tmp_path), "--no-save", "--device", "cpu"])
     assert exit_.value.code == 2
@@ -311,7 +309,7 @@ def test_sigterm_stops_cleanly_with_a_hint_that_pastes(tmp_path, mnist_dir):
 
 
 def test_ctrl_c_while_starting_is_not_a_traceback(tmp_path):
-    proc, out, err = spawn([*TINY, "--epochs", "50", "--no-save"], tmp_path)
+    proc, out, err = spawn([*TINY_ARGS, "--epochs", "50", "--no-save"], tmp_path)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     assert finish(proc) == 130
@@ -321,11 +319,10 @@ def test_ctrl_c_while_starting_is_not_a_traceback(tmp_path):
 
 
 def test_what_loads_before_torch_loads_no_torch():
-    """support.startup holds Ctrl-C only if it is in place before torch loads, and the
-    benchmark drivers share flag_types' MAX_INT without paying for torch."""
+    """The benchmark drivers' common part loads without paying for torch."""
     done = subprocess.run(
-        [sys.executable, "-c", "import sys; import support.startup, support.flag_types, "
-         "benchmarks.common; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"],
+        [sys.executable, "-c", "import sys; import benchmarks.common; "
+         " print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -422,12 +419,6 @@ def test_torchvision_failure_keeps_its_reason(tmp_path, small_mnist, monkeypatch
         err.value)
 
 
-def test_argparse_types_refuse_out_of_range_values():
-    for parse, text in ((flag_types.positive_int, str(2**31)),
-                        (flag_types.seed_int, str(-(2**63) - 1))):
-        with pytest.raises(argparse.ArgumentTypeError):
-            parse(text)
-    assert flag_types.seed_int(str(2**64 - 1)) == 2**64 - 1
 
 
 

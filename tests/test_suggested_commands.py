@@ -1,4 +1,4 @@
-"""Every command a message suggests, pasted as printed, does what the message says (issue 31).
+"""Every command a message suggests, pasted as printed, does what the message says.
 
 One table: each row makes a situation in a folder of its own (a finished run, an interrupted
 one, a run that diverged...), provokes one message of train.py there, and lists what each
@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import errno
 import io
+import json
 import os
 import re
 import shlex
@@ -32,12 +33,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import Uncompiled
-from test_cli import TINY, assert_no_traceback, env, train
+from runs import TINY_ARGS, Uncompiled, after_save, assert_no_traceback, env, train
 from test_outputs import main
 
 import train as cli
-from support import checkpoints, failures, flag_checks
+from support import checkpoints, command_line, stopping
 from support.bookkeeping import NonFiniteLoss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +56,8 @@ def finished(tmp_path_factory, mnist_dir) -> dict[str, bytes]:
     """The bytes of two finished runs: a StepLR run of 1 epoch, a OneCycle (compact) of 2."""
     tmp = tmp_path_factory.mktemp("finished")
     found = {}
-    for name, flags in (("step", [*TINY, "--epochs", "1"]),
-                        ("onecycle", ["--model", "compact", *TINY, "--epochs", "2"])):
+    for name, flags in (("step", [*TINY_ARGS, "--epochs", "1"]),
+                        ("onecycle", ["--model", "compact", *TINY_ARGS, "--epochs", "2"])):
         done = train(*flags, "--save-model", str(tmp / f"{name}.pt"))
         assert done.returncode == 0, done.stderr
         found[name] = (tmp / f"{name}.pt").read_bytes()
@@ -96,24 +96,6 @@ class Here:
         self.monkeypatch.undo()
         self.monkeypatch.chdir(self.path)
         return code, err
-
-
-def after_save(monkeypatch: pytest.MonkeyPatch, epoch: int, error: BaseException) -> None:
-    """train.py saves through failures.written: raise `error` once epoch `epoch` is saved;
-    an OSError instead fails the save of the next epoch, as a full disk does."""
-    real = failures.written
-
-    def full_disk() -> None:
-        raise error
-
-    def written(what: str, write: Callable[[], object]) -> None:
-        if isinstance(error, OSError) and what.startswith(f"save epoch {epoch + 1} "):
-            write = full_disk
-        real(what, write)
-        if not isinstance(error, OSError) and what.startswith(f"save epoch {epoch} "):
-            raise error
-
-    monkeypatch.setattr(failures, "written", written)
 
 
 def no_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,6 +161,22 @@ def disk_full_at_epoch_2(here: Here) -> str:
     return err
 
 
+def metrics_unwritable_after_a_finished_run(here: Here) -> str:
+    real = stopping.written
+
+    def full_disk_for_metrics(what: str, write: Callable[[], object]) -> None:
+        if what.startswith("write --metrics "):
+            raise stopping.WriteFailed(f"could not {what}: No space left on device")
+        real(what, write)
+
+    here.monkeypatch.setattr(stopping, "written", full_disk_for_metrics)
+    code, _, err = here.run(*SMALL, "--epochs", "1", "--save-model", "s.pt", "--metrics", "m.json")
+    here.monkeypatch.undo()
+    here.monkeypatch.chdir(here.path)
+    assert code == 1 and not (here.path / "m.json").exists(), err
+    return err
+
+
 def no_compiler_after_epoch_1(here: Here) -> str:
     name = here.file("s.pt", "step", epochs=2)
     no_compiler(here.monkeypatch)
@@ -208,20 +206,22 @@ class Row:
 
 TABLE: dict[str, Row] = {
     "a finished StepLR run, trained again": Row(
-        finished_steplr_run_again, ("flag_checks.existing_checkpoint",), 2),
+        finished_steplr_run_again, ("command_line.existing_checkpoint",), 2),
     "an unfinished run, trained again": Row(
-        unfinished_steplr_run_again, ("flag_checks.existing_checkpoint",), 1),
+        unfinished_steplr_run_again, ("command_line.existing_checkpoint",), 1),
     "a finished OneCycle run, trained again": Row(
-        finished_onecycle_run_again, ("flag_checks.existing_checkpoint",
-                                      "flag_checks.longer_run"), 2),
+        finished_onecycle_run_again, ("command_line.existing_checkpoint",
+                                      "command_line.longer_run"), 2),
     "a finished OneCycle run resumed with --epochs": Row(
-        onecycle_resumed_with_epochs, ("flag_checks.check_onecycle_resume",), 2),
+        onecycle_resumed_with_epochs, ("command_line.refuse_fixed_schedule",), 2),
     "a finished OneCycle run resumed": Row(
-        onecycle_resumed_when_finished, ("flag_checks.check_onecycle_resume",), 2),
+        onecycle_resumed_when_finished, ("command_line.refuse_fixed_schedule",), 2),
     "an unfinished OneCycle run resumed with --lr": Row(
-        onecycle_resumed_with_lr_midway, ("flag_checks.check_onecycle_resume",), 2),
+        onecycle_resumed_with_lr_midway, ("command_line.refuse_fixed_schedule",), 2),
     "Ctrl-C after epoch 1": Row(ctrl_c_after_epoch_1, ("stopping.Status.report",), 1),
     "a full disk at epoch 2": Row(disk_full_at_epoch_2, ("stopping.Status.report",), 1),
+    "--metrics unwritable after a finished run": Row(
+        metrics_unwritable_after_a_finished_run, ("stopping.Status.report",), 1),
     "--compile without a compiler, after epoch 1": Row(
         no_compiler_after_epoch_1, ("stopping._no_compiler",), 1),
     "a StepLR run diverged at epoch 2": Row(
@@ -275,6 +275,9 @@ def check_pasted(command: str, done: subprocess.CompletedProcess, cwd: Path,
             assert saved["history"]["lr"][-1] == args.lr, command
         if args.compile is not None:
             assert saved["recipe"]["compile"] is args.compile, command
+        if args.metrics:  # the metrics of the run as saved
+            written = json.loads((cwd / args.metrics).read_text())
+            assert written["history"] == saved["history"], command
         return
     # A new run: the recipe it spells, into a file that was not there; the others untouched.
     assert out not in before, command
@@ -305,7 +308,7 @@ def test_every_suggested_command_does_what_its_message_says(name, tmp_path, mnis
 # No message goes unpasted: every function that words a suggested command has a row.
 # ---------------------------------------------------------------------------------------------
 # What builds a command's text; a function that calls one of these words a message with it.
-BUILDERS = {"checkpoint_command", "resume_command", "new_run_command", "command", "longer_run"}
+BUILDERS = {"checkpoint_command", "new_run_command", "command", "longer_run"}
 
 
 def wording_functions() -> set[str]:
@@ -322,7 +325,7 @@ def wording_functions() -> set[str]:
 
 
 def _called(call: ast.Call) -> str:
-    """The name a call calls: Status.command only as a method (boundary.guarded's `command`
+    """The name a call calls: Status.command only as a method (stopping.guarded's `command`
     argument is the whole train.py command, not a suggestion)."""
     if isinstance(call.func, ast.Attribute):
         return call.func.attr
@@ -344,7 +347,7 @@ def test_every_function_that_suggests_a_command_has_a_row():
     covered = {name for row in TABLE.values() for name in row.covers}
     assert wording_functions() - covered == set(), "add a row to TABLE for each"
     assert covered - wording_functions() == set(), "a row covers a function that is gone"
-    assert flag_checks.existing_checkpoint  # the names above are the modules' own
+    assert command_line.existing_checkpoint  # the names above are the modules' own
 
 
 def test_the_notebooks_helpers_suggest_no_command_line():
@@ -363,7 +366,7 @@ def test_a_hint_names_the_interpreter_and_script_as_they_were_run(tmp_path, mnis
     the hint names both as they were given, and pastes there as printed."""
     script = os.path.relpath(ROOT / "train.py", tmp_path)
     bare = {**env(), "PATH": "/usr/bin:/bin"}  # no venv on it
-    flags = [*TINY, "--epochs", "1", "--data-dir", str(mnist_dir), "--save-model", "a.pt"]
+    flags = [*TINY_ARGS, "--epochs", "1", "--data-dir", str(mnist_dir), "--save-model", "a.pt"]
     for _ in range(2):  # the second run finds the first's finished checkpoint
         done = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, env=bare,
                               capture_output=True, text=True, timeout=300)
