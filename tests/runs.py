@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -221,3 +222,58 @@ def after_save(monkeypatch: pytest.MonkeyPatch, epoch: int, error: BaseException
             raise error
 
     monkeypatch.setattr(stopping, "written", written)
+
+
+# The recipe TINY_ARGS's flags give (with --epochs 1), so a checkpoint of it resumes with TINY_ARGS.
+TINY_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 256, "limit_test": 200,
+               "batch_size": 64, "test_batch_size": 200}
+# In-process runs: a few batches, never the repository's checkpoints/ or data/ for writing.
+SMALL = ["--device", "cpu", "--quiet", "--limit-train", "64", "--limit-test", "64",
+         "--batch-size", "64", "--test-batch-size", "64", "--epochs", "1"]
+
+
+def spawn(args: list[str], tmp: Path, **kwargs) -> tuple[subprocess.Popen, Path, Path]:
+    out, err = tmp / "stdout.txt", tmp / "stderr.txt"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=env(), stdout=open(out, "w"),
+        stderr=open(err, "w"), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **kwargs)
+    return proc, out, err
+
+
+def wait_for(path: Path, proc: subprocess.Popen, err: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, f"train.py exited early: {err.read_text()}"
+        assert time.monotonic() < deadline, f"no {path} within {seconds} s"
+        time.sleep(0.1)
+
+
+def finish(proc: subprocess.Popen) -> int:
+    try:
+        return proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def main(capsys, *args: str) -> tuple[int, str, str]:
+    """train.main as a shell runs it: the exit code (argparse's SystemExit included)."""
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err, out + err
+    return code, out, err
+
+
+def refused(capsys, *args: str) -> str:
+    """A policy refusal: exit 2 and one line, `train.py: error: ...`, without a usage block."""
+    code, out, err = main(capsys, *args)
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), err
+    assert "final test accuracy" not in out
+    return lines[0]

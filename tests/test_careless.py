@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import after_save, train
-from test_outputs import main, refused
+from runs import after_save, main, refused, train
 
 import train as cli
 import utils

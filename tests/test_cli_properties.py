@@ -24,8 +24,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from runs import SMALL as SAFE  # the tiny sizes every drawn command line starts with
 from runs import Uncompiled
-from test_outputs import SMALL as SAFE  # the tiny sizes every drawn command line starts with
 
 import train as cli
 import utils

@@ -12,9 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import TINY_ARGS, Uncompiled, assert_no_traceback, env
-from test_outputs import SMALL, main
-from test_robustness import finish, spawn, wait_for
+from runs import (
+    SMALL,
+    TINY_ARGS,
+    Uncompiled,
+    assert_no_traceback,
+    env,
+    finish,
+    main,
+    spawn,
+    wait_for,
+)
 
 import train as cli
 import utils

@@ -15,16 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import TINY_ARGS, assert_no_traceback, env
-from test_robustness import TINY_RECIPE
+from runs import SMALL, TINY_ARGS, TINY_RECIPE, assert_no_traceback, env, main, refused
 
 import train as cli
 from support import checkpoints, locks, metrics, mnist_files, outputs
 
 ROOT = Path(__file__).resolve().parent.parent
-# In-process runs: a few batches, never the repository's checkpoints/ or data/ for writing.
-SMALL = ["--device", "cpu", "--quiet", "--limit-train", "64", "--limit-test", "64",
-         "--batch-size", "64", "--test-batch-size", "64", "--epochs", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,27 +32,6 @@ def _signals_restored(signals_restored):
     yield
     for s, handler in signals_restored.items():
         assert signal.getsignal(s) == handler
-
-
-def main(capsys, *args: str) -> tuple[int, str, str]:
-    """train.main as a shell runs it: the exit code (argparse's SystemExit included)."""
-    try:
-        code = cli.main(list(args))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err, out + err
-    return code, out, err
-
-
-def refused(capsys, *args: str) -> str:
-    """A policy refusal: exit 2 and one line, `train.py: error: ...`, without a usage block."""
-    code, out, err = main(capsys, *args)
-    assert code == 2, out + err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), err
-    assert "final test accuracy" not in out
-    return lines[0]
 
 
 @pytest.fixture

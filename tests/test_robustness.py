@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import TINY_ARGS, assert_no_traceback, env, negative_running_variance, train
+from runs import (
+    TINY_ARGS,
+    TINY_RECIPE,
+    assert_no_traceback,
+    env,
+    finish,
+    negative_running_variance,
+    spawn,
+    train,
+    wait_for,
+)
 
 import train as cli
 import utils
@@ -21,9 +31,6 @@ from support import bookkeeping, checkpoints, command_line, mnist_files, stoppin
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
-# The recipe TINY_ARGS's flags give (with --epochs 1), so a checkpoint of it resumes with TINY_ARGS.
-TINY_RECIPE = {**utils.RECIPE, "epochs": 1, "limit_train": 256, "limit_test": 200,
-               "batch_size": 64, "test_batch_size": 200}
 
 
 @pytest.fixture(scope="module")
@@ -51,32 +58,6 @@ def one_line_error(done: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1, done.stderr
     assert "error" in lines[0]
     return lines[0]
-
-
-def spawn(args: list[str], tmp: Path, **kwargs) -> tuple[subprocess.Popen, Path, Path]:
-    out, err = tmp / "stdout.txt", tmp / "stderr.txt"
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *args], cwd=ROOT, env=env(), stdout=open(out, "w"),
-        stderr=open(err, "w"), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        **kwargs)
-    return proc, out, err
-
-
-def wait_for(path: Path, proc: subprocess.Popen, err: Path, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert proc.poll() is None, f"train.py exited early: {err.read_text()}"
-        assert time.monotonic() < deadline, f"no {path} within {seconds} s"
-        time.sleep(0.1)
-
-
-def finish(proc: subprocess.Popen) -> int:
-    try:
-        return proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------

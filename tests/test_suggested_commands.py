@@ -33,8 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import TINY_ARGS, Uncompiled, after_save, assert_no_traceback, env, train
-from test_outputs import main
+from runs import TINY_ARGS, Uncompiled, after_save, assert_no_traceback, env, main, train
 
 import train as cli
 from support import checkpoints, command_line, stopping
