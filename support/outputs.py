@@ -16,6 +16,7 @@ file whole, and a reader never sees half a file.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import stat
@@ -61,8 +62,12 @@ def check_kind(flag: str, path: str | os.PathLike) -> None:
 
 
 def target(path: str | os.PathLike) -> Path:
-    """The file a write of `path` replaces: absolute, with every symlink followed."""
-    return Path(path).resolve()
+    """The file a write of `path` replaces: absolute, with every symlink followed. A symlink
+    loop is an OSError (ELOOP) whatever the Python: before 3.13, resolve raises RuntimeError."""
+    try:
+        return Path(path).resolve()
+    except RuntimeError:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fspath(path)) from None
 
 
 # ---------------------------------------------------------------------------------------------

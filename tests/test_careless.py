@@ -550,6 +550,17 @@ def test_a_fifo_for_a_checkpoint_or_metrics_is_refused_without_waiting_on_it(
         f"train.py: error: {flag} k.pt is a FIFO, not a regular file: give the path of a file")
 
 
+@pytest.mark.parametrize("flag", ["--evaluate", "--resume", "--save-model", "--metrics"])
+def test_a_symlink_loop_for_a_checkpoint_or_metrics_is_refused_in_one_line(
+        capsys, tmp_path, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)
+    os.symlink("b.pt", "a.pt")
+    os.symlink("a.pt", "b.pt")
+    line = refused(capsys, flag, "a.pt")
+    assert line.startswith(f"train.py: error: {flag} a.pt") and "symbolic links" in line, line
+    assert os.path.islink("a.pt") and os.path.islink("b.pt")
+
+
 def test_a_fifo_handed_to_read_checkpoint_is_refused_without_waiting_on_it(tmp_path):
     os.mkfifo(tmp_path / "k.pt")
     with pytest.raises(checkpoints.CheckpointError, match="a FIFO, not a regular file"):
