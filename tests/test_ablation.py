@@ -327,6 +327,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_script_runs_a_variant_skips_it_when_done_and_reports(tmp_path, mnist_dir):
     out, fig = tmp_path / "ablation", tmp_path / "ablation.png"
     tiny = ["--", "--epochs", "1", "--limit-train", "256", "--limit-test", "200",

@@ -360,6 +360,7 @@ def test_the_notebooks_helpers_suggest_no_command_line():
         assert not [t for t in texts if re.search(r"python3? train\.py|python -m ", t)], module
 
 
+@pytest.mark.slow
 def test_a_hint_names_the_interpreter_and_script_as_they_were_run(tmp_path, mnist_dir):
     """train.py run by its path from another folder, with an interpreter PATH does not find:
     the hint names both as they were given, and pastes there as printed."""

@@ -9,7 +9,8 @@ from runs import cols
 import train as cli
 
 
-@pytest.mark.parametrize("loader", ["fast", "torchvision"])
+# The torchvision loader starts its DataLoader workers: the slow half.
+@pytest.mark.parametrize("loader", ["fast", pytest.param("torchvision", marks=pytest.mark.slow)])
 def test_short_training_on_real_mnist_beats_95_percent(mnist_dir, loader):
     # 2 epochs on the first 12,000 training images, scored on the first 2,000 test images.
     recipe = dict(loader=loader, epochs=2, limit_train=12_000, limit_test=2_000)
