@@ -50,7 +50,7 @@ def every_parameter(model: nn.Module) -> int:
 
 @pytest.mark.parametrize("form", FORMS)
 def test_total_parameters_under_20k_and_under_the_public_best(form):
-    assert every_parameter(FORMS[form]()) == count_parameters(TinyNet()) == 3608 < PUBLIC_BEST
+    assert every_parameter(FORMS[form]()) == count_parameters(TinyNet()) == 3672 < PUBLIC_BEST
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -79,15 +79,15 @@ def test_every_conv_is_padded_and_maps_halve_only_at_the_pools():
     rows = layer_table(TinyNet())
     assert [(r.name, r.out_size) for r in rows] == [
         ("conv1", 28), ("conv2", 28), ("pool1", 14), ("conv3", 14), ("conv4", 14),
-        ("pool2", 7), ("conv5", 7), ("gap", 1), ("fc", 1)]
+        ("pool2", 7), ("conv5", 7), ("conv6", 7), ("gap", 1), ("fc", 1)]
     assert rows[6].receptive_field == 24
-    assert "**3,608**" in format_layer_table(rows)
+    assert "**3,672**" in format_layer_table(rows)
 
 
 def test_width_scales_the_hidden_convs_and_keeps_ten_classes():
-    assert tiny_channels(1.0) == TinyNet().channels == (6, 8, 10, 11, 12, 10)
-    assert tiny_channels(0.9) == (5, 7, 9, 10, 11, 10)
-    assert count_parameters(TinyNet(width=0.9)) == 2931
+    assert tiny_channels(1.0) == TinyNet().channels == (6, 8, 10, 10, 12, 16, 10)
+    assert tiny_channels(0.9) == (5, 7, 9, 9, 11, 14, 10)
+    assert count_parameters(TinyNet(width=0.9)) == 2961
     with pytest.raises(ValueError, match="width must be in"):
         tiny_channels(0)
 
@@ -197,9 +197,9 @@ def tiny_cli_run(tmp_path_factory, mnist_dir) -> dict:
 def test_train_py_model_tiny_records_its_recipe(tiny_cli_run):
     done = tiny_cli_run["done"]
     assert done.returncode == 0, done.stderr
-    assert "parameters: 3,608" in done.stdout
+    assert "parameters: 3,672" in done.stdout
     metrics = json.loads(tiny_cli_run["metrics"].read_text())
-    assert metrics["parameters"] == 3608
+    assert metrics["parameters"] == 3672
     kept = {k: v for k, v in recipe.TINY.items() if k not in ("epochs", "batch_size")}
     assert {k: metrics["recipe"][k] for k in kept} == kept
     assert metrics["model"]["channels"] == list(TinyNet().channels)
@@ -224,7 +224,7 @@ def test_a_width_run_records_its_channels(tmp_path, mnist_dir):
                      "--no-save", "--metrics", str(metrics), "--data-dir", str(mnist_dir))
     assert done.returncode == 0, done.stderr
     result = json.loads(metrics.read_text())
-    assert result["parameters"] == 2931
+    assert result["parameters"] == 2961
     assert result["model"]["channels"] == list(tiny_channels(0.9))
     assert result["recipe"]["width"] == 0.9
 
@@ -298,7 +298,7 @@ def test_the_benchmark_writes_one_result_file_per_run(bench_run):
 
 def test_the_benchmarks_report_gives_every_seeds_final_accuracy(bench_run):
     stdout = bench_run["done"].stdout
-    row = re.search(rf"^\| {re.escape(bench.KEPT)} \| 3,608 \| 1, 2 \| ([\d.]+), ([\d.]+) \|",
+    row = re.search(rf"^\| {re.escape(bench.KEPT)} \| 3,672 \| 1, 2 \| ([\d.]+), ([\d.]+) \|",
                     stdout, re.M)
     assert row, stdout
     finals = [json.loads((bench_run["out"] / f"{bench.KEPT}_seed{s}.json").read_text())
