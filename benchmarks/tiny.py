@@ -17,19 +17,22 @@ files are kept as plan1-<candidate>_seed<N>.json; its candidates are gone from C
 TinyNet no longer builds that plan (check out 66eb493 to rerun them).
 
 The second search's rule, written here before its first run. TinyNet's plan is now 6-8 | 10-10
-| 12, then a 1x1 widening to 16 averages (3,672 parameters). A run takes about 15-25 minutes
-on the shared 2-core machine, two at a time, which leaves room for about eight runs:
-1. Seed 1 of four candidates, in this order, two at a time: t2-lr0.05 (the first search's
-   recipe, so only the plan changes), t2-lr0.1, t2-lr0.2 (a higher OneCycle peak for a model
-   that underfits), t2-lr0.1-both (the original's 10% crop-resize added to the rotation).
-2. The candidate with the highest seed-1 final accuracy (a tie: the lower lr, then rotation
-   only) gets seeds 2 to 5 and is the TINY recipe (KEPT), whatever those seeds give: no
-   candidate is dropped or swapped for a bad later seed, and no epoch but the last is looked
-   at. Seeds still running at the deadline are reported as running, not guessed.
-3. Only if a slot is free after step 2: seed 1 of the winner at width 0.9 (the stretch).
+| 12, then a 1x1 widening to 16 averages (3,672 parameters). Every run: `nice -n 19`, one
+thread, two at a time on the shared 2-core machine:
+1. Seed 1 of t2-lr0.05 (the first search's recipe, so only the plan changes) and t2-lr0.1 (a
+   higher OneCycle peak for a model that underfits).
+2. The one with the higher seed-1 final accuracy (a tie: the lower lr) gets seeds 2 to 5 and
+   is the TINY recipe (KEPT), whatever those seeds give: no candidate is dropped or swapped
+   for a bad later seed, and no epoch but the last is looked at. Seeds still running at the
+   deadline are reported as running, not guessed.
+3. Only if a slot is free after step 2: seed 1 of t2-lr0.2 (a higher peak still), then of
+   t2-lr0.1-both (the original's 10% crop-resize added to the rotation).
+(The first draft gave step 1 all four candidates; in the first minute the two runs got a
+quarter of a core each, about 45-60 minutes a run, so it was cut to the above before any run
+had ended, the two runs going on.)
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/tiny.py --candidates t2-lr0.05 t2-lr0.1 \\
-        t2-lr0.2 t2-lr0.1-both --seeds 1 --jobs 2 --threads 1 -- --threads 1
+        --seeds 1 --jobs 2 --threads 1 -- --threads 1
     python benchmarks/tiny.py --report
 """
 
