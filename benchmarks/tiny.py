@@ -38,10 +38,7 @@ had ended, the two runs going on.)
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,19 +49,11 @@ if str(ROOT) not in sys.path:  # run as a script, it sees only benchmarks/
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
+from benchmarks.common import Candidate  # noqa: E402
 
 RESULTS = ROOT / "results" / "tiny"
-NEEDS = common.Needs(("parameters", "final_test_acc"), columns=("epoch", "test_acc"))
 BAR = 99.40  # the issue's: every seed's last epoch
 SEEDS_TO_PASS = 5
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """train.py flags of one candidate ({flag: value}), and what it tries."""
-
-    flags: dict[str, str]
-    idea: str
 
 
 def _tiny(width: str = "1.0", batch: str = "64", lr: str = "0.1", dropout: str = "0.02",
@@ -88,56 +77,16 @@ KEPT = "t2-lr0.05"  # the candidate support/recipe.py's TINY is (the search rule
 
 
 def train_flags(candidate: str) -> list[str]:
-    """The candidate's flags as train.py arguments; a flag with no value is a switch."""
-    flags: list[str] = []
-    for flag, value in CANDIDATES[candidate].flags.items():
-        flags += [flag, value] if value else [flag]
-    return flags
+    return CANDIDATES[candidate].train_flags()
 
 
-def metrics_path(out: Path, candidate: str, seed: int) -> Path:
-    return Path(out) / f"{candidate}_seed{seed}.json"
-
-
-def job(candidate: str, seed: int, args: argparse.Namespace) -> common.Job:
-    """One train.py run, its log next to its JSON."""
-    path = metrics_path(args.out, candidate, seed)
-    cmd = [sys.executable, str(ROOT / "train.py"), "--seed", str(seed),
-           *train_flags(candidate), "--metrics", str(path), "--no-save", "--quiet",
-           *args.train_args]
-    return common.Job(f"{candidate} seed {seed}", cmd, path.with_suffix(".log"))
-
-
-# ---------------------------------------------------------------------------------------------
-# The report, from the JSON files alone.
-# ---------------------------------------------------------------------------------------------
 def load_results(out: str | os.PathLike = RESULTS) -> dict[str, dict[int, dict[str, Any]]]:
-    """{candidate: {seed: train.py's metrics}} for every candidate with a result file; a file
-    the report cannot use is skipped with a warning."""
-    results: dict[str, dict[int, dict[str, Any]]] = {}
-    for path in sorted(Path(out).glob("*_seed*.json")):
-        found = re.fullmatch(r"(.+)_seed(\d+)\.json", path.name)
-        if found and (metrics := common.load_result(path, NEEDS)) is not None:
-            results.setdefault(found.group(1), {})[int(found.group(2))] = metrics
-    order = [c for c in CANDIDATES if c in results] + sorted(set(results) - set(CANDIDATES))
-    return {name: results[name] for name in order}
+    """{candidate: {seed: train.py's metrics}} (common.load_search), CANDIDATES' order first."""
+    return common.load_search(out, list(CANDIDATES))
 
 
 @dataclass(frozen=True)
-class Row:
-    candidate: str
-    parameters: int
-    finals: dict[int, float]  # seed -> last epoch's test accuracy
-    bests: dict[int, float]  # seed -> best epoch's test accuracy
-
-    @property
-    def mean(self) -> float:
-        return statistics.mean(self.finals.values())
-
-    @property
-    def sd(self) -> float | None:
-        return statistics.stdev(self.finals.values()) if len(self.finals) > 1 else None
-
+class Row(common.SearchRow):
     @property
     def all_at_bar(self) -> bool:
         return min(self.finals.values()) >= BAR
@@ -149,71 +98,15 @@ class Row:
         return "met" if len(self.finals) >= SEEDS_TO_PASS else f"so far ({len(self.finals)} seeds)"
 
 
-def summarise(results: dict[str, dict[int, dict[str, Any]]]) -> list[Row]:
-    return [Row(name, next(iter(runs.values()))["parameters"],
-                {s: runs[s]["final_test_acc"] for s in sorted(runs)},
-                {s: max(runs[s]["history"]["test_acc"]) for s in sorted(runs)})
-            for name, runs in results.items() if runs]
-
-
-def format_table(rows: list[Row]) -> str:
-    """The rows as Markdown: final = the last epoch's test accuracy (the issue's measure)."""
-    lines = ["| candidate | parameters | seeds | final acc % per seed | mean | sd | min "
-             "| best epoch's acc % per seed | every seed >= 99.40 |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        sd = f"{r.sd:.3f}" if r.sd is not None else "–"
-        finals = ", ".join(f"{a:.2f}" for a in r.finals.values())
-        bests = ", ".join(f"{a:.2f}" for a in r.bests.values())
-        lines.append(f"| {r.candidate} | {r.parameters:,} | {', '.join(map(str, r.finals))} "
-                     f"| {finals} | {r.mean:.3f} | {sd} | {min(r.finals.values()):.2f} "
-                     f"| {bests} | {r.verdict} |")
-    return "\n".join(lines)
-
-
 def report(out: str | os.PathLike = RESULTS) -> str:
-    return format_table(summarise(load_results(out)))
-
-
-# ---------------------------------------------------------------------------------------------
-# The command line.
-# ---------------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES),
-                   choices=list(CANDIDATES))
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--jobs", type=common.positive_int, default=1, help="runs at once")
-    p.add_argument("--threads", type=common.positive_int, default=None,
-                   help="threads per run (default: cores/jobs)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON files")
-    p.add_argument("--force", action="store_true", help="re-run runs that already have results")
-    p.add_argument("--report", action="store_true",
-                   help="run nothing: print the table from --out")
-    p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
-    args = p.parse_args(argv)
-    args.threads = args.threads or common.default_threads(args.jobs)
-    return args
-
-
-def to_run(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """(candidate, seed) of each run still to do, seed by seed (common.pending)."""
-    return common.pending(args.candidates, args.seeds,
-                          lambda name, seed: metrics_path(args.out, name, seed), NEEDS,
-                          args.force)
+    """The table from the JSON files alone: final = the last epoch's test accuracy."""
+    rows = common.summarise_search(load_results(out), Row)
+    return common.search_table(rows, f"every seed >= {BAR:.2f}", lambda row: row.verdict)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    failed = 0
-    if not args.report:
-        args.out.mkdir(parents=True, exist_ok=True)
-        failed = common.run_all([job(c, s, args) for c, s in to_run(args)], args.jobs,
-                                args.threads)
-        if failed is None:
-            return 130
-    print(report(args.out))
-    return 1 if failed else 0
+    args = common.search_args(__doc__, list(CANDIDATES), RESULTS, argv)
+    return common.run_search(args, RESULTS, train_flags, report)
 
 
 if __name__ == "__main__":
