@@ -1,15 +1,29 @@
 """What the tests need of a run beyond train.py's build_run, fit and save_run: the dict a save
-writes, a run restored from such a dict through utils.load_checkpoint, and a history's columns."""
+writes, a run restored from such a dict through utils.load_checkpoint, and a history's columns;
+for the named recipes' tests, a short run's settings, a run stopped after its first epoch, a
+script run in a subprocess, and train.py stopped by Ctrl-C once it has saved."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 import train as cli
+from support import checkpoints
 from support.bookkeeping import history_columns
+
+ROOT = Path(__file__).resolve().parent.parent
+# A short run: 256 training images in 4 batches of 64, 200 test images in one batch.
+SHORT = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
+SHORT_FLAGS = ["--device", "cpu", "--quiet", "--limit-train", "256", "--limit-test", "200",
+               "--batch-size", "64", "--test-batch-size", "200"]
 
 cols = history_columns  # run.history is a list of rows; a file's history is these columns
 
@@ -41,3 +55,67 @@ class Uncompiled(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._orig_mod(x)
+
+
+def recipe_of(flags: list[str]) -> dict:
+    """The recipe train.py runs for these flags."""
+    return cli.recipe_from(cli.build_parser().parse_args(flags))
+
+
+def stopped_after_epoch_1(run: cli.Run, path: Path) -> dict:
+    """Fit `run`, save it after its first epoch and cut it short there; the checkpoint read
+    back (checked)."""
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(_history: dict) -> None:
+        cli.save_run(run, path)
+        raise Stop
+
+    try:
+        cli.fit(run, on_epoch_end=save_then_stop, progress=False, log=False)
+    except Stop:
+        return checkpoints.read_checkpoint(path)
+    raise AssertionError("the run ended before its first epoch did")
+
+
+def assert_same_run(resumed: cli.Run, unbroken: cli.Run) -> None:
+    """Every history column but the seconds, and every weight, bit for bit."""
+    for column, values in cols(unbroken.history).items():
+        if column != "seconds":
+            assert cols(resumed.history)[column] == values, column
+    for key, value in unbroken.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def one_thread_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_script(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A script of the repository (train.py, benchmarks/...) run as a user runs it."""
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=one_thread_env())
+
+
+def ctrl_c_once_saved(args: list[str], path: Path, err: Path) -> int:
+    """train.py with `args`, sent SIGINT as soon as `path` exists; its exit code, its stderr
+    in `err`. Ctrl-C's default handling even when the tests run in the background."""
+    with open(err, "w") as ferr:
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", *args], cwd=ROOT, env=one_thread_env(),
+            stdout=subprocess.DEVNULL, stderr=ferr,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 120
+            while not path.exists():
+                assert proc.poll() is None, f"train.py exited early: {err.read_text()}"
+                assert time.monotonic() < deadline, "no checkpoint within 120 s"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            return proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -7,18 +7,14 @@ Behaviour on short runs only, never an accuracy of one."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import runs
 import torch
-from runs import cols
+from runs import SHORT, SHORT_FLAGS, recipe_of
 from torch import nn
 
 import train
@@ -32,9 +28,6 @@ from support.fused_dropout import fuse_relu_dropout
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 PUBLIC_BEST = 3762  # parameters of the smallest public 99.4% (docs/tiny.md)
-SHORT = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
-SHORT_FLAGS = ["--device", "cpu", "--quiet", "--limit-train", "256", "--limit-test", "200",
-               "--batch-size", "64", "--test-batch-size", "200"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,10 +88,6 @@ def test_width_scales_the_hidden_convs_and_keeps_ten_classes():
 # ---------------------------------------------------------------------------------------------
 # The named recipe.
 # ---------------------------------------------------------------------------------------------
-def recipe_of(flags: list[str]) -> dict:
-    return train.recipe_from(train.build_parser().parse_args(flags))
-
-
 def test_model_tiny_is_the_named_recipe():
     assert recipe_of(["--model", "tiny"]) == {**utils.RECIPE, **recipe.TINY}
     tiny = recipe.TINY
@@ -147,42 +136,22 @@ def tiny_run(epochs: int, mnist_dir: Path) -> cli.Run:
 def test_a_tiny_checkpoint_saves_loads_and_resumes_as_an_unbroken_run(tmp_path, mnist_dir):
     unbroken = tiny_run(2, mnist_dir)
     cli.fit(unbroken, progress=False, log=False)
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(_history: dict) -> None:  # saved after epoch 1, then cut short
-        cli.save_run(first, tmp_path / "tiny.pt")
-        raise Stop
-
-    first = tiny_run(2, mnist_dir)
-    with pytest.raises(Stop):
-        cli.fit(first, on_epoch_end=save_then_stop, progress=False, log=False)
-    loaded = checkpoints.read_checkpoint(tmp_path / "tiny.pt")
+    loaded = runs.stopped_after_epoch_1(tiny_run(2, mnist_dir), tmp_path / "tiny.pt")
     assert loaded["recipe"]["model"] == "tiny"
     assert loaded["scheduler"]["last_epoch"] == 4  # one epoch of 4 batches
 
     resumed = tiny_run(2, mnist_dir)
     runs.restore_run(resumed, loaded)
     cli.fit(resumed, progress=False, log=False)
-    for column, values in cols(unbroken.history).items():
-        if column != "seconds":
-            assert cols(resumed.history)[column] == values, column
-    for key, value in unbroken.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[key], value), key
+    runs.assert_same_run(resumed, unbroken)
 
 
 # ---------------------------------------------------------------------------------------------
 # train.py end to end: --model tiny trains, records its recipe, is scored, stops on Ctrl-C and
 # resumes.
 # ---------------------------------------------------------------------------------------------
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def run_train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=env())
+    return runs.run_script("train.py", *args)
 
 
 @pytest.fixture(scope="module")
@@ -232,24 +201,8 @@ def test_a_width_run_records_its_channels(tmp_path, mnist_dir):
 def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_the_run(tmp_path):
     path = tmp_path / "tiny.pt"
     err = tmp_path / "stderr.txt"
-    flags = [*SHORT_FLAGS, "--epochs", "30", "--save-model", str(path)]
-    with open(err, "w") as ferr:
-        proc = subprocess.Popen(
-            [sys.executable, "train.py", "--model", "tiny", *flags], cwd=ROOT, env=env(),
-            stdout=subprocess.DEVNULL, stderr=ferr,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            deadline = time.monotonic() + 120
-            while not path.exists():
-                assert proc.poll() is None, f"train.py exited early: {err.read_text()}"
-                assert time.monotonic() < deadline, "no checkpoint within 120 s"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            rc = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    rc = runs.ctrl_c_once_saved(["--model", "tiny", *SHORT_FLAGS, "--epochs", "30",
+                                 "--save-model", str(path)], path, err)
     assert rc != 0
     assert "resume" in err.read_text()
     assert "Traceback" not in err.read_text()
@@ -270,8 +223,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_the_run(tmp_path):
 # benchmarks/tiny.py: one result file per run, skipped when it exists, and the report.
 # ---------------------------------------------------------------------------------------------
 def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "benchmarks/tiny.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=env())
+    return runs.run_script("benchmarks/tiny.py", *args, timeout=600)
 
 
 @pytest.fixture(scope="module")
