@@ -286,3 +286,29 @@ def test_the_tiny_pages_search_table_is_the_benchmarks_report():
     page = (ROOT / "docs" / "tiny.md").read_text()
     table = page.split("<!-- tiny-table -->\n")[1].split("\n<!-- /tiny-table -->")[0]
     assert table == bench.report(ROOT / "results" / "tiny")
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameters figure (benchmarks/ablation.py): the tiny model's seeds, and the smallest
+# published 99.4%s, each marked as a single run.
+# ---------------------------------------------------------------------------------------------
+def test_the_parameters_figure_shows_the_tiny_seeds_and_the_smallest_single_runs(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from benchmarks import ablation
+
+    runs_by_seed = {s: {"parameters": 3672, "final_test_acc": a}
+                    for s, a in enumerate([99.1, 99.3, 99.45], 1)}
+    fig = ablation.plot_parameters({}, tmp_path / "p.png", None, runs_by_seed)
+    ax = fig.axes[0]
+    (dots,) = [line for line in ax.get_lines()
+               if line.get_label() == "tiny model, 15 epochs, a dot per seed"]
+    assert sorted(dots.get_ydata()) == [99.1, 99.3, 99.45]
+    (stars,) = [line for line in ax.get_lines()
+                if line.get_label() == "smallest published (single runs)"]
+    assert list(zip(stars.get_xdata(), stars.get_ydata(), strict=True)) == [
+        (3762, 99.52), (4838, 99.42), (5854, 99.40)]
+    texts = [t.get_text() for t in ax.texts]
+    assert sum("(single run" in t for t in texts) == 3
+    assert "tiny\n3,672" in texts
