@@ -90,7 +90,7 @@ TINY: dict[str, Any] = {
     "lr": 0.05,  # OneCycle's peak: the speedrun's 0.2 scaled with the batch
     "schedule": "onecycle-batch",
     "nesterov": True,
-    "dropout": TINY_DROPOUT,  # one nn.Dropout, on the 12 channel averages
+    "dropout": TINY_DROPOUT,  # one nn.Dropout, on the 16 channel averages
     "augmentation": "rotate",
 }
 # Each model's named recipe: RECIPE with these values.
