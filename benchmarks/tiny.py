@@ -73,7 +73,7 @@ CANDIDATES: dict[str, Candidate] = {
                                "peak 0.1, the original's crop-resize as well as the rotation"),
 }
 
-KEPT = "t2-lr0.05"  # the candidate support/recipe.py's TINY is (the search rule's step 2)
+KEPT = "t2-lr0.1"  # the candidate support/recipe.py's TINY is (the search rule's step 2)
 
 
 def train_flags(candidate: str) -> list[str]:
