@@ -27,6 +27,10 @@ thread, two at a time on the shared 2-core machine:
    deadline are reported as running, not guessed.
 3. Only if a slot is free after step 2: seed 1 of t2-lr0.2 (a higher peak still), then of
    t2-lr0.1-both (the original's 10% crop-resize added to the rotation).
+4. (Added when step 2 had started, before any step-3 result.) For the frontier only, TINY
+   staying step 2's: if a step-3 candidate's seed 1 beats t2-lr0.1's (99.35%), the better of
+   them gets seeds 2 and 3; if neither does, seed 1 of t2-w0.9-lr0.1 (2,961 parameters, the
+   stretch). No run starts after the deadline (01:05 UTC).
 (The first draft gave step 1 all four candidates; in the first minute the two runs got a
 quarter of a core each, about 45-60 minutes a run, so it was cut to the above before any run
 had ended, the two runs going on.)
@@ -71,6 +75,8 @@ CANDIDATES: dict[str, Candidate] = {
     "t2-lr0.2": Candidate(_tiny(batch="32", lr="0.2"), "the same, peak lr 0.2"),
     "t2-lr0.1-both": Candidate(_tiny(batch="32", lr="0.1", augmentation="both"),
                                "peak 0.1, the original's crop-resize as well as the rotation"),
+    "t2-w0.9-lr0.1": Candidate(_tiny(width="0.9", batch="32", lr="0.1"),
+                               "t2-lr0.1 at width 0.9: 2,961 parameters, the stretch"),
 }
 
 KEPT = "t2-lr0.1"  # the candidate support/recipe.py's TINY is (the search rule's step 2)
