@@ -31,6 +31,9 @@ thread, two at a time on the shared 2-core machine:
    staying step 2's: if a step-3 candidate's seed 1 beats t2-lr0.1's (99.35%), the better of
    them gets seeds 2 and 3; if neither does, seed 1 of t2-w0.9-lr0.1 (2,961 parameters, the
    stretch). No run starts after the deadline (01:05 UTC).
+5. (Added when TINY's five seeds were ending, before any step-3 result.) For the frontier only,
+   after step 4: seeds 1 to 5 of t2-w1.15-lr0.1 (TinyNet at width 1.15, 4,996 parameters),
+   a size between TINY's and the compact model's 7,594, where all five may pass.
 (The first draft gave step 1 all four candidates; in the first minute the two runs got a
 quarter of a core each, about 45-60 minutes a run, so it was cut to the above before any run
 had ended, the two runs going on.)
@@ -77,6 +80,8 @@ CANDIDATES: dict[str, Candidate] = {
                                "peak 0.1, the original's crop-resize as well as the rotation"),
     "t2-w0.9-lr0.1": Candidate(_tiny(width="0.9", batch="32", lr="0.1"),
                                "t2-lr0.1 at width 0.9: 2,961 parameters, the stretch"),
+    "t2-w1.15-lr0.1": Candidate(_tiny(width="1.15", batch="32", lr="0.1"),
+                                "t2-lr0.1 at width 1.15: 4,996 parameters, for the frontier"),
 }
 
 KEPT = "t2-lr0.1"  # the candidate support/recipe.py's TINY is (the search rule's step 2)
