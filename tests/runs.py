@@ -1,7 +1,7 @@
 """What the tests need of a run beyond train.py's build_run, fit and save_run: the dict a save
 writes, a run restored from such a dict through utils.load_checkpoint, and a history's columns;
-for the named recipes' tests, a short run's settings, a run stopped after its first epoch, a
-script run in a subprocess, and train.py stopped by Ctrl-C once it has saved."""
+for the named recipes' tests, a short run's settings, a run stopped after its first epoch, and
+train.py run as a user runs it."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from support import checkpoints
 from support.bookkeeping import history_columns
 
 ROOT = Path(__file__).resolve().parent.parent
-# A short run: 256 training images in 4 batches of 64, 200 test images in one batch.
-SHORT = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
-SHORT_FLAGS = ["--device", "cpu", "--quiet", "--limit-train", "256", "--limit-test", "200",
-               "--batch-size", "64", "--test-batch-size", "200"]
+# A few batches of real MNIST: never a full epoch.
+TINY = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
+# Every training here is a few batches; none writes to the repository's checkpoints/.
+TINY_ARGS = ["--device", "cpu", "--quiet", "--limit-train", "256", "--limit-test", "200",
+        "--batch-size", "64", "--test-batch-size", "200"]
 
 cols = history_columns  # run.history is a list of rows; a file's history is these columns
 
@@ -89,33 +90,36 @@ def assert_same_run(resumed: cli.Run, unbroken: cli.Run) -> None:
         assert torch.equal(resumed.model.state_dict()[key], value), key
 
 
-def one_thread_env() -> dict[str, str]:
+def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run_script(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """A script of the repository (train.py, benchmarks/...) run as a user runs it."""
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=one_thread_env())
+def train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
-def ctrl_c_once_saved(args: list[str], path: Path, err: Path) -> int:
-    """train.py with `args`, sent SIGINT as soon as `path` exists; its exit code, its stderr
-    in `err`. Ctrl-C's default handling even when the tests run in the background."""
-    with open(err, "w") as ferr:
-        proc = subprocess.Popen(
-            [sys.executable, "train.py", *args], cwd=ROOT, env=one_thread_env(),
-            stdout=subprocess.DEVNULL, stderr=ferr,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            deadline = time.monotonic() + 120
-            while not path.exists():
-                assert proc.poll() is None, f"train.py exited early: {err.read_text()}"
-                assert time.monotonic() < deadline, "no checkpoint within 120 s"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            return proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+def spawn(args: list[str], tmp: Path, **kwargs) -> tuple[subprocess.Popen, Path, Path]:
+    out, err = tmp / "stdout.txt", tmp / "stderr.txt"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=env(), stdout=open(out, "w"),
+        stderr=open(err, "w"), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **kwargs)
+    return proc, out, err
+
+
+def wait_for(path: Path, proc: subprocess.Popen, err: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, f"train.py exited early: {err.read_text()}"
+        assert time.monotonic() < deadline, f"no {path} within {seconds} s"
+        time.sleep(0.1)
+
+
+def finish(proc: subprocess.Popen) -> int:
+    try:
+        return proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

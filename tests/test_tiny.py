@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import runs
 import torch
-from runs import SHORT, SHORT_FLAGS, recipe_of
+from runs import TINY, TINY_ARGS, recipe_of
 from torch import nn
 
 import train
@@ -118,7 +120,7 @@ def test_nets_other_architecture_flags_are_refused_for_the_tiny_model():
 
 
 def test_the_tiny_optimizer_is_nesterov_sgd_with_a_per_batch_onecycle():
-    tiny = recipe.full_recipe({"model": "tiny", **SHORT, "epochs": 2})
+    tiny = recipe.full_recipe({"model": "tiny", **TINY, "epochs": 2})
     optimizer, scheduler = recipe.make_optimizer(TinyNet(), tiny)
     assert optimizer.param_groups[0]["nesterov"] is True
     assert isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
@@ -130,7 +132,7 @@ def test_the_tiny_optimizer_is_nesterov_sgd_with_a_per_batch_onecycle():
 # Checkpoints: a tiny run saves, loads (checked per batch) and resumes as an unbroken run.
 # ---------------------------------------------------------------------------------------------
 def tiny_run(epochs: int, mnist_dir: Path) -> cli.Run:
-    return cli.build_run({"model": "tiny", **SHORT, "epochs": epochs}, CPU, mnist_dir)
+    return cli.build_run({"model": "tiny", **TINY, "epochs": epochs}, CPU, mnist_dir)
 
 
 def test_a_tiny_checkpoint_saves_loads_and_resumes_as_an_unbroken_run(tmp_path, mnist_dir):
@@ -150,15 +152,14 @@ def test_a_tiny_checkpoint_saves_loads_and_resumes_as_an_unbroken_run(tmp_path, 
 # train.py end to end: --model tiny trains, records its recipe, is scored, stops on Ctrl-C and
 # resumes.
 # ---------------------------------------------------------------------------------------------
-def run_train(*args: str) -> subprocess.CompletedProcess:
-    return runs.run_script("train.py", *args)
+run_train = runs.train
 
 
 @pytest.fixture(scope="module")
 def tiny_cli_run(tmp_path_factory, mnist_dir) -> dict:
     tmp = tmp_path_factory.mktemp("tiny_cli")
     checkpoint, metrics = tmp / "tiny.pt", tmp / "tiny.json"
-    done = run_train("--model", "tiny", *SHORT_FLAGS, "--epochs", "2",
+    done = run_train("--model", "tiny", *TINY_ARGS, "--epochs", "2",
                      "--save-model", str(checkpoint), "--metrics", str(metrics))
     return {"done": done, "checkpoint": checkpoint, "metrics": metrics}
 
@@ -189,7 +190,7 @@ def test_evaluate_of_a_tiny_checkpoint_prints_its_last_epochs_accuracy(tiny_cli_
 
 def test_a_width_run_records_its_channels(tmp_path, mnist_dir):
     metrics = tmp_path / "w.json"
-    done = run_train("--model", "tiny", "--width", "0.9", *SHORT_FLAGS, "--epochs", "2",
+    done = run_train("--model", "tiny", "--width", "0.9", *TINY_ARGS, "--epochs", "2",
                      "--no-save", "--metrics", str(metrics), "--data-dir", str(mnist_dir))
     assert done.returncode == 0, done.stderr
     result = json.loads(metrics.read_text())
@@ -200,9 +201,13 @@ def test_a_width_run_records_its_channels(tmp_path, mnist_dir):
 
 def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_the_run(tmp_path):
     path = tmp_path / "tiny.pt"
-    err = tmp_path / "stderr.txt"
-    rc = runs.ctrl_c_once_saved(["--model", "tiny", *SHORT_FLAGS, "--epochs", "30",
-                                 "--save-model", str(path)], path, err)
+    proc, _out, err = runs.spawn(["--model", "tiny", *TINY_ARGS, "--epochs", "30",
+                                  "--save-model", str(path)], tmp_path)
+    try:
+        runs.wait_for(path, proc, err)
+        proc.send_signal(signal.SIGINT)
+    finally:
+        rc = runs.finish(proc)
     assert rc != 0
     assert "resume" in err.read_text()
     assert "Traceback" not in err.read_text()
@@ -223,7 +228,8 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_the_run(tmp_path):
 # benchmarks/tiny.py: one result file per run, skipped when it exists, and the report.
 # ---------------------------------------------------------------------------------------------
 def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return runs.run_script("benchmarks/tiny.py", *args, timeout=600)
+    return subprocess.run([sys.executable, "benchmarks/tiny.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=runs.env())
 
 
 @pytest.fixture(scope="module")
