@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script, it sees only benchmarks/
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, compact  # noqa: E402
+from benchmarks import common, compact, tiny  # noqa: E402
 from support.figures import TARGET_ACC, finish, legible  # noqa: E402
 
 RESULTS = ROOT / "results" / "ablation"
@@ -206,21 +206,34 @@ PUBLISHED_RUNS = (
     {"label": "next session's target\nmet by peers", "parameters": (7_070, 7_979),
      "test_acc": 99.4, "epochs": "<= 15 epochs"},
 )
+# The smallest published 99.4%s (issue 38), each a single run of one seed: for plot_parameters,
+# next to the tiny model's five seeds; "at" is where its name goes, in points from the star.
+SMALLEST_PUBLISHED = (
+    # A notebook in github.com/adilsammar/woolly-of-cv: batch 32, OneCycle, 15 epochs.
+    {"label": "adilsammar/woolly-of-cv", "parameters": 3_762, "test_acc": 99.52,
+     "epochs": ", 15 epochs", "at": (0, -12)},
+    {"label": "public", "parameters": 4_838, "test_acc": 99.42, "epochs": ", its peak epoch",
+     "at": (0, -52)},
+    {"label": "public", "parameters": 5_854, "test_acc": 99.40, "epochs": "", "at": (0, 10)},
+)
 PARAMETER_SWEEP = "width-"  # the variants that scale every channel count: width-0.85, ...
 GAP_HEAD = "gap-head"
 COMPACT_NAME = "compact"  # the compact model's named recipe, in the figure and the table
+TINY_NAME = "tiny"  # the tiny model's named recipe, in the figure
 
 
 @legible
 def plot_parameters(results: dict[str, dict[int, dict[str, Any]]],
                     path: str | os.PathLike | None = None,
-                    compact_runs: dict[int, dict[str, Any]] | None = None) -> Any:
+                    compact_runs: dict[int, dict[str, Any]] | None = None,
+                    tiny_runs: dict[int, dict[str, Any]] | None = None) -> Any:
     """How many parameters does 99.4% need? Final test accuracy against parameters (log scale).
 
     A dot per seed for the recipe and its narrower widths (the variants named width-*), their
     means joined by a line; the gap-head variant apart; the compact model's named recipe
-    (`compact_runs`, benchmarks/compact.py's KEPT candidate), the other family; the dashed
-    99.4% target; and, marked as such, single runs other people published (PUBLISHED_RUNS).
+    (`compact_runs`, benchmarks/compact.py's KEPT candidate) and the tiny model's
+    (`tiny_runs`, benchmarks/tiny.py's), the other families; the dashed 99.4% target; and,
+    marked as such, single runs other people published (PUBLISHED_RUNS, SMALLEST_PUBLISHED).
     """
     import matplotlib.pyplot as plt
 
@@ -229,7 +242,7 @@ def plot_parameters(results: dict[str, dict[int, dict[str, Any]]],
              if r and (n == "recipe" or n.startswith(PARAMETER_SWEEP))}
     means = _seed_dots(ax, sweep, "o", "tab:blue", "our runs, a dot per seed")
     levels = _name_variants(ax, {**sweep, GAP_HEAD: results.get(GAP_HEAD),
-                                 COMPACT_NAME: compact_runs})
+                                 COMPACT_NAME: compact_runs, TINY_NAME: tiny_runs})
     if means:
         xs, ys = zip(*sorted(means), strict=True)
         ax.plot(xs, ys, "-_", color="black", linewidth=1.2, markersize=16, markeredgewidth=2,
@@ -245,7 +258,12 @@ def plot_parameters(results: dict[str, dict[int, dict[str, Any]]],
         (params, mean), = _seed_dots(ax, {COMPACT_NAME: compact_runs}, "D", "tab:orange",
                                      "compact model, 15 epochs, a dot per seed")
         ax.plot([params], [mean], "_", color="black", markersize=16, markeredgewidth=2)
+    if tiny_runs:
+        (params, mean), = _seed_dots(ax, {TINY_NAME: tiny_runs}, "s", "tab:brown",
+                                     "tiny model, 15 epochs, a dot per seed")
+        ax.plot([params], [mean], "_", color="black", markersize=16, markeredgewidth=2)
     _published(ax)
+    _smallest_published(ax)
     ax.axhline(TARGET_ACC, color="tab:red", linestyle="--", linewidth=1,
                label=f"target {TARGET_ACC}%")
     _parameter_axis(ax)
@@ -305,6 +323,22 @@ def _published(ax: Any) -> None:
                     arrowprops={"arrowstyle": "-", "color": "tab:purple", "linewidth": 0.8})
 
 
+def _smallest_published(ax: Any) -> None:
+    """SMALLEST_PUBLISHED: a hollow star per run, each named as a single run."""
+    ax.plot([r["parameters"] for r in SMALLEST_PUBLISHED],
+            [r["test_acc"] for r in SMALLEST_PUBLISHED], "*", linestyle="none",
+            markerfacecolor="none", color="tab:purple", markersize=15,
+            label="smallest published (single runs)")
+    for r in SMALLEST_PUBLISHED:
+        dx, dy = r["at"]
+        ax.annotate(f"{r['label']}\n{r['parameters']:,}: {r['test_acc']:.2f}%\n"
+                    f"(single run{r['epochs']})", (r["parameters"], r["test_acc"]),
+                    textcoords="offset points", xytext=(dx, dy),
+                    ha="left" if dx > 0 else "center",
+                    va="center" if dy == 0 else "bottom" if dy > 0 else "top", fontsize=9,
+                    color="tab:purple")
+
+
 def _name_variants(ax: Any, runs: dict[str, dict[int, dict[str, Any]] | None]) -> int:
     """Each variant's name and parameter count over the axes, above its dots: names next to
     the dots would collide with them. A name within 15% of the previous one's parameters goes
@@ -326,7 +360,8 @@ def _parameter_axis(ax: Any) -> None:
     from matplotlib.ticker import FixedLocator, NullLocator, StrMethodFormatter
 
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(FixedLocator([5_000, 7_000, 10_000, 15_000, 20_000, 30_000]))
+    ax.xaxis.set_major_locator(FixedLocator([3_000, 4_000, 5_000, 7_000, 10_000, 15_000,
+                                             20_000, 30_000]))
     ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("parameters (log scale)")
@@ -335,6 +370,11 @@ def _parameter_axis(ax: Any) -> None:
 def compact_runs(out: str | os.PathLike = compact.RESULTS) -> dict[int, dict[str, Any]]:
     """The compact model's named recipe's runs ({seed: metrics}; {} before any)."""
     return compact.load_results(out).get(compact.KEPT, {})
+
+
+def tiny_runs(out: str | os.PathLike = tiny.RESULTS) -> dict[int, dict[str, Any]]:
+    """The tiny model's named recipe's runs ({seed: metrics}; {} before any)."""
+    return tiny.load_results(out).get(tiny.KEPT, {})
 
 
 def parameters_table(results: dict[str, dict[int, dict[str, Any]]],
@@ -368,7 +408,7 @@ def report(out: str | os.PathLike = RESULTS, figure: str | os.PathLike | None = 
 
     results, kept = load_results(out), compact_runs(compact_out)
     plt.close(plot_ablation(results, figure))
-    plt.close(plot_parameters(results, parameters_figure, kept))
+    plt.close(plot_parameters(results, parameters_figure, kept, tiny_runs()))
     return f"{format_table(summarise(results))}\n\n{parameters_table(results, kept)}"
 
 

@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: argparse types, reading train.py's result files, and running
-a batch of train.py runs that Ctrl-C stops cleanly.
+"""What the benchmark scripts share: argparse types, reading train.py's result files, running
+a batch of train.py runs that Ctrl-C stops cleanly, and the searches (compact.py, tiny.py):
+candidates of train.py flags, one result file per seed, a report from those files.
 
 A result file is usable when it is valid JSON, an object holding the numbers a report reads,
 each finite, and a history whose columns have one length. seeds.py and ablation.py skip a file
@@ -13,7 +14,9 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -302,3 +305,132 @@ def pending(names: list[str], seeds: list[int], path_of: Callable[[str, int], Pa
 
 def default_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
+
+
+# ---------------------------------------------------------------------------------------------
+# A search (compact.py, tiny.py): named candidates, each a full set of train.py flags, run for
+# several seeds, one result file per run, and a report from those files alone.
+# ---------------------------------------------------------------------------------------------
+SEARCH_NEEDS = Needs(("parameters", "final_test_acc"), columns=("epoch", "test_acc"))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """train.py flags of one candidate ({flag: value}; an empty value is a switch), and what
+    it tries."""
+
+    flags: dict[str, str]
+    idea: str
+
+    def train_flags(self) -> list[str]:
+        flags: list[str] = []
+        for flag, value in self.flags.items():
+            flags += [flag, value] if value else [flag]
+        return flags
+
+
+def search_result(out: Path, candidate: str, seed: int) -> Path:
+    return Path(out) / f"{candidate}_seed{seed}.json"
+
+
+def search_job(candidate: str, flags: list[str], seed: int, args: argparse.Namespace) -> Job:
+    """One train.py run of a candidate, its log next to its JSON."""
+    path = search_result(args.out, candidate, seed)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--seed", str(seed), *flags, "--metrics",
+           str(path), "--no-save", "--quiet", *args.train_args]
+    return Job(f"{candidate} seed {seed}", cmd, path.with_suffix(".log"))
+
+
+def load_search(out: str | os.PathLike, order: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
+    """{candidate: {seed: train.py's metrics}} for every candidate with a result file, those
+    named in `order` first, in its order; a file the report cannot use is skipped with a
+    warning."""
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in sorted(Path(out).glob("*_seed*.json")):
+        found = re.fullmatch(r"(.+)_seed(\d+)\.json", path.name)
+        if found and (metrics := load_result(path, SEARCH_NEEDS)) is not None:
+            results.setdefault(found.group(1), {})[int(found.group(2))] = metrics
+    names = [c for c in order if c in results] + sorted(set(results) - set(order))
+    return {name: results[name] for name in names}
+
+
+@dataclass(frozen=True)
+class SearchRow:
+    """One candidate's seeds: final = the last epoch's test accuracy (the searches' measure),
+    best = the best epoch's (shown, never used to choose)."""
+
+    candidate: str
+    parameters: int
+    finals: dict[int, float]  # seed -> last epoch's test accuracy
+    bests: dict[int, float]  # seed -> best epoch's test accuracy
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.finals.values())
+
+    @property
+    def sd(self) -> float | None:
+        return statistics.stdev(self.finals.values()) if len(self.finals) > 1 else None
+
+
+def summarise_search(results: dict[str, dict[int, dict[str, Any]]],
+                     row: type[SearchRow] = SearchRow) -> list[Any]:
+    """A `row` per candidate with results, its seeds in order."""
+    return [row(name, next(iter(runs.values()))["parameters"],
+                {s: runs[s]["final_test_acc"] for s in sorted(runs)},
+                {s: max(runs[s]["history"]["test_acc"]) for s in sorted(runs)})
+            for name, runs in results.items() if runs]
+
+
+def search_table(rows: list[Any], bar: str, verdict: Callable[[Any], str]) -> str:
+    """The rows as Markdown, the last column headed `bar` and filled by `verdict`."""
+    lines = ["| candidate | parameters | seeds | final acc % per seed | mean | sd | min "
+             f"| best epoch's acc % per seed | {bar} |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sd = f"{r.sd:.3f}" if r.sd is not None else "–"
+        finals = ", ".join(f"{a:.2f}" for a in r.finals.values())
+        bests = ", ".join(f"{a:.2f}" for a in r.bests.values())
+        lines.append(f"| {r.candidate} | {r.parameters:,} | {', '.join(map(str, r.finals))} "
+                     f"| {finals} | {r.mean:.3f} | {sd} | {min(r.finals.values()):.2f} "
+                     f"| {bests} | {verdict(r)} |")
+    return "\n".join(lines)
+
+
+def search_args(doc: str, candidates: list[str], results: Path,
+                argv: list[str] | None = None) -> argparse.Namespace:
+    """A search's command line: which candidates and seeds, how many runs at once, where."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--candidates", nargs="+", default=candidates, choices=candidates)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs at once")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="threads per run (default: cores/jobs)")
+    p.add_argument("--out", type=out_folder, default=results, help="folder of the JSON files")
+    p.add_argument("--force", action="store_true", help="re-run runs that already have results")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: print the table from --out")
+    p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
+    args = p.parse_args(argv)
+    args.threads = args.threads or default_threads(args.jobs)
+    return args
+
+
+def run_search(args: argparse.Namespace, results: Path, flags_of: Callable[[str], list[str]],
+               report: Callable[[Path], str]) -> int:
+    """A search's main: the runs still to do (seed by seed, `pending`), then the report; 130
+    after Ctrl-C, 1 when a run failed."""
+    failed = 0
+    if args.report:
+        report_folder(args.out, results)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        todo = pending(args.candidates, args.seeds,
+                       lambda name, seed: search_result(args.out, name, seed), SEARCH_NEEDS,
+                       args.force)
+        failed = run_all([search_job(c, flags_of(c), s, args) for c, s in todo], args.jobs,
+                         args.threads)
+        if failed is None:
+            return 130
+    print(report(args.out))
+    return 1 if failed else 0

@@ -1,7 +1,8 @@
 """What the tests need of a run beyond train.py's build_run, fit and save_run: the dict a save
 writes, a run restored from such a dict through utils.load_checkpoint, and a history's columns;
 the notebook's cells, each run from its own source with the names its earlier cells define;
-train.py run as a user runs it, and a failure raised where it saves."""
+train.py run as a user runs it, and a failure raised where it saves; for the named recipes'
+tests, a short run's settings, a run stopped after its first epoch, the bit-for-bit comparison."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 import model
 import train as cli
 import utils
-from support import stopping
+from support import checkpoints, stopping
 from support.bookkeeping import history_columns
 from support.mnist_files import ensure_mnist
 
@@ -192,6 +193,38 @@ TINY_ARGS = ["--device", "cpu", "--quiet", "--limit-train", "256", "--limit-test
         "--batch-size", "64", "--test-batch-size", "200"]
 
 
+def recipe_of(flags: list[str]) -> dict:
+    """The recipe train.py runs for these flags."""
+    return cli.recipe_from(cli.build_parser().parse_args(flags))
+
+
+def stopped_after_epoch_1(run: cli.Run, path: Path) -> dict:
+    """Fit `run`, save it after its first epoch and cut it short there; the checkpoint read
+    back (checked)."""
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(_history: dict) -> None:
+        cli.save_run(run, path)
+        raise Stop
+
+    try:
+        cli.fit(run, on_epoch_end=save_then_stop, progress=False, log=False)
+    except Stop:
+        return checkpoints.read_checkpoint(path)
+    raise AssertionError("the run ended before its first epoch did")
+
+
+def assert_same_run(resumed: cli.Run, unbroken: cli.Run) -> None:
+    """Every history column but the seconds, and every weight, bit for bit."""
+    for column, values in cols(unbroken.history).items():
+        if column != "seconds":
+            assert cols(resumed.history)[column] == values, column
+    for key, value in unbroken.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -277,3 +310,9 @@ def refused(capsys, *args: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("train.py: error: "), err
     assert "final test accuracy" not in out
     return lines[0]
+
+
+def total_parameters(net: torch.nn.Module) -> int:
+    """The course graders' count, every parameter (test_course_checks.py keeps their file's own
+    copy, as they run it)."""
+    return sum(p.numel() for p in net.parameters())

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 
 import pytest
 
-from benchmarks import ablation, common, compact, seeds, speed, speedrun, step
+from benchmarks import ablation, common, compact, seeds, speed, speedrun, step, tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE = "must be an integer from 1 to 2,147,483,647, got"
@@ -295,7 +295,10 @@ def test_sigint_to_ablation_alone_stops_its_run_too(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # --out: a folder, `~` expanded; a private one never draws over the committed figures.
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("script", [ablation, seeds, compact, speedrun], ids=lambda m: m.__name__)
+SCRIPTS_WITH_OUT = [ablation, seeds, compact, speedrun, tiny]
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_OUT, ids=lambda m: m.__name__)
 def test_out_naming_a_file_is_one_usage_line(tmp_path, capsys, script):
     (tmp_path / "FILE").write_text("mine\n")
     with pytest.raises(SystemExit) as code:
@@ -305,7 +308,7 @@ def test_out_naming_a_file_is_one_usage_line(tmp_path, capsys, script):
     assert (tmp_path / "FILE").read_text() == "mine\n"
 
 
-@pytest.mark.parametrize("script", [ablation, seeds, compact, speedrun], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("script", SCRIPTS_WITH_OUT, ids=lambda m: m.__name__)
 def test_a_report_from_a_misspelt_out_is_refused_before_any_figure(tmp_path, script):
     committed = {p: p.read_bytes() for p in (ROOT / "images").glob("*.png")}
     with pytest.raises(SystemExit) as refusal:

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import runs
 import torch
-from runs import cols
-from test_course_checks import total_parameters
+from runs import cols, total_parameters
 from torch import nn
 
 import train

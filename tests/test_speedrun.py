@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import runs
 import torch
-from runs import cols
-from test_course_checks import total_parameters
+from runs import cols, total_parameters
 from torch import nn
 
 import train
@@ -285,6 +284,7 @@ def test_a_per_batch_onecycle_resume_refuses_a_new_length(speed_cli_run):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_the_run(tmp_path):
     path = tmp_path / "speedrun.pt"
     err = tmp_path / "stderr.txt"
@@ -340,6 +340,7 @@ def bench_run(tmp_path_factory, mnist_dir) -> dict:
     return {"done": done, "out": out, "figure": figure}
 
 
+@pytest.mark.slow
 def test_the_benchmark_writes_one_result_file_per_run_with_its_process_time(bench_run):
     done = bench_run["done"]
     assert done.returncode == 0, done.stderr + done.stdout
@@ -355,6 +356,7 @@ def test_the_benchmark_writes_one_result_file_per_run_with_its_process_time(benc
         assert len(result["history"]["test_acc"]) == 2
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_the_recipes_side_by_side_seed_by_seed(bench_run):
     order = re.findall(r"^(\w+) seed (\d+)", bench_run["done"].stdout, re.M)
     logs = sorted(p.name for p in bench_run["out"].glob("*.log"))
@@ -371,6 +373,7 @@ def test_the_benchmarks_report_gives_every_seed_the_ratio_and_the_figure(bench_r
     assert bench_run["figure"].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_the_benchmark_skips_runs_whose_results_exist(bench_run):
     done = run_bench("--seeds", "1", "--out", str(bench_run["out"]), "--figure",
                      str(bench_run["figure"]))
@@ -412,6 +415,7 @@ def test_the_readmes_first_screen_offers_the_speedrun():
     assert "docs/speedrun.md" in first
 
 
+@pytest.mark.slow
 def test_the_exploration_script_runs_a_candidate_and_skips_it_the_second_time(tmp_path):
     """benchmarks/speedrun_explore.py, the source of docs/speedrun.md's lever table: one epoch
     of a candidate on the real data, one JSON file, then skipped."""

@@ -7,18 +7,16 @@ Behaviour on short runs only, never an accuracy of one."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import runs
 import torch
-from runs import cols
+from runs import TINY, TINY_ARGS, recipe_of
 from torch import nn
 
 import train
@@ -32,9 +30,6 @@ from support.fused_dropout import fuse_relu_dropout
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 PUBLIC_BEST = 3762  # parameters of the smallest public 99.4% (docs/tiny.md)
-SHORT = {"limit_train": 256, "limit_test": 200, "batch_size": 64, "test_batch_size": 200}
-SHORT_FLAGS = ["--device", "cpu", "--quiet", "--limit-train", "256", "--limit-test", "200",
-               "--batch-size", "64", "--test-batch-size", "200"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +45,7 @@ def every_parameter(model: nn.Module) -> int:
 
 @pytest.mark.parametrize("form", FORMS)
 def test_total_parameters_under_20k_and_under_the_public_best(form):
-    assert every_parameter(FORMS[form]()) == count_parameters(TinyNet()) == 3608 < PUBLIC_BEST
+    assert every_parameter(FORMS[form]()) == count_parameters(TinyNet()) == 3672 < PUBLIC_BEST
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -79,15 +74,15 @@ def test_every_conv_is_padded_and_maps_halve_only_at_the_pools():
     rows = layer_table(TinyNet())
     assert [(r.name, r.out_size) for r in rows] == [
         ("conv1", 28), ("conv2", 28), ("pool1", 14), ("conv3", 14), ("conv4", 14),
-        ("pool2", 7), ("conv5", 7), ("gap", 1), ("fc", 1)]
+        ("pool2", 7), ("conv5", 7), ("conv6", 7), ("gap", 1), ("fc", 1)]
     assert rows[6].receptive_field == 24
-    assert "**3,608**" in format_layer_table(rows)
+    assert "**3,672**" in format_layer_table(rows)
 
 
 def test_width_scales_the_hidden_convs_and_keeps_ten_classes():
-    assert tiny_channels(1.0) == TinyNet().channels == (6, 8, 10, 11, 12, 10)
-    assert tiny_channels(0.9) == (5, 7, 9, 10, 11, 10)
-    assert count_parameters(TinyNet(width=0.9)) == 2931
+    assert tiny_channels(1.0) == TinyNet().channels == (6, 8, 10, 10, 12, 16, 10)
+    assert tiny_channels(0.9) == (5, 7, 9, 9, 11, 14, 10)
+    assert count_parameters(TinyNet(width=0.9)) == 2961
     with pytest.raises(ValueError, match="width must be in"):
         tiny_channels(0)
 
@@ -95,10 +90,6 @@ def test_width_scales_the_hidden_convs_and_keeps_ten_classes():
 # ---------------------------------------------------------------------------------------------
 # The named recipe.
 # ---------------------------------------------------------------------------------------------
-def recipe_of(flags: list[str]) -> dict:
-    return train.recipe_from(train.build_parser().parse_args(flags))
-
-
 def test_model_tiny_is_the_named_recipe():
     assert recipe_of(["--model", "tiny"]) == {**utils.RECIPE, **recipe.TINY}
     tiny = recipe.TINY
@@ -129,7 +120,7 @@ def test_nets_other_architecture_flags_are_refused_for_the_tiny_model():
 
 
 def test_the_tiny_optimizer_is_nesterov_sgd_with_a_per_batch_onecycle():
-    tiny = recipe.full_recipe({"model": "tiny", **SHORT, "epochs": 2})
+    tiny = recipe.full_recipe({"model": "tiny", **TINY, "epochs": 2})
     optimizer, scheduler = recipe.make_optimizer(TinyNet(), tiny)
     assert optimizer.param_groups[0]["nesterov"] is True
     assert isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
@@ -141,55 +132,34 @@ def test_the_tiny_optimizer_is_nesterov_sgd_with_a_per_batch_onecycle():
 # Checkpoints: a tiny run saves, loads (checked per batch) and resumes as an unbroken run.
 # ---------------------------------------------------------------------------------------------
 def tiny_run(epochs: int, mnist_dir: Path) -> cli.Run:
-    return cli.build_run({"model": "tiny", **SHORT, "epochs": epochs}, CPU, mnist_dir)
+    return cli.build_run({"model": "tiny", **TINY, "epochs": epochs}, CPU, mnist_dir)
 
 
 def test_a_tiny_checkpoint_saves_loads_and_resumes_as_an_unbroken_run(tmp_path, mnist_dir):
     unbroken = tiny_run(2, mnist_dir)
     cli.fit(unbroken, progress=False, log=False)
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(_history: dict) -> None:  # saved after epoch 1, then cut short
-        cli.save_run(first, tmp_path / "tiny.pt")
-        raise Stop
-
-    first = tiny_run(2, mnist_dir)
-    with pytest.raises(Stop):
-        cli.fit(first, on_epoch_end=save_then_stop, progress=False, log=False)
-    loaded = checkpoints.read_checkpoint(tmp_path / "tiny.pt")
+    loaded = runs.stopped_after_epoch_1(tiny_run(2, mnist_dir), tmp_path / "tiny.pt")
     assert loaded["recipe"]["model"] == "tiny"
     assert loaded["scheduler"]["last_epoch"] == 4  # one epoch of 4 batches
 
     resumed = tiny_run(2, mnist_dir)
     runs.restore_run(resumed, loaded)
     cli.fit(resumed, progress=False, log=False)
-    for column, values in cols(unbroken.history).items():
-        if column != "seconds":
-            assert cols(resumed.history)[column] == values, column
-    for key, value in unbroken.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[key], value), key
+    runs.assert_same_run(resumed, unbroken)
 
 
 # ---------------------------------------------------------------------------------------------
 # train.py end to end: --model tiny trains, records its recipe, is scored, stops on Ctrl-C and
 # resumes.
 # ---------------------------------------------------------------------------------------------
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run_train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=env())
+run_train = runs.train
 
 
 @pytest.fixture(scope="module")
 def tiny_cli_run(tmp_path_factory, mnist_dir) -> dict:
     tmp = tmp_path_factory.mktemp("tiny_cli")
     checkpoint, metrics = tmp / "tiny.pt", tmp / "tiny.json"
-    done = run_train("--model", "tiny", *SHORT_FLAGS, "--epochs", "2",
+    done = run_train("--model", "tiny", *TINY_ARGS, "--epochs", "2",
                      "--save-model", str(checkpoint), "--metrics", str(metrics))
     return {"done": done, "checkpoint": checkpoint, "metrics": metrics}
 
@@ -197,9 +167,9 @@ def tiny_cli_run(tmp_path_factory, mnist_dir) -> dict:
 def test_train_py_model_tiny_records_its_recipe(tiny_cli_run):
     done = tiny_cli_run["done"]
     assert done.returncode == 0, done.stderr
-    assert "parameters: 3,608" in done.stdout
+    assert "parameters: 3,672" in done.stdout
     metrics = json.loads(tiny_cli_run["metrics"].read_text())
-    assert metrics["parameters"] == 3608
+    assert metrics["parameters"] == 3672
     kept = {k: v for k, v in recipe.TINY.items() if k not in ("epochs", "batch_size")}
     assert {k: metrics["recipe"][k] for k in kept} == kept
     assert metrics["model"]["channels"] == list(TinyNet().channels)
@@ -220,36 +190,25 @@ def test_evaluate_of_a_tiny_checkpoint_prints_its_last_epochs_accuracy(tiny_cli_
 
 def test_a_width_run_records_its_channels(tmp_path, mnist_dir):
     metrics = tmp_path / "w.json"
-    done = run_train("--model", "tiny", "--width", "0.9", *SHORT_FLAGS, "--epochs", "2",
+    done = run_train("--model", "tiny", "--width", "0.9", *TINY_ARGS, "--epochs", "2",
                      "--no-save", "--metrics", str(metrics), "--data-dir", str(mnist_dir))
     assert done.returncode == 0, done.stderr
     result = json.loads(metrics.read_text())
-    assert result["parameters"] == 2931
+    assert result["parameters"] == 2961
     assert result["model"]["channels"] == list(tiny_channels(0.9))
     assert result["recipe"]["width"] == 0.9
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_the_run(tmp_path):
     path = tmp_path / "tiny.pt"
-    err = tmp_path / "stderr.txt"
-    flags = [*SHORT_FLAGS, "--epochs", "30", "--save-model", str(path)]
-    with open(err, "w") as ferr:
-        proc = subprocess.Popen(
-            [sys.executable, "train.py", "--model", "tiny", *flags], cwd=ROOT, env=env(),
-            stdout=subprocess.DEVNULL, stderr=ferr,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            deadline = time.monotonic() + 120
-            while not path.exists():
-                assert proc.poll() is None, f"train.py exited early: {err.read_text()}"
-                assert time.monotonic() < deadline, "no checkpoint within 120 s"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            rc = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    proc, _out, err = runs.spawn(["--model", "tiny", *TINY_ARGS, "--epochs", "30",
+                                  "--save-model", str(path)], tmp_path)
+    try:
+        runs.wait_for(path, proc, err)
+        proc.send_signal(signal.SIGINT)
+    finally:
+        rc = runs.finish(proc)
     assert rc != 0
     assert "resume" in err.read_text()
     assert "Traceback" not in err.read_text()
@@ -271,7 +230,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_the_run(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "benchmarks/tiny.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=env())
+                          capture_output=True, text=True, timeout=600, env=runs.env())
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +242,7 @@ def bench_run(tmp_path_factory, mnist_dir) -> dict:
     return {"done": done, "out": out}
 
 
+@pytest.mark.slow
 def test_the_benchmark_writes_one_result_file_per_run(bench_run):
     done = bench_run["done"]
     assert done.returncode == 0, done.stderr + done.stdout
@@ -298,7 +258,7 @@ def test_the_benchmark_writes_one_result_file_per_run(bench_run):
 
 def test_the_benchmarks_report_gives_every_seeds_final_accuracy(bench_run):
     stdout = bench_run["done"].stdout
-    row = re.search(rf"^\| {re.escape(bench.KEPT)} \| 3,608 \| 1, 2 \| ([\d.]+), ([\d.]+) \|",
+    row = re.search(rf"^\| {re.escape(bench.KEPT)} \| 3,672 \| 1, 2 \| ([\d.]+), ([\d.]+) \|",
                     stdout, re.M)
     assert row, stdout
     finals = [json.loads((bench_run["out"] / f"{bench.KEPT}_seed{s}.json").read_text())
@@ -306,6 +266,7 @@ def test_the_benchmarks_report_gives_every_seeds_final_accuracy(bench_run):
     assert [float(a) for a in row.groups()] == finals
 
 
+@pytest.mark.slow
 def test_the_benchmark_skips_runs_whose_results_exist(bench_run):
     done = run_bench("--candidates", bench.KEPT, "--seeds", "1", "--out", str(bench_run["out"]))
     assert done.returncode == 0, done.stderr
@@ -334,3 +295,37 @@ def test_the_tiny_pages_search_table_is_the_benchmarks_report():
     page = (ROOT / "docs" / "tiny.md").read_text()
     table = page.split("<!-- tiny-table -->\n")[1].split("\n<!-- /tiny-table -->")[0]
     assert table == bench.report(ROOT / "results" / "tiny")
+
+
+def test_the_readmes_tiny_table_is_the_benchmarks_report():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- tiny-table -->\n")[1].split("\n<!-- /tiny-table -->")[0]
+    assert table == bench.report(ROOT / "results" / "tiny"), (
+        "paste the table of `python benchmarks/tiny.py --report` into the README")
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameters figure (benchmarks/ablation.py): the tiny model's seeds, and the smallest
+# published 99.4%s, each marked as a single run.
+# ---------------------------------------------------------------------------------------------
+def test_the_parameters_figure_shows_the_tiny_seeds_and_the_smallest_single_runs(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from benchmarks import ablation
+
+    runs_by_seed = {s: {"parameters": 3672, "final_test_acc": a}
+                    for s, a in enumerate([99.1, 99.3, 99.45], 1)}
+    fig = ablation.plot_parameters({}, tmp_path / "p.png", None, runs_by_seed)
+    ax = fig.axes[0]
+    (dots,) = [line for line in ax.get_lines()
+               if line.get_label() == "tiny model, 15 epochs, a dot per seed"]
+    assert sorted(dots.get_ydata()) == [99.1, 99.3, 99.45]
+    (stars,) = [line for line in ax.get_lines()
+                if line.get_label() == "smallest published (single runs)"]
+    assert list(zip(stars.get_xdata(), stars.get_ydata(), strict=True)) == [
+        (3762, 99.52), (4838, 99.42), (5854, 99.40)]
+    texts = [t.get_text() for t in ax.texts]
+    assert sum("(single run" in t for t in texts) == 3
+    assert "tiny\n3,672" in texts
+
