@@ -297,13 +297,6 @@ def test_the_tiny_pages_search_table_is_the_benchmarks_report():
     assert table == bench.report(ROOT / "results" / "tiny")
 
 
-def test_the_readmes_tiny_table_is_the_benchmarks_report():
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split("<!-- tiny-table -->\n")[1].split("\n<!-- /tiny-table -->")[0]
-    assert table == bench.report(ROOT / "results" / "tiny"), (
-        "paste the table of `python benchmarks/tiny.py --report` into the README")
-
-
 # ---------------------------------------------------------------------------------------------
 # The parameters figure (benchmarks/ablation.py): the tiny model's seeds, and the smallest
 # published 99.4%s, each marked as a single run.
