@@ -237,7 +237,8 @@ def plot_parameters(results: dict[str, dict[int, dict[str, Any]]],
     """
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    # Wide: the log axis spans 3,000 to 20,000 parameters, and each family is named over it.
+    fig, ax = plt.subplots(figsize=(11, 6.5))
     sweep = {n: r for n, r in results.items()
              if r and (n == "recipe" or n.startswith(PARAMETER_SWEEP))}
     means = _seed_dots(ax, sweep, "o", "tab:blue", "our runs, a dot per seed")
@@ -341,13 +342,13 @@ def _smallest_published(ax: Any) -> None:
 
 def _name_variants(ax: Any, runs: dict[str, dict[int, dict[str, Any]] | None]) -> int:
     """Each variant's name and parameter count over the axes, above its dots: names next to
-    the dots would collide with them. A name within 15% of the previous one's parameters goes
+    the dots would collide with them. A name within 30% of the previous one's parameters goes
     a level higher, so the two do not overlap; returns the number of levels above the first."""
     placed = sorted((next(iter(by_seed.values()))["parameters"], name)
                     for name, by_seed in runs.items() if by_seed)
     level, levels, last = 0, 0, None
     for params, name in placed:
-        level = 1 - level if last is not None and params < last * 1.15 else 0
+        level = 1 - level if last is not None and params < last * 1.3 else 0
         levels, last = max(levels, level), params
         ax.annotate(f"{name}\n{params:,}", (params, 1), xycoords=("data", "axes fraction"),
                     xytext=(0, 4 + 28 * level), textcoords="offset points", ha="center",

@@ -124,7 +124,7 @@ class Recipe:
     # This project's switches; each default is the write-up's choice.
     model: str = _key("s6", Rule(
         "s6 = the write-up's Net; compact = CompactNet (7,594 parameters); speedrun = "
-        "SpeedNet, the laptop-CPU speedrun (docs/speedrun.md); tiny = TinyNet (3,608 "
+        "SpeedNet, the laptop-CPU speedrun (docs/speedrun.md); tiny = TinyNet (3,672 "
         "parameters, docs/tiny.md). The named recipe of compact, speedrun or tiny "
         "(support/recipe.py NAMED) then fills in every recipe flag not given",
         str, choices=tuple(MODELS)))
