@@ -111,9 +111,13 @@ def test_refuses_a_pickle_that_runs_code(tmp_path, evil, writer, kind):
     else:
         torch.save(payload, path)
     err = str(assert_refused(path))
-    if writer == "torch":  # torch names what it refused; its advice to disable that is not kept
+    names_globals = hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint")  # 2.5+
+    if writer == "torch" and names_globals:  # torch names what it refused; its advice to
+        # disable that is not kept
         assert "not plain tensors" in err and "nothing in it ran" in err
         assert ("posix.system" if kind == "system" else "builtins.eval") in err
+    elif writer == "torch":  # torch 2.4 cannot name them: the file is called not torch.save's
+        assert "not a file written by torch.save (UnpicklingError)" in err
     assert "weights_only" not in err
     assert not marker.exists()
     # The payload is live: an unguarded load would have run it.
