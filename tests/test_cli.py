@@ -367,6 +367,14 @@ def test_threads_flag_sets_and_records_the_thread_count(tmp_path):
     assert "The README's timings and histories depend on it" in help_text
 
 
+def test_no_deterministic_trains_and_records_it(tmp_path):
+    metrics = tmp_path / "m.json"
+    done = train(*TINY_ARGS, "--epochs", "1", "--no-save", "--no-deterministic", "--metrics",
+                 str(metrics))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(metrics.read_text())["recipe"]["deterministic"] is False
+
+
 def test_every_flag_has_help():
     for action in cli.build_parser()._actions:
         assert action.help and action.help != argparse.SUPPRESS, action.option_strings
