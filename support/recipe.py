@@ -272,20 +272,6 @@ def full_recipe(recipe: Mapping[str, Any] | Recipe) -> dict[str, Any]:
     return {**DEFAULTS, **NAMED.get(recipe.get("model", "s6"), {}), **recipe}
 
 
-def is_int(v: Any) -> bool:
-    """An int that is not a bool (True is an int to Python, not a setting)."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_real(v: Any) -> bool:
-    """A finite int or float, not a bool."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def positive_real(v: Any) -> bool:
-    return is_real(v) and v > 0
-
-
 def net_options(recipe: Mapping[str, Any] | Recipe) -> dict[str, Any]:
     """The recipe's choices of architecture, as its model's keyword arguments."""
     recipe = Recipe.of(recipe)
